@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny dataset built from the embedded corpus, and a runner for train_gpt.py subprocesses."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+
+# A model small enough that a full run (train, export, two evaluations) takes seconds on 2 cores.
+TINY_ENV = {
+    "VOCAB_SIZE": "384", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
+    "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "2048", "VAL_BATCH_SIZE": "16384", "ITERATIONS": "30",
+    "WARMDOWN_ITERS": "10", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
+    "TRAIN_LOG_EVERY": "1", "MUON_MOMENTUM_WARMUP_STEPS": "10",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """(data_path, tokenizer_path): embedded-corpus shards with a 384-piece tokenizer and a small val split."""
+    from build_shards import build, embedded_documents
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    docs = embedded_documents()[:400]
+    build(docs, out / "ds", out / "tok.model", vocab_size=384, train_tokenizer=True, val_docs=40,
+                       log=lambda *a, **k: None)
+    return out / "ds", out / "tok.model"
+
+
+def run_train(cwd, env_extra, nproc=1, check=True, timeout=300):
+    """Run train_gpt.py in cwd with the tiny settings plus env_extra; returns the CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SMOKE")}
+    env.update(TINY_ENV, OMP_NUM_THREADS="1", **env_extra)
+    script = str(ROOT / "train_gpt.py")
+    cmd = [sys.executable, script] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_gpt.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def data_env(tiny_data, **extra):
+    data_path, tok = tiny_data
+    return {"DATA_PATH": str(data_path), "TOKENIZER_PATH": str(tok), **extra}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """One finished tiny run: (cwd, log text, token-loss path)."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    run_train(cwd, data_env(tiny_data, RUN_ID="tiny", SEED="1", TOKEN_LOSS_PATH=str(cwd / "losses.npy")))
+    return cwd, (cwd / "logs" / "tiny.txt").read_text(), cwd / "losses.npy"
