@@ -272,7 +272,8 @@ class DistributedTokenLoader:
 # -----------------------------
 # MODEL
 # -----------------------------
-# A model class takes Hyperparameters, returns per-token losses (B, T) from forward(input_ids, target_ids),
+# A model class takes Hyperparameters, returns per-token losses (B, T) from
+# forward(input_ids, target_ids, isolate_docs=False) (isolate_docs: attention never crosses a BOS),
 # sorts its parameters for the optimizers in param_groups(), and may hook after_optimizer_step() and
 # after_dequantize() (a sphere-constrained model renormalizes there). MODELS maps MODEL=<name> to the class.
 
@@ -299,6 +300,18 @@ class Rotary(nn.Module):
         return self._cache[1].to(dtype), self._cache[2].to(dtype)
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, input_ids: Tensor | None = None) -> Tensor:
+    """Causal SDPA over (B, H, T, D); given input_ids, a token attends only within its own document
+    (each BOS starts one), so no context crosses a document boundary."""
+    gqa = q.size(1) != k.size(1)
+    if input_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    doc = (input_ids == BOS_ID).cumsum(1)
+    causal = torch.ones(q.size(2), q.size(2), dtype=torch.bool, device=q.device).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+
+
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -319,7 +332,7 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(self.head_dim, args.rope_base)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -329,7 +342,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(T, x.device, q.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        y = causal_attention(q, k, v, doc_ids)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -356,10 +369,10 @@ class Block(nn.Module):
         # Learned mix of the running stream with the embedding stream x0.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)), doc_ids)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
 
 
@@ -383,17 +396,18 @@ class GPT(nn.Module):
             if getattr(m, "_zero_init", False):
                 nn.init.zeros_(m.weight)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
+        doc_ids = input_ids if isolate_docs else None
         x = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
         x0, skips = x, []
         # The first half stores skips; the second half adds them back in reverse order.
         for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0)
+            x = block(x, x0, doc_ids)
             skips.append(x)
         for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
             if skips:
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            x = block(x, x0, doc_ids)
         x = F.rms_norm(x, (x.size(-1),))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         logits = self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
@@ -781,7 +795,8 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         from torch.backends.cuda import enable_cudnn_sdp, enable_flash_sdp, enable_math_sdp, enable_mem_efficient_sdp
 
-        enable_cudnn_sdp(False), enable_flash_sdp(True), enable_mem_efficient_sdp(False), enable_math_sdp(False)
+        # Flash attention serves the plain causal path; masked (document-isolated) attention needs the others.
+        enable_cudnn_sdp(False), enable_flash_sdp(True), enable_mem_efficient_sdp(True), enable_math_sdp(True)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)

@@ -100,6 +100,24 @@ def test_gpt_is_causal():
     assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6) and not torch.allclose(a[0, 10:], b[0, 10:])
 
 
+def test_isolated_documents_never_see_each_other():
+    torch.manual_seed(0)
+    model = tg.build_model(tiny_args(), torch.device("cpu"))
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    x = torch.randint(2, 64, (1, 16))
+    x[0, 6] = tg.BOS_ID
+    x2 = x.clone()
+    x2[0, :6] = torch.randint(2, 64, (6,))  # change only the first document
+    y = torch.randint(0, 64, (1, 16))
+    a, b = model(x, y, isolate_docs=True), model(x2, y, isolate_docs=True)
+    assert torch.allclose(a[0, 6:], b[0, 6:], atol=1e-6) and not torch.allclose(a[0, :6], b[0, :6])
+    assert not torch.allclose(model(x, y)[0, 6:], model(x2, y)[0, 6:])  # without isolation it does leak
+    # With no BOS inside the window, isolation changes nothing.
+    z = torch.randint(2, 64, (2, 16))
+    assert torch.allclose(model(z, y.expand(2, -1), isolate_docs=True), model(z, y.expand(2, -1)), atol=1e-6)
+
+
 def test_param_groups_cover_every_parameter_once():
     model = tg.build_model(tiny_args(TIE_EMBEDDINGS="0"), torch.device("cpu"))
     groups = model.param_groups()
