@@ -291,13 +291,11 @@ class Rotary(nn.Module):
     def __init__(self, dim: int, base: float):
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), persistent=False)
-        self._cache: tuple[int, Tensor, Tensor] | None = None
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if self._cache is None or self._cache[0] != seq_len or self._cache[1].device != device:
-            freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
-            self._cache = (seq_len, freqs.cos()[None, None], freqs.sin()[None, None])
-        return self._cache[1].to(dtype), self._cache[2].to(dtype)
+        # Recomputed per call (cheap): a cache filled under inference_mode would poison later training steps.
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq)
+        return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, input_ids: Tensor | None = None) -> Tensor:
@@ -817,8 +815,8 @@ def main() -> None:
 
     # The log is a full record: settings, overrides, code, versions, hardware.
     log0(f"run_id:{args.run_id}")
-    for name in sorted(args.settings):
-        log0(f"setting:{name}={args.settings[name]}")
+    for name, value in sorted(args.settings.items()):
+        log0(f"setting:{name}={int(value) if isinstance(value, bool) else value}")
     for name in sorted(args.settings):
         if name in os.environ:
             log0(f"env:{name}={os.environ[name]}")

@@ -311,7 +311,7 @@ def test_int6_zstd_is_smaller_than_int8_zlib():
 # -----------------------------
 
 LOG_LINES = [
-    r"^run_id:tiny$", r"^setting:SEED=1$", r"^env:SEED=1$", r"^code_sha256:[0-9a-f]{64} code_bytes:\d+ code_path:\S+$",
+    r"^run_id:tiny$", r"^setting:SEED=1$", r"^setting:TIE_EMBEDDINGS=1$", r"^env:SEED=1$", r"^code_sha256:[0-9a-f]{64} code_bytes:\d+ code_path:\S+$",
     r"^versions python:\S+ torch:\S+ numpy:\S+ sentencepiece:\S+$", r"^hardware:1x.+ world_size:1 grad_accum_steps:8$",
     r"^source_begin$", r"^source_end$", r"^model_params:\d+$",
     r"^step:1/30 train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
@@ -367,6 +367,12 @@ def test_artifact_alone_rebuilds_the_scored_model(tiny_run, tiny_data):
     val = tg.load_validation_tokens(str(tiny_data[0] / "fineweb_val_*.bin")).long()
     x, y = val[:64][None], val[1:65][None]
     assert torch.allclose(model(x, y)[0], torch.from_numpy(np.load(loss_path)[:64]), atol=1e-5)
+
+
+def test_validation_during_training_leaves_training_intact(tiny_data, tmp_path):
+    run_train(tmp_path, data_env(tiny_data, RUN_ID="val", SEED="1", ITERATIONS="4", VAL_LOSS_EVERY="2"))
+    log = (tmp_path / "logs" / "val.txt").read_text()
+    assert len(re.findall(r"^step:[024]/4 val_loss:", log, re.M)) == 3
 
 
 def test_same_seed_same_losses_and_warmup_is_fully_undone(tiny_run, tiny_data, tmp_path):
