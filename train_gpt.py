@@ -549,7 +549,8 @@ def rescale_rows_keeping_norm(g: Tensor, second_moment: Tensor) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Muon: orthogonalized Nesterov momentum. Same-shape matrices are split into one contiguous chunk per rank;
-    each rank orthogonalizes its chunk (batched with MUON_BATCHED=1) and one all-gather shares the updates.
+    each rank orthogonalizes its chunk and one all-gather shares the updates. MUON_BATCHED=1: one batched
+    Newton-Schulz per shape and, over several ranks, gradients reduce-scattered here rather than all-reduced by DDP.
     Options: MuonEq-R (row_norm), post-NS row normalization, NorMuon (normuon_beta2 > 0)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs: str = "quintic",
@@ -586,20 +587,30 @@ class Muon(torch.optim.Optimizer):
             offset = 0
             for ps, per_rank in chunks:
                 n = ps[0].numel()
-                todo = [(j, p) for j, p in enumerate(ps[rank * per_rank : (rank + 1) * per_rank]) if p.grad is not None]
+                own = ps[rank * per_rank : (rank + 1) * per_rank]
+                grads = [p.grad for p in own]
+                if distributed and group["batched"]:
+                    # DDP left these gradients alone (main): one reduce-scatter per shape gives each rank the mean
+                    # gradients of just its own chunk, instead of an all-reduce of every gradient.
+                    full = torch.zeros(world_size * per_rank, *ps[0].shape, device=ps[0].device, dtype=ps[0].grad.dtype)
+                    full[: len(ps)] = torch.stack([p.grad for p in ps])
+                    mean = torch.empty_like(full[:per_rank])
+                    dist.reduce_scatter_tensor(mean, full)
+                    grads = list(mean.div_(world_size)[: len(own)])
+                todo = [(j, p, g) for j, (p, g) in enumerate(zip(own, grads)) if g is not None]
                 if todo:
-                    grads = []
-                    for _, p in todo:
-                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                        buf.mul_(group["momentum"]).add_(p.grad)
-                        grads.append(p.grad.add(buf, alpha=group["momentum"]))
-                    G = torch.stack(grads)
+                    momentum = []
+                    for _, p, g in todo:
+                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
+                        buf.mul_(group["momentum"]).add_(g)
+                        momentum.append(g.add(buf, alpha=group["momentum"]))
+                    G = torch.stack(momentum)
                     if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
                         G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                     ns = (group["backend_steps"], 1e-7, group["coeffs"])
                     O = zeropower_via_newtonschulz5(G, *ns) if group["batched"] else \
                         torch.stack([zeropower_via_newtonschulz5(g, *ns) for g in G])
-                    for (j, p), o in zip(todo, O):
+                    for (j, p, _), o in zip(todo, O):
                         mine[offset + j * n : offset + (j + 1) * n] = self._direction(p, o, group).reshape(-1)
                 offset += per_rank * n
             flat = mine
@@ -1011,6 +1022,14 @@ def main() -> None:
     base_model = build_model(args, device)
     model = torch.compile(base_model, dynamic=False, fullgraph=True) if args.compile else base_model
     if distributed:
+        if args.muon_batched:  # Muon reduce-scatters the matrices' gradients itself, so DDP leaves them alone
+            if args.grad_clip_norm > 0:
+                raise ConfigError("GRAD_CLIP_NORM with MUON_BATCHED=1 on several processes would clip unreduced "
+                                  "matrix gradients; set one of them to 0")
+            matrices = {id(p) for p in base_model.param_groups()["matrix"]}
+            names = [n for n, p in model.named_parameters() if id(p) in matrices]
+            DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+            log0(f"muon:reduce_scatter matrices:{len(names)}")
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizers, muon = build_optimizers(args, base_model)
     log0(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
