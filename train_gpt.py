@@ -12,6 +12,7 @@ import difflib
 import glob
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import math
@@ -133,6 +134,26 @@ class Hyperparameters:
         self.beta2 = get("BETA2", 0.95, float)
         self.adam_eps = get("ADAM_EPS", 1e-8, float)
         self.grad_clip_norm = get("GRAD_CLIP_NORM", 0.0, float)
+
+        # Optimizer, schedule and data-order options from the record stack; every default is the starter's behaviour.
+        self.muon_ns_coeffs = get("MUON_NS_COEFFS", "quintic")
+        self.muon_row_norm = get("MUON_ROW_NORM", False, _flag)
+        self.muon_post_ns_row_norm = get("MUON_POST_NS_ROW_NORM", False, _flag)
+        self.normuon_beta2 = get("NORMUON_BETA2", 0.0, float)
+        self.muon_batched = get("MUON_BATCHED", False, _flag)
+        self.muon_wd = get("MUON_WD", 0.0, float)
+        self.adam_wd = get("ADAM_WD", 0.0, float)
+        self.cautious_wd = get("CAUTIOUS_WD", False, _flag)
+        self.warmdown_frac = get("WARMDOWN_FRAC", 0.0, float)
+        self.min_lr_frac = get("MIN_LR_FRAC", 0.0, float)
+        self.ema_decay = get("EMA_DECAY", 0.0, float)
+        self.train_loader = get("TRAIN_LOADER", "sequential")
+        if self.muon_ns_coeffs not in NS_COEFFS:
+            raise ConfigError(f"MUON_NS_COEFFS={self.muon_ns_coeffs!r} is unknown; choose one of {sorted(NS_COEFFS)}")
+        if self.train_loader not in TRAIN_LOADERS:
+            raise ConfigError(f"TRAIN_LOADER={self.train_loader!r} is unknown; choose one of {sorted(TRAIN_LOADERS)}")
+        if not 0 <= self.ema_decay < 1 or not 0 <= self.normuon_beta2 < 1 or not 0 <= self.warmdown_frac <= 1:
+            raise ConfigError("EMA_DECAY and NORMUON_BETA2 must be in [0, 1), WARMDOWN_FRAC in [0, 1]")
 
         # Export.
         self.quant = get("QUANT", "int8")
@@ -258,6 +279,7 @@ class DistributedTokenLoader:
     def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device: torch.device):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.stream = TokenStream(pattern, vocab_size)
+        self.files = self.stream.files
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         local_tokens = global_tokens // (self.world_size * grad_accum_steps)
@@ -267,6 +289,43 @@ class DistributedTokenLoader:
         x = local[:-1].reshape(-1, seq_len)
         y = local[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class ShuffledTokenLoader:
+    # Each shard in turn, at a random phase, cut into (seq_len + 1)-token sequences read in a random order;
+    # every draw is seeded by (SEED, pass, shard), so all ranks agree and each call deals them disjoint sequences.
+    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device: torch.device, seed: int):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.files, self.vocab_size, self.seed = shard_files(pattern, "train"), vocab_size, seed
+        self.sequences = None
+
+    def _sequences(self, seq_len: int):
+        for epoch in itertools.count():
+            dealt = 0
+            for i, file in enumerate(self.files):
+                rng = torch.Generator().manual_seed(hash((self.seed, epoch, i)) & (2**63 - 1))
+                tokens = load_data_shard(file, self.vocab_size)
+                phase = int(torch.randint(seq_len, (1,), generator=rng))
+                count = max((tokens.numel() - phase - 1) // seq_len, 0)
+                dealt += count
+                for j in torch.randperm(count, generator=rng).tolist():
+                    yield tokens[phase + j * seq_len : phase + (j + 1) * seq_len + 1]
+            if not dealt:
+                raise ConfigError(f"train shards hold no sequence of TRAIN_SEQ_LEN+1={seq_len + 1} tokens; use more data")
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
+        self.sequences = self.sequences or self._sequences(seq_len)
+        per_rank = global_tokens // (self.world_size * grad_accum_steps * seq_len)
+        batch = [next(self.sequences) for _ in range(per_rank * self.world_size)]
+        local = torch.stack(batch[self.rank * per_rank : (self.rank + 1) * per_rank]).to(dtype=torch.int64)
+        return local[:, :-1].to(self.device, non_blocking=True), local[:, 1:].to(self.device, non_blocking=True)
+
+
+# TRAIN_LOADER=<name> -> loader(args, rank, world_size, device).
+TRAIN_LOADERS = {
+    "sequential": lambda args, *where: DistributedTokenLoader(args.train_files, args.vocab_size, *where),
+    "shuffled": lambda args, *where: ShuffledTokenLoader(args.train_files, args.vocab_size, *where, args.seed),
+}
 
 
 # -----------------------------
@@ -449,27 +508,64 @@ def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
 # OPTIMIZERS
 # -----------------------------
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    # Quintic Newton-Schulz iteration toward the nearest semi-orthogonal matrix (modded-nanogpt);
-    # bf16 on GPU for speed, fp32 on CPU where bf16 matmuls are slow.
-    a, b, c = 3.4445, -4.7750, 2.0315
+# MUON_NS_COEFFS=<name> -> (input norm safety factor, (a, b, c) per iteration; the last repeats).
+NS_COEFFS = {
+    "quintic": (1.0, ((3.4445, -4.7750, 2.0315),)),  # modded-nanogpt's classic quintic
+    # Polar Express (Amsel et al. 2025, arXiv 2505.16932) as modded-nanogpt uses it: 5 steps, safety 2e-2.
+    "polar_express": (1.02, (
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    )),
+}
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7, coeffs: str = "quintic") -> Tensor:
+    # Quintic Newton-Schulz iteration toward the nearest semi-orthogonal matrix (modded-nanogpt), over the last
+    # two dims, so a stack of same-shape matrices goes in one batched call; bf16 on GPU, fp32 on CPU.
+    safety, abc = NS_COEFFS[coeffs]
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    X = X / (X.norm() + eps)
-    transposed = G.size(0) > G.size(1)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * safety + eps)
+    transposed = G.size(-2) > G.size(-1)
     if transposed:
-        X = X.T
-    for _ in range(steps):
-        A = X @ X.T
+        X = X.mT
+    for i in range(steps):
+        a, b, c = abc[min(i, len(abc) - 1)]
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
+
+
+def rescale_rows_keeping_norm(g: Tensor, second_moment: Tensor) -> Tensor:
+    # Divide each row (or column) by its RMS estimate, then restore the matrix's Frobenius norm (NorMuon); fp32.
+    g = g.float()
+    h = g * second_moment.clamp_min(1e-10).rsqrt()
+    return h * (g.norm() / h.norm().clamp_min(1e-10))
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon: orthogonalized Nesterov momentum; each rank orthogonalizes every world_size-th matrix,
-    then one all-reduce shares the updates."""
+    """Muon: orthogonalized Nesterov momentum. Same-shape matrices are split into one contiguous chunk per rank;
+    each rank orthogonalizes its chunk and one all-gather shares the updates. MUON_BATCHED=1: one batched
+    Newton-Schulz per shape and, over several ranks, gradients reduce-scattered here rather than all-reduced by DDP.
+    Options: MuonEq-R (row_norm), post-NS row normalization, NorMuon (normuon_beta2 > 0)."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs: str = "quintic",
+                 row_norm: bool = False, post_ns_row_norm: bool = False, normuon_beta2: float = 0.0, batched: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=coeffs, row_norm=row_norm,
+                                      post_ns_row_norm=post_ns_row_norm, normuon_beta2=normuon_beta2, batched=batched))
+
+    def _direction(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
+        """The orthogonalized g of matrix p, after the optional post-NS normalizations, scaled for its shape."""
+        if group["post_ns_row_norm"]:  # seed 002's "NorMuon": a stateless equal-RMS rescale of the rows
+            g = rescale_rows_keeping_norm(g, g.float().square().mean(-1, keepdim=True))
+        if group["normuon_beta2"] > 0:  # modded-nanogpt's NorMuon: per-neuron second moment along the longer side
+            v = g.float().square().mean(-1 if g.size(0) >= g.size(1) else 0, keepdim=True)
+            v_ema = self.state[p].setdefault("second_moment", torch.zeros_like(v))
+            v_ema.lerp_(v, 1 - group["normuon_beta2"])
+            g = rescale_rows_keeping_norm(g, v_ema)
+        return g * max(1, g.size(0) / g.size(1)) ** 0.5
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -477,26 +573,78 @@ class Muon(torch.optim.Optimizer):
         world_size = dist.get_world_size() if distributed else 1
         rank = dist.get_rank() if distributed else 0
         for group in self.param_groups:
-            params = group["params"]
-            if not params:
+            if not group["params"]:
                 continue
-            dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=dtype)
+            by_shape: dict[torch.Size, list[Tensor]] = {}
+            for p in group["params"]:
+                by_shape.setdefault(p.shape, []).append(p)
+            chunks = [(ps, -(-len(ps) // world_size)) for ps in by_shape.values()]
+            segment = sum(per_rank * ps[0].numel() for ps, per_rank in chunks)  # one rank's share of the updates
+            dtype = torch.bfloat16 if group["params"][0].is_cuda else torch.float32
+            mine = torch.zeros(segment, device=group["params"][0].device, dtype=dtype)
             offset = 0
-            for i, p in enumerate(params):
-                if i % world_size == rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = zeropower_via_newtonschulz5(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
-                    g = g * max(1, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset : offset + p.numel()] = g.reshape(-1)
-                offset += p.numel()
+            for ps, per_rank in chunks:
+                n = ps[0].numel()
+                own = ps[rank * per_rank : (rank + 1) * per_rank]
+                grads = [p.grad for p in own]
+                if distributed and group["batched"]:
+                    # DDP left these gradients alone (main): one reduce-scatter per shape gives each rank the mean
+                    # gradients of just its own chunk, instead of an all-reduce of every gradient.
+                    full = torch.zeros(world_size * per_rank, *ps[0].shape, device=ps[0].device, dtype=ps[0].grad.dtype)
+                    full[: len(ps)] = torch.stack([p.grad for p in ps])
+                    mean = torch.empty_like(full[:per_rank])
+                    dist.reduce_scatter_tensor(mean, full)
+                    grads = list(mean.div_(world_size)[: len(own)])
+                todo = [(j, p, g) for j, (p, g) in enumerate(zip(own, grads)) if g is not None]
+                if todo:
+                    momentum = []
+                    for _, p, g in todo:
+                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
+                        buf.mul_(group["momentum"]).add_(g)
+                        momentum.append(g.add(buf, alpha=group["momentum"]))
+                    G = torch.stack(momentum)
+                    if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
+                        G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                    ns = (group["backend_steps"], 1e-7, group["coeffs"])
+                    O = zeropower_via_newtonschulz5(G, *ns) if group["batched"] else \
+                        torch.stack([zeropower_via_newtonschulz5(g, *ns) for g in G])
+                    for (j, p, _), o in zip(todo, O):
+                        mine[offset + j * n : offset + (j + 1) * n] = self._direction(p, o, group).reshape(-1)
+                offset += per_rank * n
+            flat = mine
             if distributed:
-                dist.all_reduce(flat)
+                flat = torch.empty(world_size * segment, device=mine.device, dtype=dtype)
+                dist.all_gather_into_tensor(flat, mine)
             offset = 0
-            for p in params:
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            for ps, per_rank in chunks:
+                n = ps[0].numel()
+                for i, p in enumerate(ps):
+                    start = (i // per_rank) * segment + offset + (i % per_rank) * n
+                    p.add_(flat[start : start + n].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += per_rank * n
+
+
+def add_weight_decay(opt: torch.optim.Optimizer, wd: float, cautious: bool) -> None:
+    """Decoupled weight decay p -= lr * wd * p (on the pre-step weights), for any optimizer, through step hooks.
+    Cautious (Chen et al. 2024 via modded-nanogpt): only where the step itself moves the weight toward zero."""
+    if wd <= 0:
+        return
+    before: list[Tensor] = []
+
+    def snapshot(*_):
+        before[:] = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def decay(*_):
+        olds = iter(before)
+        for g in opt.param_groups:
+            for p in g["params"]:
+                old = next(olds)
+                keep = ((old - p) * old >= 0) if cautious else 1.0
+                p.sub_(g["lr"] * wd * old * keep)
+
+    opt.register_step_pre_hook(snapshot)
+    opt.register_step_post_hook(decay)
 
 
 def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torch.optim.Optimizer], Muon]:
@@ -504,10 +652,15 @@ def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torc
     fused = next(model.parameters()).is_cuda
 
     def adam(params, lr):
-        return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(args.beta1, args.beta2),
-                                eps=args.adam_eps, fused=fused)
+        opt = torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(args.beta1, args.beta2),
+                               eps=args.adam_eps, fused=fused)
+        add_weight_decay(opt, args.adam_wd, args.cautious_wd)
+        return opt
 
-    muon = Muon(groups["matrix"], lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps)
+    muon = Muon(groups["matrix"], lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
+                coeffs=args.muon_ns_coeffs, row_norm=args.muon_row_norm, post_ns_row_norm=args.muon_post_ns_row_norm,
+                normuon_beta2=args.normuon_beta2, batched=args.muon_batched)
+    add_weight_decay(muon, args.muon_wd, args.cautious_wd)
     for g in muon.param_groups:
         g["base_lr"] = args.matrix_lr
     optimizers = [adam(groups["embed"], args.tied_embed_lr if args.tie_embeddings else args.embed_lr), muon,
@@ -518,16 +671,36 @@ def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torc
 
 
 def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    # Linear warmdown over the last WARMDOWN_ITERS steps; under a wallclock cap the remaining steps are
-    # projected from the average step time so far, so the decay ends when time does.
-    if args.warmdown_iters <= 0:
-        return 1.0
+    # Linear warmdown over the last WARMDOWN_ITERS steps, or the last WARMDOWN_FRAC of the run, down to MIN_LR_FRAC.
+    # Under a wallclock cap the run is measured in time: WARMDOWN_ITERS is projected from the average step time
+    # so far, so the decay ends when time does.
     if args.max_wallclock_seconds <= 0:
-        start = max(args.iterations - args.warmdown_iters, 0)
-        return max((args.iterations - step) / args.warmdown_iters, 0.0) if step >= start else 1.0
-    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000.0 * args.max_wallclock_seconds - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        warmdown = args.warmdown_frac * args.iterations if args.warmdown_frac > 0 else args.warmdown_iters
+        left = args.iterations - step
+    else:
+        total_ms = 1000.0 * args.max_wallclock_seconds
+        warmdown = args.warmdown_frac * total_ms if args.warmdown_frac > 0 else args.warmdown_iters * elapsed_ms / max(step, 1)
+        left = max(total_ms - elapsed_ms, 0.0)
+    frac = min(left / warmdown, 1.0) if warmdown > 0 else 1.0
+    return args.min_lr_frac + (1 - args.min_lr_frac) * frac
+
+
+class WeightEMA:
+    """fp32 exponential moving average of a model's float weights, updated after every step, copied in at the end."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.weights = [t for t in model.state_dict().values() if t.is_floating_point()]
+        self.average = [t.detach().float().clone() for t in self.weights]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [t.float() for t in self.weights], 1 - self.decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for t, a in zip(self.weights, self.average):
+            t.copy_(a)
 
 
 # -----------------------------
@@ -839,14 +1012,22 @@ def main() -> None:
     sp = load_tokenizer(args)
     luts = build_sentencepiece_luts(sp, args.vocab_size, device)
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.train_seq_len).to(device, torch.int64)
-    train_loader = DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
-    log0(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_loader.stream.files)}")
+    train_loader = TRAIN_LOADERS[args.train_loader](args, rank, world_size, device)
+    log0(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_loader.files)}")
     log0(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel()}")
 
     # Model and optimizers.
     base_model = build_model(args, device)
     model = torch.compile(base_model, dynamic=False, fullgraph=True) if args.compile else base_model
     if distributed:
+        if args.muon_batched:  # Muon reduce-scatters the matrices' gradients itself, so DDP leaves them alone
+            if args.grad_clip_norm > 0:
+                raise ConfigError("GRAD_CLIP_NORM with MUON_BATCHED=1 on several processes would clip unreduced "
+                                  "matrix gradients; set one of them to 0")
+            matrices = {id(p) for p in base_model.param_groups()["matrix"]}
+            names = [n for n, p in model.named_parameters() if id(p) in matrices]
+            DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+            log0(f"muon:reduce_scatter matrices:{len(names)}")
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizers, muon = build_optimizers(args, base_model)
     log0(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
@@ -888,11 +1069,13 @@ def main() -> None:
         base_model.load_state_dict(model_state)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
-        train_loader = DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
+        train_loader = TRAIN_LOADERS[args.train_loader](args, rank, world_size, device)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    ema = WeightEMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
 
     # Training loop: the clock pauses during validation; the wallclock stop is agreed by all ranks.
     max_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
@@ -904,6 +1087,9 @@ def main() -> None:
         if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
             sync()
             train_ms += 1000.0 * (time.perf_counter() - t0)
+            if last and ema is not None:  # the averaged weights are the ones scored and exported
+                ema.apply()
+                log0(f"ema:applied decay:{args.ema_decay} steps:{step}")
             eval_t0 = time.perf_counter()
             vl, vb, _ = evaluate(args, model, val_tokens, luts, rank, world_size, device, label=f"step{step}")
             log0(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} "
@@ -916,6 +1102,8 @@ def main() -> None:
             break
         elapsed = train_ms + 1000.0 * (time.perf_counter() - t0)
         train_loss = train_step(step, lr_multiplier(args, step, elapsed))
+        if ema is not None:
+            ema.update()
         step += 1
         approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
         if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop_after is not None):
