@@ -168,8 +168,9 @@ class Hyperparameters:
         for name in ("QUANT", "QUANT_ATTN", "QUANT_MLP", "QUANT_EMBED"):
             if self.settings[name] not in QUANT_BITS:
                 raise ConfigError(f"{name}={self.settings[name]!r} is unknown; choose one of {sorted(QUANT_BITS)}")
-        if self.compressor not in [*COMPRESSORS, "best"]:
-            raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown; choose best or one of {sorted(COMPRESSORS)}")
+        if self.compressor not in [*available_compressors(), "best"]:
+            raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli); "
+                              f"choose best or one of {available_compressors()}")
         if self.size_margin_bytes < 0 or self.gptq_calib_batches < 1 or self.gptq_block < 1:
             raise ConfigError("SIZE_MARGIN_BYTES must be >= 0, GPTQ_CALIB_BATCHES and GPTQ_BLOCK >= 1; fix them")
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
@@ -599,10 +600,8 @@ def _zstd():
 
 
 def _brotli():
-    try:
-        import brotli
-    except ImportError:
-        raise ConfigError("COMPRESSOR=brotli needs the brotli package: pip install brotli, or choose another compressor")
+    import brotli  # optional: COMPRESSOR=best uses it only where installed
+
     return brotli
 
 
@@ -786,8 +785,9 @@ def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic); give a file written by train_gpt.py")
     compressor = blob[len(ARTIFACT_MAGIC) + 1 : len(ARTIFACT_MAGIC) + 1 + blob[len(ARTIFACT_MAGIC)]].decode()
-    if compressor not in COMPRESSORS:
-        raise ConfigError(f"{source}: unknown compressor {compressor!r}; use a train_gpt.py that knows it")
+    if compressor not in available_compressors():
+        raise ConfigError(f"{source}: compressor {compressor!r} is unknown or not installed here "
+                          "(brotli: pip install brotli); use a train_gpt.py and packages that know it")
     return compressor
 
 
@@ -1270,7 +1270,10 @@ def main() -> None:
     score(f"{args.quant}_{'gptq' if hessians else 'rtn'}", model)
     # The cap as a guarantee: over it (less SIZE_MARGIN_BYTES), zero the smallest weights until the artifact fits.
     max_model_bytes = SIZE_CAP_BYTES - args.size_margin_bytes - len(counted_code)
+    c0 = time.perf_counter()
     qsd, blob, pruned = prune_to_fit(qsd, args.settings, args.compressor, args.byte_shuffle, max_model_bytes)
+    log0(f"compress:{artifact_compressor(blob)} setting:{args.compressor} model_bytes:{len(blob)} "
+         f"time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
     if pruned:
         log0(f"cap_remedy:prune zeroed_weights:{pruned} of:{sum(e['q'].numel() for e in qsd.values() if 'q' in e)} "
              f"model_bytes:{len(blob)} max_model_bytes:{max_model_bytes}")

@@ -32,6 +32,23 @@ def exact_line(log: str, what: str) -> str:
     return re.search(rf"^final_{what}_exact val_loss:\S+ val_bpb:\S+$", log, re.M).group(0)
 
 
+@pytest.mark.parametrize("env,needle", [
+    ({"QUANT_MLP": "int4"}, "QUANT_MLP"), ({"COMPRESSOR": "gzip"}, "COMPRESSOR"), ({"GPTQ": "yes"}, "GPTQ"),
+    ({"SIZE_MARGIN_BYTES": "-1"}, "SIZE_MARGIN_BYTES"),
+])
+def test_bad_export_settings_raise_config_errors_naming_the_variable(env, needle):
+    with pytest.raises(tg.ConfigError, match=needle):
+        tg.Hyperparameters(env)
+
+
+def test_brotli_is_optional():
+    if "brotli" in tg.available_compressors():
+        assert tg.Hyperparameters({"COMPRESSOR": "brotli"}).compressor == "brotli"
+    else:
+        with pytest.raises(tg.ConfigError, match="pip install brotli"):
+            tg.Hyperparameters({"COMPRESSOR": "brotli"})
+
+
 # -----------------------------
 # QAT
 # -----------------------------
@@ -258,6 +275,7 @@ def test_run_logs_calibration_and_the_gap_by_stage(tiny_run):
     assert not re.search(r"^(qat:on|final_int6_qat)", log, re.M)  # QAT is off by default
     assert re.search(r"^gptq_calibration batches:1 tokens:2048 matrices:\d+ time:\d+ms$", log, re.M)
     assert re.search(r"^code plain_bytes:(\d+) packed_bytes:(\d+) counted:packed$", log, re.M)
+    assert re.search(r"^compress:(zlib|zstd|lzma|brotli) setting:best model_bytes:\d+ time:\d+ms$", log, re.M)
     fmt = re.search(r"^artifact:\S+ format:(int6_\w+) ", log, re.M).group(1)
     for stage in ("prequant", "int6_gptq", f"{fmt}_roundtrip"):
         assert re.search(rf"^final_{stage} val_loss:\d+\.\d{{4}} val_bpb:\d+\.\d{{4}} eval_time:\d+ms$", log, re.M), stage
