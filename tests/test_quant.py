@@ -22,7 +22,7 @@ def small_model(**env):
     torch.manual_seed(0)
     args = tg.Hyperparameters({**SMALL, **env})
     model = tg.build_model(args, torch.device("cpu"))
-    for p in model.parameters():  # leave zero init so that every matrix matters
+    for p in model.parameters():  # off the zero init, so that every matrix matters
         p.data.add_(0.05 * torch.randn_like(p))
     tg.configure_qat(model, args)
     return model, args
@@ -70,6 +70,7 @@ def test_qat_switch_is_a_buffer_that_the_compiled_model_reads():
     assert linears and all("qat_on" in dict(m.named_buffers()) for m in linears)
     assert "qat_on" not in "".join(model.state_dict())  # not saved: artifacts and warm-up restores ignore it
     x = torch.randint(0, 256, (2, 32))
+    # aot_eager: dynamo's tracing (where a Python flag would be frozen) without inductor's CPU compile time
     compiled = torch.compile(model, backend="aot_eager", dynamic=False, fullgraph=True)
     off = compiled(x, x)
     assert torch.equal(off, model(x, x))
