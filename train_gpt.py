@@ -7,6 +7,7 @@ Every knob is an env var (README.md lists them); importing this file runs nothin
 
 from __future__ import annotations
 
+import base64
 import copy
 import difflib
 import glob
@@ -24,6 +25,7 @@ import sys
 import time
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -155,19 +157,43 @@ class Hyperparameters:
         if not 0 <= self.ema_decay < 1 or not 0 <= self.normuon_beta2 < 1 or not 0 <= self.warmdown_frac <= 1:
             raise ConfigError("EMA_DECAY and NORMUON_BETA2 must be in [0, 1), WARMDOWN_FRAC in [0, 1]")
 
-        # Export.
-        self.quant = get("QUANT", "int8")
-        self.compressor = get("COMPRESSOR", "zlib")
+        # Export: precision per tensor class (.attn. matrices, other block matrices, embedding/head), SDClip k,
+        # late QAT, GPTQ calibrated inside the training budget, compression, counted code and the size cap.
+        self.quant = get("QUANT", "int6")
+        self.quant_attn = get("QUANT_ATTN", self.quant)
+        self.quant_mlp = get("QUANT_MLP", self.quant)
+        self.quant_embed = get("QUANT_EMBED", "int8")
+        self.sdclip_k_attn = get("SDCLIP_K_ATTN", 12.85, float)
+        self.sdclip_k_mlp = get("SDCLIP_K_MLP", 12.85, float)
+        self.sdclip_k_embed = get("SDCLIP_K_EMBED", 10.0, float)
+        self.qat_start = get("QAT_START", 1.0, float)  # off: on the smoke model it lost to GPTQ alone
+        self.gptq = get("GPTQ", True, _flag)
+        self.gptq_embed = get("GPTQ_EMBED", True, _flag)
+        self.gptq_calib_batches = get("GPTQ_CALIB_BATCHES", 1, int)
+        self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 5.0, float)
+        self.gptq_damp = get("GPTQ_DAMP", 0.01, float)
+        self.gptq_block = get("GPTQ_BLOCK", 128, int)
+        self.lowrank_rank = get("LOWRANK_RANK", 0, int)
+        self.lowrank_tensors = get("LOWRANK_TENSORS", 4, int)
+        self.compressor = get("COMPRESSOR", "best")
+        self.byte_shuffle = get("BYTE_SHUFFLE", True, _flag)
+        self.code_pack = get("CODE_PACK", True, _flag)
+        self.size_margin_bytes = get("SIZE_MARGIN_BYTES", 0, int)
         self.artifact_path = get("ARTIFACT_PATH", f"final_model.{self.quant}.ptz")
+        self.score_artifact = get("SCORE_ARTIFACT", "")
         self.validate()
 
     def validate(self) -> None:
         if self.model not in MODELS:
             raise ConfigError(f"MODEL={self.model!r} is unknown; choose one of {sorted(MODELS)}")
-        if self.quant not in QUANT_BITS:
-            raise ConfigError(f"QUANT={self.quant!r} is unknown; choose one of {sorted(QUANT_BITS)}")
-        if self.compressor not in COMPRESSORS:
-            raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown; choose one of {sorted(COMPRESSORS)}")
+        for name in ("QUANT", "QUANT_ATTN", "QUANT_MLP", "QUANT_EMBED"):
+            if self.settings[name] not in QUANT_BITS:
+                raise ConfigError(f"{name}={self.settings[name]!r} is unknown; choose one of {sorted(QUANT_BITS)}")
+        if self.compressor not in [*available_compressors(), "best"]:
+            raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli); "
+                              f"choose best or one of {available_compressors()}")
+        if self.size_margin_bytes < 0 or self.gptq_calib_batches < 1 or self.gptq_block < 1:
+            raise ConfigError("SIZE_MARGIN_BYTES must be >= 0, GPTQ_CALIB_BATCHES and GPTQ_BLOCK >= 1; fix them")
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
         if self.num_heads % self.num_kv_heads:
@@ -341,9 +367,20 @@ CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain"
 
 
 class CastedLinear(nn.Linear):
-    # fp32 weights for the optimizer, cast to the activation dtype at matmul time.
+    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. QAT: with qat = (qmax, k)
+    # set, the forward uses the export grid (straight-through gradient) while the qat_on buffer is 1; a buffer,
+    # not a Python flag, because torch.compile freezes Python flags but reads buffers on every call.
+    qat: tuple[int, float] | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w = self.weight
+        if self.qat is not None:
+            w = w + self.qat_on * (fake_quantize(w.detach(), *self.qat) - w.detach())
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class Rotary(nn.Module):
@@ -670,15 +707,22 @@ def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torc
     return optimizers, muon
 
 
+def train_budget_ms(args: Hyperparameters) -> float | None:
+    # The wallclock cap less the GPTQ calibration reserve: calibration reads training data, so it must fit in the cap.
+    if args.max_wallclock_seconds <= 0:
+        return None
+    return 1000.0 * (args.max_wallclock_seconds - (args.gptq_reserve_seconds if args.gptq else 0.0))
+
+
 def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
     # Linear warmdown over the last WARMDOWN_ITERS steps, or the last WARMDOWN_FRAC of the run, down to MIN_LR_FRAC.
     # Under a wallclock cap the run is measured in time: WARMDOWN_ITERS is projected from the average step time
     # so far, so the decay ends when time does.
-    if args.max_wallclock_seconds <= 0:
+    total_ms = train_budget_ms(args)
+    if total_ms is None:
         warmdown = args.warmdown_frac * args.iterations if args.warmdown_frac > 0 else args.warmdown_iters
         left = args.iterations - step
     else:
-        total_ms = 1000.0 * args.max_wallclock_seconds
         warmdown = args.warmdown_frac * total_ms if args.warmdown_frac > 0 else args.warmdown_iters * elapsed_ms / max(step, 1)
         left = max(total_ms - elapsed_ms, 0.0)
     frac = min(left / warmdown, 1.0) if warmdown > 0 else 1.0
@@ -706,14 +750,17 @@ class WeightEMA:
 # -----------------------------
 # QUANTIZATION AND EXPORT
 # -----------------------------
+# Matrices become per-row integer codes (in int8 containers, which entropy-code better than bit-packed ones)
+# with fp16 row scales; each tensor class has its own precision; vectors, control and tiny tensors stay float.
+# Steps: SDClip scales -> GPTQ on Hessians from training batches -> optional low-rank correction -> pack ->
+# smallest of the compressors -> if over the cap, zero the smallest weights until it fits.
 # Artifact = MAGIC + compressor name + compressed(payload); payload = 4-byte manifest length + JSON manifest
-# (format version, settings, tensor table) + raw tensor bytes. It loads with the requirements alone.
+# (format version, settings, tensor table, byte shuffle) + raw tensor bytes. It loads with the requirements alone.
 
 ARTIFACT_MAGIC = b"PGOLF1"
-ARTIFACT_VERSION = 1
-QUANT_BITS = {"int8": 8, "int6": 6}
-QUANT_CLIP_Q = 0.9999984  # the starter's per-row clipping percentile
-KEEP_FLOAT_MAX_NUMEL = 65_536
+ARTIFACT_VERSION = 2
+QUANT_BITS = {"int5": 5, "int6": 6, "int7": 7, "int8": 8, "fp16": 16}
+KEEP_FLOAT_MAX_NUMEL = 4096  # tiny matrices: too few bytes to be worth any error
 
 
 def _zstd():
@@ -722,38 +769,152 @@ def _zstd():
     return zstandard
 
 
+def _brotli():
+    import brotli  # optional: COMPRESSOR=best uses it only where installed
+
+    return brotli
+
+
 COMPRESSORS = {
     "zlib": (lambda b: zlib.compress(b, 9), zlib.decompress),
     "zstd": (lambda b: _zstd().ZstdCompressor(level=22).compress(b), lambda b: _zstd().ZstdDecompressor().decompress(b)),
     "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
+    "brotli": (lambda b: _brotli().compress(b, quality=11, lgwin=24), lambda b: _brotli().decompress(b)),
 }
 
 
-def quantize_per_row(t: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization with percentile clipping; returns int8 codes and fp16 row scales."""
-    qmax = 2 ** (bits - 1) - 1
-    t32 = t.float()
-    clip = torch.quantile(t32.abs(), QUANT_CLIP_Q, dim=1)
-    # Quantize with the fp16-rounded scale that will be stored, so dequantization sees the same grid.
-    scale = (clip / qmax).clamp_min(1e-7).to(torch.float16)
-    q = torch.clamp(torch.round(t32.clamp(-clip[:, None], clip[:, None]) / scale.float()[:, None]), -qmax, qmax)
-    return q.to(torch.int8).contiguous(), scale.contiguous()
+def available_compressors() -> list[str]:
+    """What COMPRESSOR=best tries: every compressor whose module imports here (brotli is optional)."""
+    names = []
+    for name, module in (("zlib", "zlib"), ("zstd", "zstandard"), ("lzma", "lzma"), ("brotli", "brotli")):
+        try:
+            __import__(module)
+            names.append(name)
+        except ImportError:
+            pass
+    return names
 
 
-def quantize_state_dict(state_dict: dict[str, Tensor], bits: int) -> dict[str, dict]:
-    """Matrices -> per-row int codes; small and control tensors stay float (fp32 control, fp16 others)."""
-    out = {}
+def tensor_class(name: str, t: Tensor) -> str | None:
+    """The precision setting a tensor follows: 'embed' (embedding, head), 'attn' (.attn. matrices), 'mlp' (other
+    matrices); None for tensors kept float (vectors, control tensors, tiny matrices)."""
+    if not t.is_floating_point() or t.ndim != 2 or t.numel() <= KEEP_FLOAT_MAX_NUMEL \
+            or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
+        return None
+    if "tok_emb" in name or "lm_head" in name:
+        return "embed"
+    return "attn" if ".attn." in name else "mlp"
+
+
+def quant_plan(args: Hyperparameters) -> dict[str, tuple[int, float]]:
+    """Tensor class -> (bits, SDClip k)."""
+    return {"attn": (QUANT_BITS[args.quant_attn], args.sdclip_k_attn), "mlp": (QUANT_BITS[args.quant_mlp], args.sdclip_k_mlp),
+            "embed": (QUANT_BITS[args.quant_embed], args.sdclip_k_embed)}
+
+
+def sdclip_scales(w: Tensor, qmax: int, k: float) -> Tensor:
+    # SDClip: clip each row at k standard deviations, so the grid step (and with it the entropy of the codes) follows
+    # the row's spread, not its outliers; rounded to the fp16 that is stored, so both sides use one grid.
+    return (k * w.float().std(dim=1) / qmax).clamp_min(1e-7).half().float()
+
+
+def fake_quantize(w: Tensor, qmax: int, k: float) -> Tensor:
+    """w rounded to nearest on its export grid: the QAT forward."""
+    s = sdclip_scales(w, qmax, k)[:, None]
+    return (w.float() / s).round().clamp(-qmax, qmax).mul(s).to(w.dtype)
+
+
+def set_qat(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, CastedLinear):
+            m.qat_on.fill_(float(on))
+
+
+def configure_qat(model: nn.Module, args: Hyperparameters) -> None:
+    # Give every quantized CastedLinear its class's grid (before compiling: qmax and k are constants of the graph).
+    plan = quant_plan(args)
+    for name, m in model.named_modules():
+        if isinstance(m, CastedLinear):
+            cls = tensor_class(f"{name}.weight", m.weight)
+            if cls is not None and plan[cls][0] < 16:
+                m.qat = (2 ** (plan[cls][0] - 1) - 1, plan[cls][1])
+
+
+def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
+    """GPTQ's Hessians: sum of X^T X over the inputs X of every F.linear that multiplies a 2-D parameter (the
+    tied embedding used as the output head included), on a float32 copy without QAT so that weight.to(x.dtype)
+    is the parameter itself."""
+    model = copy.deepcopy(base_model).float()
+    for m in model.modules():
+        if isinstance(m, CastedLinear):
+            m.qat = None
+    names = {id(p): n for n, p in model.named_parameters() if p.ndim == 2}
+    hessians: dict[str, Tensor] = {}
+
+    class Capture(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.linear and len(args) > 1 and id(args[1]) in names:
+                x = args[0].detach().reshape(-1, args[0].size(-1)).float()
+                h = hessians.setdefault(names[id(args[1])], x.new_zeros(x.size(1), x.size(1)))
+                h.addmm_(x.T, x)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Capture():
+        for x, y in batches:
+            model(x, y)
+    return hessians
+
+
+def gptq(w: Tensor, scale: Tensor, qmax: int, H: Tensor, damp: float, block: int) -> Tensor:
+    """GPTQ (Frantar et al. 2022): quantize columns in order of decreasing Hessian diagonal (act-order), each
+    column's rounding error pushed onto the columns not yet quantized, block by block. Returns the codes."""
+    W, H = w.float().clone(), H.double().clone()
+    dead = H.diagonal() == 0  # inputs that never fired: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    perm = torch.argsort(H.diagonal(), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    s, Q = scale[:, None], torch.empty_like(W)
+    for i1 in range(0, W.size(1), block):
+        i2 = min(i1 + block, W.size(1))
+        W1, E1, Hb = W[:, i1:i2].clone(), torch.empty_like(W[:, i1:i2]), Hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            q = (W1[:, j : j + 1] / s).round().clamp(-qmax, qmax)
+            Q[:, i1 + j] = q[:, 0]
+            E1[:, j : j + 1] = err = (W1[:, j : j + 1] - q * s) / Hb[j, j]
+            W1[:, j:] -= err * Hb[j : j + 1, j:]
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)]
+
+
+def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
+    """Quantized matrices -> {"q": int8 codes, "scale": fp16 per row (+ "lr_a", "lr_b": fp16 low-rank correction)};
+    float tensors -> {"w"}: fp32 for control tensors, fp16 otherwise. GPTQ where a Hessian is given."""
+    plan, out, errors = quant_plan(args), {}, {}
     for name, t in state_dict.items():
-        t = t.detach().cpu().contiguous()
-        if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL \
-                and not any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
-            q, s = quantize_per_row(t, bits)
-            out[name] = {"q": q, "scale": s, "dtype": str(t.dtype).removeprefix("torch.")}
-        elif t.is_floating_point():
+        t = t.detach()
+        dtype = str(t.dtype).removeprefix("torch.")
+        cls = tensor_class(name, t)
+        if cls is None or plan[cls][0] >= 16:
             keep = torch.float32 if any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS) else torch.float16
-            out[name] = {"w": t.to(keep), "dtype": str(t.dtype).removeprefix("torch.")}
-        else:
-            out[name] = {"w": t, "dtype": str(t.dtype).removeprefix("torch.")}
+            out[name] = {"w": (t.to(keep) if t.is_floating_point() else t).cpu().contiguous(), "dtype": dtype}
+            continue
+        bits, k = plan[cls]
+        qmax = 2 ** (bits - 1) - 1
+        scale = sdclip_scales(t, qmax, k)
+        H = (hessians or {}).get(name) if cls != "embed" or args.gptq_embed else None
+        q = gptq(t, scale, qmax, H.to(t.device), args.gptq_damp, args.gptq_block) if H is not None \
+            else (t.float() / scale[:, None]).round().clamp(-qmax, qmax)
+        out[name] = {"q": q.to(torch.int8).cpu().contiguous(), "scale": scale.half().cpu(), "dtype": dtype}
+        if args.lowrank_rank:
+            errors[name] = t.float().cpu() - q.cpu() * scale.cpu()[:, None]
+    # Low-rank correction (LQER): the top singular directions of the largest quantization errors, stored in fp16.
+    for name in sorted(errors, key=lambda n: -errors[n].norm().item())[: args.lowrank_tensors]:
+        U, S, Vh = torch.linalg.svd(errors[name], full_matrices=False)
+        r = args.lowrank_rank
+        out[name].update(lr_a=(U[:, :r] * S[:r]).half().contiguous(), lr_b=Vh[:r].half().contiguous())
     return out
 
 
@@ -762,38 +923,48 @@ def dequantize_state_dict(qsd: dict[str, dict]) -> dict[str, Tensor]:
     for name, e in qsd.items():
         dtype = getattr(torch, e["dtype"])
         if "q" in e:
-            out[name] = (e["q"].float() * e["scale"].float()[:, None]).to(dtype)
+            w = e["q"].float() * e["scale"].float()[:, None]
+            out[name] = (w + e["lr_a"].float() @ e["lr_b"].float() if "lr_a" in e else w).to(dtype)
         else:
             out[name] = e["w"].to(dtype)
     return out
 
 
-def pack_artifact(qsd: dict[str, dict], settings: dict, compressor: str) -> bytes:
+def pack_artifact(qsd: dict[str, dict], settings: dict, compressor: str, shuffle: bool = True) -> bytes:
+    """Serialize and compress; COMPRESSOR=best compresses with every available compressor (in parallel threads)
+    and keeps the smallest. Codes are laid out first, then multi-byte tensors, byte-shuffled if asked (all first
+    bytes, then all second bytes, ...), which compresses fp16 better."""
+    parts = sorted(((n, p, t) for n, e in qsd.items() for p, t in e.items() if p != "dtype"), key=lambda x: x[2].element_size())
     table, chunks, offset = [], [], 0
-    for name, e in qsd.items():
-        for part, t in e.items():
-            if part == "dtype":
-                continue
-            raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            table.append([name, part, str(t.dtype).removeprefix("torch."), list(t.shape), offset, len(raw)])
-            chunks.append(raw)
-            offset += len(raw)
-    manifest = json.dumps({"version": ARTIFACT_VERSION, "settings": settings, "tensors": table,
+    for name, part, t in parts:
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        raw = (raw.reshape(-1, t.element_size()).T if shuffle else raw).tobytes()
+        table.append([name, part, str(t.dtype).removeprefix("torch."), list(t.shape), offset, len(raw)])
+        chunks.append(raw)
+        offset += len(raw)
+    manifest = json.dumps({"version": ARTIFACT_VERSION, "settings": settings, "tensors": table, "shuffle": shuffle,
                            "dtypes": {n: e["dtype"] for n, e in qsd.items()}}, separators=(",", ":")).encode()
     payload = len(manifest).to_bytes(4, "little") + manifest + b"".join(chunks)
-    name = compressor.encode()
-    return ARTIFACT_MAGIC + bytes([len(name)]) + name + COMPRESSORS[compressor][0](payload)
+    names = available_compressors() if compressor == "best" else [compressor]
+    with ThreadPoolExecutor(len(names)) as pool:
+        blobs = pool.map(lambda c: ARTIFACT_MAGIC + bytes([len(c)]) + c.encode() + COMPRESSORS[c][0](payload), names)
+        return min(blobs, key=len)
+
+
+def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic); give a file written by train_gpt.py")
+    compressor = blob[len(ARTIFACT_MAGIC) + 1 : len(ARTIFACT_MAGIC) + 1 + blob[len(ARTIFACT_MAGIC)]].decode()
+    if compressor not in available_compressors():
+        raise ConfigError(f"{source}: compressor {compressor!r} is unknown or not installed here "
+                          "(brotli: pip install brotli); use a train_gpt.py and packages that know it")
+    return compressor
 
 
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict]:
     """Inverse of pack_artifact: (quantized state dict, settings the model was built with)."""
-    if not blob.startswith(ARTIFACT_MAGIC):
-        raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic); give a file written by train_gpt.py")
-    n = blob[len(ARTIFACT_MAGIC)]
-    compressor = blob[len(ARTIFACT_MAGIC) + 1 : len(ARTIFACT_MAGIC) + 1 + n].decode()
-    if compressor not in COMPRESSORS:
-        raise ConfigError(f"{source}: unknown compressor {compressor!r}; use a train_gpt.py that knows it")
-    payload = COMPRESSORS[compressor][1](blob[len(ARTIFACT_MAGIC) + 1 + n :])
+    compressor = artifact_compressor(blob, source)
+    payload = COMPRESSORS[compressor][1](blob[len(ARTIFACT_MAGIC) + 1 + len(compressor) :])
     mlen = int.from_bytes(payload[:4], "little")
     manifest = json.loads(payload[4 : 4 + mlen])
     if manifest["version"] != ARTIFACT_VERSION:
@@ -801,19 +972,69 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     data = memoryview(payload)[4 + mlen :]
     qsd = {name: {"dtype": dtype} for name, dtype in manifest["dtypes"].items()}
     for name, part, dtype, shape, offset, size in manifest["tensors"]:
-        raw = torch.frombuffer(bytearray(data[offset : offset + size]), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        raw = np.frombuffer(data[offset : offset + size], dtype=np.uint8)
+        raw = raw.reshape(getattr(torch, dtype).itemsize, -1).T.flatten() if manifest["shuffle"] else raw.copy()
+        raw = torch.from_numpy(raw) if size else torch.empty(0, dtype=torch.uint8)
         qsd[name][part] = raw.view(getattr(torch, dtype)).reshape(shape)
     return qsd, manifest["settings"]
+
+
+def prune_to_fit(qsd: dict[str, dict], settings: dict, compressor: str, shuffle: bool, max_bytes: int):
+    """The cap remedy: zero the smallest-magnitude quantized weights (|code| x row scale), fewest first, until the
+    artifact has at most max_bytes. Returns (qsd, blob, weights zeroed); the blob may still be over if even
+    zeroing every code does not fit."""
+    blob = pack_artifact(qsd, settings, compressor, shuffle)
+    names = [n for n, e in qsd.items() if "q" in e]
+    if len(blob) <= max_bytes or not names:
+        return qsd, blob, 0
+    compressor = artifact_compressor(blob)  # search with the winner only
+    mags = torch.cat([(qsd[n]["q"].float().abs() * qsd[n]["scale"].float()[:, None]).flatten() for n in names])
+    order = torch.argsort(mags.masked_fill(mags == 0, float("inf")), stable=True)
+    nonzero, size0, pruned, out = int((mags > 0).sum()), len(blob), 0, qsd
+    while len(blob) > max_bytes and pruned < nonzero:
+        # Next count from the bytes saved per zeroed weight so far (a first guess of one bit), 20% past the goal.
+        per_weight = (size0 - len(blob)) / pruned if pruned else 0.125
+        pruned = min(nonzero, pruned + int(1.2 * (len(blob) - max_bytes) / max(per_weight, 1e-3)) + 1)
+        keep = torch.ones_like(mags, dtype=torch.bool)
+        keep[order[:pruned]] = False
+        out, offset = dict(qsd), 0
+        for n in names:
+            q = qsd[n]["q"]
+            out[n] = {**qsd[n], "q": q * keep[offset : offset + q.numel()].view_as(q)}
+            offset += q.numel()
+        blob = pack_artifact(out, settings, compressor, shuffle)
+    return out, blob, pruned
+
+
+def settings_env(settings: dict) -> dict[str, str]:
+    return {k: str(int(v) if isinstance(v, bool) else v) for k, v in settings.items()}
 
 
 def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifact") -> tuple[nn.Module, Hyperparameters]:
     """A fresh model built from the settings stored in the artifact, loaded with its dequantized weights."""
     qsd, settings = unpack_artifact(blob, source)
-    args = Hyperparameters({k: str(int(v) if isinstance(v, bool) else v) for k, v in settings.items()})
+    args = Hyperparameters(settings_env(settings))
     model = build_model(args, device)
     model.load_state_dict(dequantize_state_dict(qsd), strict=True)
     model.after_dequantize()
     return model, args
+
+
+# Counted code: the script itself, or this self-extracting copy of the same source (lzma + base85 + exec).
+CODE_PACK_HEAD = b"import lzma,base64;exec(lzma.decompress(base64.b85decode(b'"
+CODE_PACK_TAIL = b"')))\n"
+
+
+def pack_code(source: bytes) -> bytes:
+    packed = base64.b85encode(lzma.compress(source, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME))
+    return CODE_PACK_HEAD + packed + CODE_PACK_TAIL
+
+
+def plain_code(code: bytes) -> bytes:
+    """The source of a script file, packed or not."""
+    if code.startswith(CODE_PACK_HEAD):
+        return lzma.decompress(base64.b85decode(code[len(CODE_PACK_HEAD) : -len(CODE_PACK_TAIL)]))
+    return code
 
 
 # -----------------------------
@@ -946,8 +1167,18 @@ def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
 
 def main() -> None:
     code_path = Path(__file__).resolve()
-    code_bytes = code_path.read_bytes()
+    code_bytes = code_path.read_bytes()  # the file that runs, plain or packed
+    source = plain_code(code_bytes)
     args = Hyperparameters()
+    if args.score_artifact:
+        # Scoring an artifact alone: the settings it was written with, under the env vars set now (data paths...).
+        if not Path(args.score_artifact).is_file():
+            raise ConfigError(f"SCORE_ARTIFACT={args.score_artifact} does not exist; give the path of an artifact file")
+        _, stored = unpack_artifact(Path(args.score_artifact).read_bytes(), args.score_artifact)
+        stored = {k: v for k, v in stored.items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")}
+        args = Hyperparameters({**settings_env(stored), **os.environ})
+    packed_code = code_bytes if code_bytes != source else pack_code(source)  # a packed file counts as itself
+    counted_code = packed_code if args.code_pack else source
 
     # Distributed setup: torchrun's env vars, with defaults so plain python3 works.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -996,12 +1227,13 @@ def main() -> None:
     for w in args.misspellings():
         log0(f"warning:{w}")
     log0(f"code_sha256:{hashlib.sha256(code_bytes).hexdigest()} code_bytes:{len(code_bytes)} code_path:{code_path}")
+    log0(f"code plain_bytes:{len(source)} packed_bytes:{len(packed_code)} counted:{'packed' if args.code_pack else 'plain'}")
     log0(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
          f"sentencepiece:{spm.__version__}")
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU({os.cpu_count()} cores)"
     log0(f"hardware:{world_size}x{hw} world_size:{world_size} grad_accum_steps:{grad_accum_steps}")
     log0("source_begin", console=False)
-    log0(code_bytes.decode("utf-8").removesuffix("\n"), console=False)
+    log0(source.decode("utf-8").removesuffix("\n"), console=False)
     log0("source_end", console=False)
 
     # Seeds, data, tokenizer.
@@ -1012,12 +1244,74 @@ def main() -> None:
     sp = load_tokenizer(args)
     luts = build_sentencepiece_luts(sp, args.vocab_size, device)
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.train_seq_len).to(device, torch.int64)
+    log0(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel()}")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # Every evaluation prints final_<what>; the submission's score is printed last.
+    results = []
+
+    def report(what: str, vl: float, vb: float, ms: float) -> None:
+        log0(f"final_{what} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{ms:.0f}ms")
+        log0(f"final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+        results.append((what, vl, vb))
+
+    def score(what: str, net: nn.Module, collect: bool = False):
+        sync()
+        t = time.perf_counter()
+        vl, vb, losses = evaluate(args, net, val_tokens, luts, rank, world_size, device, collect=collect, label=what)
+        sync()
+        report(what, vl, vb, 1000.0 * (time.perf_counter() - t))
+        return losses
+
+    def score_artifact(path: str, train_ms: float, eval_t0: float) -> None:
+        """The submission's score: a fresh model built from the artifact file alone (SCORE_ARTIFACT runs only this)."""
+        if distributed:
+            dist.barrier()
+        blob = Path(path).read_bytes()
+        compressor = artifact_compressor(blob, path)
+        fmt = f"{args.quant}_{compressor}"
+        total_bytes = len(blob) + len(counted_code)
+        under_cap = total_bytes <= SIZE_CAP_BYTES
+        log0(f"Serialized model {args.quant}+{compressor}: {len(blob)} bytes")
+        log0(f"Code size: {len(counted_code)} bytes")
+        log0(f"Total submission size {args.quant}+{compressor}: {total_bytes} bytes")
+        log0(f"artifact:{path} format:{fmt} model_bytes:{len(blob)} code_bytes:{len(counted_code)} "
+             f"total_bytes:{total_bytes} cap:{SIZE_CAP_BYTES} under_cap:{int(under_cap)}")
+        if not under_cap:
+            log0(f"WARNING: total submission size {total_bytes} bytes is OVER the {SIZE_CAP_BYTES}-byte cap "
+                 f"by {total_bytes - SIZE_CAP_BYTES} bytes: this artifact is not a valid submission")
+        fresh, _ = model_from_artifact(blob, device, path)
+        fresh_model = torch.compile(fresh, dynamic=False, fullgraph=True) if args.compile else fresh
+        losses = score(f"{fmt}_roundtrip", fresh_model, collect=bool(args.token_loss_path))
+        if args.token_loss_path and master:
+            np.save(args.token_loss_path, losses.cpu().numpy())
+            log0(f"token_losses:{args.token_loss_path} count:{losses.numel()}")
+        if results[0][0] == "prequant":  # the quantization gap by stage, in bpb over the float weights
+            log0("quant_gap " + " ".join(f"{w}:{b - results[0][2]:+.4f}" for w, _, b in results[1:]))
+        what, vl, vb = results[-1]
+        eval_ms = 1000.0 * (time.perf_counter() - eval_t0)
+        log0(f"submission score:{what} val_loss:{vl:.8f} val_bpb:{vb:.8f} total_bytes:{total_bytes} "
+             f"under_cap:{int(under_cap)} train_time:{train_ms:.0f}ms eval_time:{eval_ms:.0f}ms")
+        if not under_cap:
+            log0(f"WARNING: OVER THE {SIZE_CAP_BYTES}-BYTE CAP ({total_bytes} bytes)")
+        log0(f"final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+        if distributed:
+            dist.destroy_process_group()
+
+    if args.score_artifact:
+        log0(f"score_artifact:{args.score_artifact} (no training; settings from the artifact)")
+        score_artifact(args.score_artifact, 0.0, time.perf_counter())
+        return
     train_loader = TRAIN_LOADERS[args.train_loader](args, rank, world_size, device)
     log0(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_loader.files)}")
-    log0(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel()}")
 
     # Model and optimizers.
     base_model = build_model(args, device)
+    if args.qat_start < 1:
+        configure_qat(base_model, args)
     model = torch.compile(base_model, dynamic=False, fullgraph=True) if args.compile else base_model
     if distributed:
         if args.muon_batched:  # Muon reduce-scatters the matrices' gradients itself, so DDP leaves them alone
@@ -1071,25 +1365,37 @@ def main() -> None:
             opt.load_state_dict(state)
         train_loader = TRAIN_LOADERS[args.train_loader](args, rank, world_size, device)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def calibrate() -> dict[str, Tensor]:
+        # GPTQ Hessians from the next training batches (never val), on the training clock, summed over ranks.
+        c0 = time.perf_counter()
+        n = args.gptq_calib_batches * grad_accum_steps
+        batches = (train_loader.next_batch(args.train_batch_tokens, args.train_seq_len, grad_accum_steps) for _ in range(n))
+        hessians = collect_hessians(base_model, batches)
+        for name in sorted(hessians) if distributed else ():
+            dist.all_reduce(hessians[name])
+        sync()
+        log0(f"gptq_calibration batches:{args.gptq_calib_batches} tokens:{args.gptq_calib_batches * args.train_batch_tokens} "
+             f"matrices:{len(hessians)} time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
+        return hessians
 
     ema = WeightEMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
 
-    # Training loop: the clock pauses during validation; the wallclock stop is agreed by all ranks.
-    max_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
-    train_ms, stop_after, step = 0.0, None, 0
+    # Training loop: the clock pauses during validation; the wallclock stop and the QAT switch are agreed by all ranks.
+    max_ms = train_budget_ms(args)
+    train_ms, stop_after, step, qat_step, hessians = 0.0, None, 0, None, None
     sync()
     t0 = time.perf_counter()
     while True:
         last = step == args.iterations or (stop_after is not None and step >= stop_after)
+        if last:
+            if ema is not None:  # the averaged weights are the ones calibrated, scored and exported
+                ema.apply()
+                log0(f"ema:applied decay:{args.ema_decay} steps:{step}")
+            set_qat(base_model, False)  # the pre-quant score and the Hessians read the float weights
+            hessians = calibrate() if args.gptq else None
         if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
             sync()
             train_ms += 1000.0 * (time.perf_counter() - t0)
-            if last and ema is not None:  # the averaged weights are the ones scored and exported
-                ema.apply()
-                log0(f"ema:applied decay:{args.ema_decay} steps:{step}")
             eval_t0 = time.perf_counter()
             vl, vb, _ = evaluate(args, model, val_tokens, luts, rank, world_size, device, label=f"step{step}")
             log0(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} "
@@ -1113,68 +1419,58 @@ def main() -> None:
             log0(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
                  f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
         reached = max_ms is not None and approx_ms >= max_ms
+        progress = max(step / args.iterations, approx_ms / max_ms if max_ms else 0.0)
+        qat_due = qat_step is None and args.qat_start < 1 and progress >= args.qat_start
         if distributed and max_ms is not None:
-            flag = torch.tensor(int(reached), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reached = bool(flag.item())
+            flags = torch.tensor([int(reached), int(qat_due)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            reached, qat_due = bool(flags[0].item()), bool(flags[1].item())
+        if qat_due:
+            set_qat(base_model, True)
+            qat_step = step
+            log0(f"qat:on step:{step}/{args.iterations} train_time:{approx_ms:.0f}ms quant:{args.quant_attn}/{args.quant_mlp}")
         if stop_after is None and reached:
             stop_after = step
     log0(f"train_done steps:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+    if args.max_wallclock_seconds > 0 and train_ms > 1000.0 * args.max_wallclock_seconds:
+        log0(f"WARNING: training and GPTQ calibration took {train_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS: "
+             "raise GPTQ_RESERVE_SECONDS")
     if device.type == "cuda":
         log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
              f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
-    # Evaluation and export (eval_t0: the last validation above, the pre-quant score, opened the eval phase).
-    # Every path prints final_<what>; the submission's score is printed last.
-    results = []
-
-    def report(what: str, vl: float, vb: float, ms: float) -> None:
-        log0(f"final_{what} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{ms:.0f}ms")
-        log0(f"final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-        results.append((what, vl, vb))
-
-    def score(what: str, net: nn.Module, collect: bool = False):
-        sync()
-        t = time.perf_counter()
-        vl, vb, losses = evaluate(args, net, val_tokens, luts, rank, world_size, device, collect=collect, label=what)
-        sync()
-        report(what, vl, vb, 1000.0 * (time.perf_counter() - t))
-        return losses
-
+    # Export (eval_t0: the last validation above, the pre-quant score, opened the eval phase). Each stage is scored:
+    # the QAT forward if QAT ran (round to nearest on the export grid), the quantized weights, the artifact alone.
     report("prequant", vl, vb, 1000.0 * (t0 - eval_t0))
-    fmt = f"{args.quant}_{args.compressor}"
-    blob = pack_artifact(quantize_state_dict(base_model.state_dict(), QUANT_BITS[args.quant]), args.settings, args.compressor)
-    total_bytes = len(blob) + len(code_bytes)
-    under_cap = total_bytes <= SIZE_CAP_BYTES
+    if args.qat_start < 1:
+        set_qat(base_model, True)
+        score(f"{args.quant}_qat", model)
+        set_qat(base_model, False)
+    q0 = time.perf_counter()
+    qsd = quantize_state_dict(base_model.state_dict(), args, hessians)
+    log0(f"quantize attn:{args.quant_attn} mlp:{args.quant_mlp} embed:{args.quant_embed} gptq:{int(hessians is not None)} "
+         f"lowrank_tensors:{sum('lr_a' in e for e in qsd.values())} time:{1000.0 * (time.perf_counter() - q0):.0f}ms")
+    base_model.load_state_dict(dequantize_state_dict(qsd))
+    base_model.after_dequantize()
+    score(f"{args.quant}_{'gptq' if hessians else 'rtn'}", model)
+    # The cap as a guarantee: over it (less SIZE_MARGIN_BYTES), zero the smallest weights until the artifact fits.
+    max_model_bytes = SIZE_CAP_BYTES - args.size_margin_bytes - len(counted_code)
+    c0 = time.perf_counter()
+    qsd, blob, pruned = prune_to_fit(qsd, args.settings, args.compressor, args.byte_shuffle, max_model_bytes)
+    log0(f"compress:{artifact_compressor(blob)} setting:{args.compressor} model_bytes:{len(blob)} "
+         f"time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
+    if pruned:
+        log0(f"cap_remedy:prune zeroed_weights:{pruned} of:{sum(e['q'].numel() for e in qsd.values() if 'q' in e)} "
+             f"model_bytes:{len(blob)} max_model_bytes:{max_model_bytes}")
+    if len(blob) > max_model_bytes:
+        log0(f"WARNING: the artifact ({len(blob)} bytes) cannot be brought under {max_model_bytes} model bytes")
     if master:
         Path(args.artifact_path).write_bytes(blob)
-    log0(f"Serialized model {args.quant}+{args.compressor}: {len(blob)} bytes")
-    log0(f"Code size: {len(code_bytes)} bytes")
-    log0(f"Total submission size {args.quant}+{args.compressor}: {total_bytes} bytes")
-    log0(f"artifact:{args.artifact_path} format:{fmt} model_bytes:{len(blob)} code_bytes:{len(code_bytes)} "
-         f"total_bytes:{total_bytes} cap:{SIZE_CAP_BYTES} under_cap:{int(under_cap)}")
-    if not under_cap:
-        log0(f"WARNING: total submission size {total_bytes} bytes is OVER the {SIZE_CAP_BYTES}-byte cap "
-             f"by {total_bytes - SIZE_CAP_BYTES} bytes: this artifact is not a valid submission")
-    if distributed:
-        dist.barrier()
-    # The roundtrip: a fresh model built from the file on disk alone.
-    fresh, _ = model_from_artifact(Path(args.artifact_path).read_bytes(), device, args.artifact_path)
-    fresh_model = torch.compile(fresh, dynamic=False, fullgraph=True) if args.compile else fresh
-    losses = score(f"{fmt}_roundtrip", fresh_model, collect=bool(args.token_loss_path))
-    if args.token_loss_path and master:
-        np.save(args.token_loss_path, losses.cpu().numpy())
-        log0(f"token_losses:{args.token_loss_path} count:{losses.numel()}")
-
-    what, vl, vb = results[-1]
-    eval_ms = 1000.0 * (time.perf_counter() - eval_t0)
-    log0(f"submission score:{what} val_loss:{vl:.8f} val_bpb:{vb:.8f} total_bytes:{total_bytes} "
-         f"under_cap:{int(under_cap)} train_time:{train_ms:.0f}ms eval_time:{eval_ms:.0f}ms")
-    if not under_cap:
-        log0(f"WARNING: OVER THE {SIZE_CAP_BYTES}-BYTE CAP ({total_bytes} bytes)")
-    log0(f"final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-    if distributed:
-        dist.destroy_process_group()
+        if args.code_pack:
+            packed_path = Path(args.artifact_path).with_name("train_gpt.packed.py")
+            packed_path.write_bytes(counted_code)
+            log0(f"code_packed:{packed_path} bytes:{len(counted_code)} (the counted code: runs as train_gpt.py)")
+    score_artifact(args.artifact_path, train_ms, eval_t0)
 
 
 if __name__ == "__main__":
