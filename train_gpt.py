@@ -479,6 +479,10 @@ class GPT(nn.Module):
             self.lm_head._zero_init = True
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
+        # Extra embeddings start at the token embedding's small scale: at std 1 they drown it out.
+        for emb in (self.bigram, self.value_embed):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=args.tied_embed_init_std)
         for m in self.modules():
             if getattr(m, "_zero_init", False):
                 nn.init.zeros_(m.weight)
