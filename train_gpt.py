@@ -363,7 +363,7 @@ class CausalSelfAttention(nn.Module):
         self.xsa = layer >= args.num_layers - args.xsa_last_n
         self.use_value_embed = layer >= args.num_layers - args.value_embed_layers
         if self.use_value_embed:
-            self.ve_gain = nn.Parameter(torch.tensor(0.5))
+            self.ve_gain = nn.Parameter(torch.full((1,), 0.5))  # 1-D: the artifact packs no 0-d floats
         # Per-head output gate read from the first ATTN_GATE_DIMS input dims (all: gated attention; few: sparse gate).
         self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 

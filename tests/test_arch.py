@@ -207,3 +207,13 @@ def test_artifact_keeps_the_recurrence_switch():
     fresh, _ = tg.model_from_artifact(blob, CPU)
     x, y = batch()
     assert fresh.recur_active and torch.allclose(fresh(x, y), model(x, y), atol=1e-2)
+
+
+def test_every_option_survives_the_artifact_roundtrip():
+    model = build(**EVERYTHING)
+    model.eval()
+    args = tg.Hyperparameters({**TINY, **EVERYTHING})
+    fresh, _ = tg.model_from_artifact(tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), 8), args.settings, "zlib"), CPU)
+    fresh.eval()
+    x, y = batch()
+    assert torch.allclose(fresh(x, y), model(x, y), atol=1e-2)
