@@ -122,6 +122,24 @@ class Hyperparameters:
         self.qk_gain_init = get("QK_GAIN_INIT", 1.5, float)
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, float)
 
+        # Architecture options of the GPT model (README "Architecture options"); the defaults are the starter's.
+        self.mlp_act = get("MLP_ACT", "relu2")
+        self.norm_pct_dropout = get("NORM_PCT_DROPOUT", 0.0, float)
+        self.rope_dims = get("ROPE_DIMS", 0, int)
+        self.xsa_last_n = get("XSA_LAST_N", 0, int)
+        self.attn_gate_dims = get("ATTN_GATE_DIMS", 0, int)
+        self.value_embed_layers = get("VALUE_EMBED_LAYERS", 0, int)
+        self.ln_scale = get("LN_SCALE", False, _flag)
+        self.ortho_init = get("ORTHO_INIT", False, _flag)
+        self.parallel_resid_from = get("PARALLEL_RESID_FROM", -1, int)
+        self.skip_gate = get("SKIP_GATE", False, _flag)
+        self.smear_gate = get("SMEAR_GATE", False, _flag)
+        self.bigram_buckets = get("BIGRAM_BUCKETS", 0, int)
+        self.bigram_dim = get("BIGRAM_DIM", 128, int)
+        self.recur_layers = get("RECUR_LAYERS", "")
+        self.recur_loops = get("RECUR_LOOPS", 3, int)
+        self.recur_start_frac = get("RECUR_START_FRAC", 0.35, float)
+
         # Optimizers.
         self.embed_lr = get("EMBED_LR", 0.6, float)
         self.head_lr = get("HEAD_LR", 0.008, float)
@@ -363,7 +381,8 @@ TRAIN_LOADERS = {
 # after_dequantize() (a sphere-constrained model renormalizes there). MODELS maps MODEL=<name> to the class.
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
-CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
+CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
+                                "attn_gate", "smear_gate", "ve_gain")
 
 
 class CastedLinear(nn.Linear):
@@ -407,13 +426,23 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, input_ids: Tensor | None =
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    # cos/sin may cover only the first dims of a head (partial RoPE); the rest pass through unrotated.
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output (B, H, T, D) its component along the token's own value vector
+    (B, KV, T, D); query head h reads KV head h // (H // KV), as in grouped-query SDPA."""
+    B, H, T, D = y.shape
+    y = y.view(B, v.size(1), H // v.size(1), T, D)
+    vn = F.normalize(v, dim=-1)[:, :, None]
+    return (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, H, T, D)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, layer: int = 0):
         super().__init__()
         dim = args.model_dim
         self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
@@ -424,84 +453,213 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, bias=False)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, args.rope_base)
+        self.rotary = Rotary(args.rope_dims or self.head_dim, args.rope_base)
+        self.xsa = layer >= args.num_layers - args.xsa_last_n
+        self.use_value_embed = layer >= args.num_layers - args.value_embed_layers
+        if self.use_value_embed:
+            self.ve_gain = nn.Parameter(torch.full((1,), 0.5))  # 1-D: the artifact packs no 0-d floats
+        # Per-head output gate read from the first ATTN_GATE_DIMS input dims (all: gated attention; few: sparse gate).
+        self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
-    def forward(self, x: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, doc_ids: Tensor | None = None, value_embed: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x)
+        if self.use_value_embed:
+            v = v + self.ve_gain.to(v.dtype) * value_embed
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # QK-norm, then RoPE, then a learnable per-head gain sets the attention temperature.
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         cos, sin = self.rotary(T, x.device, q.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = causal_attention(q, k, v, doc_ids)
+        if self.xsa:
+            y = remove_self_value(y, v)
+        if self.attn_gate is not None:
+            # 2 * sigmoid: the zero-initialized gate starts as the identity.
+            gate = 2 * torch.sigmoid(F.linear(x[..., : self.attn_gate.size(1)], self.attn_gate.to(x.dtype)))
+            y = y * gate.transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def norm_pct_dropout(h: Tensor, frac: float) -> Tensor:
+    # Norm-PCT-Dropout (seed 002): zero the frac of token rows with the largest L2 norm.
+    norms = h.detach().float().norm(dim=-1).flatten()
+    keep = torch.ones_like(norms).scatter_(0, norms.topk(max(1, int(frac * norms.numel()))).indices, 0.0)
+    return h * keep.view(*h.shape[:-1], 1).to(h.dtype)
+
+
 class MLP(nn.Module):
-    # relu^2 MLP (modded-nanogpt).
+    # relu^2 (modded-nanogpt), leaky2 = LeakyReLU(0.5)^2, or swiglu (fc holds the gate and up halves).
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        self.fc = CastedLinear(args.model_dim, args.mlp_mult * args.model_dim, bias=False)
-        self.proj = CastedLinear(args.mlp_mult * args.model_dim, args.model_dim, bias=False)
+        hidden = args.mlp_mult * args.model_dim
+        self.act, self.dropout = args.mlp_act, args.norm_pct_dropout
+        self.fc = CastedLinear(args.model_dim, hidden * (2 if self.act == "swiglu" else 1), bias=False)
+        self.proj = CastedLinear(hidden, args.model_dim, bias=False)
         self.proj._zero_init = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        h = self.fc(x)
+        if self.act == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = (F.leaky_relu(h, 0.5) if self.act == "leaky2" else torch.relu(h)).square()
+        if self.training and self.dropout > 0:
+            h = norm_pct_dropout(h, self.dropout)
+        return self.proj(h)
 
 
 class Block(nn.Module):
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, layer: int = 0):
         super().__init__()
         dim = args.model_dim
-        self.attn = CausalSelfAttention(args)
+        self.attn = CausalSelfAttention(args, layer)
         self.mlp = MLP(args)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         # Learned mix of the running stream with the embedding stream x0.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.norm_scale = 1 / math.sqrt(layer + 1) if args.ln_scale else 1.0
+        self.parallel = 0 <= args.parallel_resid_from <= layer  # attention and MLP read the same input
 
-    def forward(self, x: Tensor, x0: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, doc_ids: Tensor | None = None, value_embed: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)), doc_ids)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+        h = F.rms_norm(x, (x.size(-1),)) * self.norm_scale
+        out = x + self.attn_scale.to(x.dtype) * self.attn(h, doc_ids, value_embed)
+        if not self.parallel:
+            h = F.rms_norm(out, (x.size(-1),)) * self.norm_scale
+        return out + self.mlp_scale.to(x.dtype) * self.mlp(h)
+
+
+def bigram_buckets(input_ids: Tensor, buckets: int) -> Tensor:
+    # Hash of (previous, current) token; a position with no previous token of its own document (window start,
+    # BOS) gets the last bucket, so nothing leaks across a document boundary.
+    prev = F.pad(input_ids[:, :-1], (1, 0))
+    has_prev = (input_ids != BOS_ID) & (torch.arange(input_ids.size(1), device=input_ids.device) > 0)
+    return torch.where(has_prev, (prev * 92821 + input_ids) % (buckets - 1), buckets - 1)
 
 
 class GPT(nn.Module):
-    """The challenge starter's baseline: U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap."""
+    """The challenge starter's baseline: U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap;
+    the architecture options add to it, each off by default."""
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
+        self._check(args)
+        dim = args.model_dim
         self.logit_softcap = args.logit_softcap
-        self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
+        self.tok_emb = nn.Embedding(args.vocab_size, dim)
+        self.bigram = nn.Embedding(args.bigram_buckets, args.bigram_dim) if args.bigram_buckets else None
+        if self.bigram is not None:
+            self.bigram_proj = CastedLinear(args.bigram_dim, dim, bias=False)
+            self.bigram_proj._zero_init = True
+        # SmearGate: per-dim mix with the previous token's embedding, sigmoid(3) ~ 0.95 keeps mostly the current one.
+        self.smear_gate = nn.Parameter(torch.full((dim,), 3.0)) if args.smear_gate else None
+        kv_dim = args.num_kv_heads * (dim // args.num_heads)
+        self.value_embed = nn.Embedding(args.vocab_size, kv_dim) if args.value_embed_layers else None
         self.num_encoder_layers = args.num_layers // 2
         self.num_decoder_layers = args.num_layers - self.num_encoder_layers
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), args.model_dim))
-        self.blocks = nn.ModuleList(Block(args) for _ in range(args.num_layers))
-        self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
+        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if args.skip_gate else None
+        self.blocks = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
+        # Extra embeddings start at the token embedding's small scale: at std 1 they drown it out.
+        for emb in (self.bigram, self.value_embed):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=args.tied_embed_init_std)
         for m in self.modules():
             if getattr(m, "_zero_init", False):
                 nn.init.zeros_(m.weight)
+            elif args.ortho_init and isinstance(m, CastedLinear):
+                nn.init.orthogonal_(m.weight)
+        # Depth recurrence: once on, blocks recur_first..recur_last run recur_loops times. The switch is a
+        # buffer read by torch.cond, so a compiled graph takes the loop as soon as it flips (and the artifact keeps it).
+        self.recur_first, self.recur_last = self._recur_span(args)
+        self.recur_loops, self.recur_start_frac = args.recur_loops, args.recur_start_frac
+        self.iterations, self.max_wallclock_seconds = args.iterations, args.max_wallclock_seconds
+        if self.recur_last >= 0:
+            self.register_buffer("recur_active", torch.tensor(args.recur_start_frac <= 0))
+            self.register_load_state_dict_post_hook(lambda m, _: m._reset_recur_clock())
+            self._reset_recur_clock()
+
+    @staticmethod
+    def _recur_span(args: Hyperparameters) -> tuple[int, int]:
+        if not args.recur_layers:
+            return -1, -1
+        try:
+            first, last = (int(v) for v in args.recur_layers.split("-"))
+        except ValueError:
+            first, last = -1, -2
+        if not 0 <= first <= last < args.num_layers or args.recur_loops < 2:
+            raise ConfigError(f"RECUR_LAYERS={args.recur_layers!r} must be 'first-last' within NUM_LAYERS={args.num_layers} "
+                              f"and RECUR_LOOPS={args.recur_loops} at least 2")
+        return first, last
+
+    @staticmethod
+    def _check(args: Hyperparameters) -> None:
+        head_dim = args.model_dim // args.num_heads
+        if args.mlp_act not in ("relu2", "leaky2", "swiglu"):
+            raise ConfigError(f"MLP_ACT={args.mlp_act!r} is unknown; choose relu2, leaky2 or swiglu")
+        if args.rope_dims % 2 or not 0 <= args.rope_dims <= head_dim:
+            raise ConfigError(f"ROPE_DIMS={args.rope_dims} must be even and at most the head size {head_dim} (0: all)")
+        if not 0 <= args.norm_pct_dropout < 1:
+            raise ConfigError(f"NORM_PCT_DROPOUT={args.norm_pct_dropout} must be in [0, 1)")
+        if not 0 <= args.attn_gate_dims <= args.model_dim:
+            raise ConfigError(f"ATTN_GATE_DIMS={args.attn_gate_dims} must be in [0, MODEL_DIM={args.model_dim}]")
+        if args.bigram_buckets == 1 or args.bigram_buckets < 0:
+            raise ConfigError(f"BIGRAM_BUCKETS={args.bigram_buckets} must be 0 (off) or at least 2")
+
+    def _reset_recur_clock(self) -> None:
+        # Restoring weights (after the warm-up steps) restarts the count toward RECUR_START_FRAC.
+        self._recur_steps, self._recur_t0, self._recur_on = 0, None, bool(self.recur_active)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
         doc_ids = input_ids if isolate_docs else None
-        x = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram_proj(self.bigram(bigram_buckets(input_ids, self.bigram.num_embeddings)))
+        if self.smear_gate is not None:
+            # Gate in the previous token's embedding; a BOS (and the window's first token) takes in nothing.
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != BOS_ID)[..., None].to(x.dtype)
+            x = torch.lerp(prev, x, torch.sigmoid(self.smear_gate).to(x.dtype))
+        x = F.rms_norm(x, (x.size(-1),))
+        value_embed = None if self.value_embed is None else self.value_embed(input_ids).to(x.dtype)
         x0, skips = x, []
+
+        def recur(x: Tensor) -> Tensor:
+            for _ in range(self.recur_loops - 1):
+                for block in self.blocks[self.recur_first : self.recur_last + 1]:
+                    x = block(x, x0, doc_ids, value_embed)
+            return x
+
         # The first half stores skips; the second half adds them back in reverse order.
-        for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0, doc_ids)
-            skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
-            if skips:
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0, doc_ids)
+        for i, block in enumerate(self.blocks):
+            j = i - self.num_encoder_layers
+            if j >= 0 and skips:
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                if self.skip_gates is None:
+                    x = x + skip
+                else:
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+            x = block(x, x0, doc_ids, value_embed)
+            if i == self.recur_last:
+                # Compiled: torch.cond keeps both paths in the graph. Eager: a plain branch (eager cond retraces per call).
+                if torch.compiler.is_compiling():
+                    x = torch.cond(self.recur_active, recur, lambda x: x.clone(), (x,))
+                elif self.recur_active:
+                    x = recur(x)
+            if j < 0:
+                skips.append(x)
         x = F.rms_norm(x, (x.size(-1),))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         logits = self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
@@ -509,16 +667,36 @@ class GPT(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """matrix -> Muon; embed, head, scalar -> Adam with their own learning rates."""
-        groups = {"matrix": [], "embed": [self.tok_emb.weight], "head": [], "scalar": [self.skip_weights]}
-        for name, p in self.blocks.named_parameters():
-            is_control = p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS)
-            groups["scalar" if is_control else "matrix"].append(p)
-        if self.lm_head is not None:
-            groups["head"].append(self.lm_head.weight)
+        groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
+        embeds = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        for name, p in self.named_parameters():
+            if id(p) in embeds:
+                groups["embed"].append(p)
+            elif self.lm_head is not None and p is self.lm_head.weight:
+                groups["head"].append(p)
+            elif p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
+                groups["scalar"].append(p)
+            else:
+                groups["matrix"].append(p)
         return groups
 
     def after_optimizer_step(self) -> None:
-        pass
+        # Depth recurrence switches on once RECUR_START_FRAC of training is done: of ITERATIONS, or of the
+        # wallclock cap timed from the first step (validation pauses included, so it can switch slightly early).
+        if self.recur_last < 0 or self._recur_on:
+            return
+        self._recur_steps += 1
+        now = time.perf_counter()
+        self._recur_t0 = self._recur_t0 or now
+        frac = self._recur_steps / max(self.iterations, 1)
+        if self.max_wallclock_seconds > 0:
+            frac = max(frac, (now - self._recur_t0) / self.max_wallclock_seconds)
+        if frac >= self.recur_start_frac:
+            self.recur_active.fill_(True)
+            self._recur_on = True
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"recurrence:on step:{self._recur_steps} layers:{self.recur_first}-{self.recur_last} "
+                      f"loops:{self.recur_loops}", flush=True)
 
     def after_dequantize(self) -> None:
         pass
