@@ -40,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 SIZE_CAP_BYTES = 16_000_000
 SCRIPT_DIR = Path(__file__).resolve().parent
-# SMOKE=1 defaults: a tiny model on the embedded corpus, about two minutes on 2 CPU cores.
+# SMOKE=1 defaults: a tiny model on the embedded corpus, about three minutes on 2 CPU cores (sliding-window and
+# TTT evaluation included).
 # Env vars set explicitly still win over these.
 SMOKE_PRESET = {
     "DATA_PATH": str(SCRIPT_DIR / "data/datasets/smoke_sp1024"),
@@ -102,7 +103,6 @@ class Hyperparameters:
         self.eval_seq_len = get("EVAL_SEQ_LEN", 0, int)  # 0: TRAIN_SEQ_LEN
         self.eval_stride = get("EVAL_STRIDE", 64, int)  # 0: no sliding-window path
         self.eval_isolate_docs = get("EVAL_ISOLATE_DOCS", False, _flag)
-        self.eval_rope_ntk = get("EVAL_ROPE_NTK", True, _flag)
         self.eval_max_seconds = get("EVAL_MAX_SECONDS", 540.0, float)
         self.ttt_enabled = get("TTT_ENABLED", False, _flag)
         self.ttt_chunk_tokens = get("TTT_CHUNK_TOKENS", 32768, int)
@@ -768,9 +768,8 @@ def add_scores(tok_loss, mask, x, y, idx, luts, totals, losses) -> None:
 
 
 def score_windows(model, tokens, windows, seq_len, batch, luts, totals, losses, isolate_docs=False) -> None:
-    """Score windows (start, first scored offset) without gradients, in batches of one fixed shape (short
-    batches are padded with copies that count for nothing). no_grad, not inference_mode: caches built here
-    (RoPE tables) must stay usable by training and TTT afterwards."""
+    """Score windows (start, first scored offset) in batches of one shape (padded with windows that count for
+    nothing). no_grad, not inference_mode: a RoPE table cached here must stay usable for training."""
     offsets = torch.arange(seq_len, device=tokens.device)
     with torch.no_grad():
         for b in range(0, len(windows), batch):
@@ -796,9 +795,8 @@ def finish(totals: Tensor, losses: Tensor | None, num_targets: int) -> tuple[flo
 
 def evaluate(args, model, val_tokens, luts, rank, world_size, device, *, seq_len=None, stride=None,
              isolate_docs=False, losses=None, label="val"):
-    """Score every val target once with windows of seq_len (default TRAIN_SEQ_LEN) tokens every stride (default
-    seq_len) targets; windows are split over ranks. Returns (val_loss, val_bpb, stats); losses (zeros, one per
-    target), if given, receives the per-target losses."""
+    """Score every val target once, windows of seq_len (default TRAIN_SEQ_LEN) every stride (default seq_len)
+    targets, split over ranks. Returns (val_loss, val_bpb, stats); losses (zeros), if given, gets each target's."""
     seq_len = seq_len or args.train_seq_len
     num_targets = val_tokens.numel() - 1
     windows = eval_windows(num_targets, seq_len, stride or seq_len)
@@ -819,8 +817,8 @@ def evaluate(args, model, val_tokens, luts, rank, world_size, device, *, seq_len
 
 
 def scale_rope(model: nn.Module, factor: float) -> None:
-    """NTK-aware RoPE scaling for a context factor x longer than training: base -> base * factor^(d/(d-2)) keeps
-    the highest frequency and slows the lowest by factor, so no position falls outside the trained angles."""
+    """NTK-aware RoPE scaling for a context factor x the trained one: base -> base * factor^(d/(d-2)) keeps the
+    highest frequency and slows the lowest by factor, so its angles stay in the trained range."""
     for m in model.modules():
         if isinstance(m, Rotary):
             d = 2 * m.inv_freq.numel()
@@ -829,8 +827,8 @@ def scale_rope(model: nn.Module, factor: float) -> None:
 
 
 def warm_up(net, params, vocab_size, device, shapes) -> float:
-    """Compile the graphs an adaptive path runs, on random tokens, dropping the gradients: compiling never sees
-    a val token and takes no optimizer step. shapes: (batch, seq_len, with_grad, isolate_docs). Returns seconds."""
+    """Compile an adaptive path's graphs on random tokens and drop the gradients: compiling reads no val token
+    and takes no step. shapes: (batch, seq_len, with_grad, isolate_docs). Returns seconds."""
     t0 = time.perf_counter()
     for batch, seq_len, with_grad, isolate_docs in shapes:
         x = torch.randint(0, vocab_size, (batch, seq_len), device=device)
@@ -846,8 +844,8 @@ def warm_up(net, params, vocab_size, device, shapes) -> float:
 
 
 def within_budget(args, t_path: float, t_loop: float, done: int, total: int) -> bool:
-    """Adaptation goes on while finishing the path at the pace so far (adapting included, so the estimate errs
-    long) stays within EVAL_MAX_SECONDS of the path's start; once it stops, scoring alone finishes."""
+    """Adapting goes on while finishing at the pace so far (adapting included: it errs long) stays within
+    EVAL_MAX_SECONDS of the path's start; after that, scoring alone finishes the path."""
     now = time.perf_counter()
     rest = (now - t_loop) * (total - done) / done if done else 0.0  # no pace yet before the first scores
     return now - t_path + rest <= args.eval_max_seconds
@@ -863,10 +861,9 @@ def agree(flag: bool, device: torch.device) -> bool:
 
 
 def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *, losses=None):
-    """Score-first TTT: the target stream is cut into chunks of TTT_CHUNK_TOKENS. Each chunk's sliding windows
-    are scored without gradients first; then a copy of the model trains on that chunk's targets (TTT_EPOCHS
-    steps of SGD with momentum, LR cosine-decayed over chunks, gradients averaged over ranks and clipped). The
-    last chunk is never trained on. Returns (val_loss, val_bpb, stats); base_model is never changed."""
+    """Score-first TTT on a copy of base_model: each TTT_CHUNK_TOKENS chunk of targets is scored (sliding
+    windows, no gradients), then trained on (TTT_EPOCHS SGD steps, LR cosine-decayed over chunks, gradients
+    averaged over ranks); the last chunk is never trained on. Returns (val_loss, val_bpb, stats)."""
     t_path = time.perf_counter()
     seq_len, chunk = args.eval_seq_len, args.ttt_chunk_tokens
     num_targets = val_tokens.numel() - 1
@@ -940,10 +937,9 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
 
 
 class LoRA(nn.Module):
-    """Low-rank adapters, one set per batch row ("slot"), on every CastedLinear whose name matches LORA_TARGETS:
-    a forward hook adds x @ A[slot] @ B[slot] to the module's output, so any MODEL is adapted without changing
-    its class. B starts at zero (a reset adapter changes nothing); A starts from one random draw shared by all
-    slots, so a document's scores do not depend on the slot it lands in."""
+    """Adapters per batch row ("slot") on each CastedLinear named by LORA_TARGETS: a forward hook adds
+    x @ A[slot] @ B[slot], so any MODEL adapts unchanged. B starts at 0 (no change); A from one draw for all
+    slots, so a document scores the same whatever slot it lands in."""
 
     def __init__(self, model: nn.Module, patterns: str, rank: int, slots: int, seed: int):
         super().__init__()
@@ -970,8 +966,8 @@ class LoRA(nn.Module):
 
 
 class SlotAdam(torch.optim.Optimizer):
-    """Adam over per-slot tensors (dim 0 = slot) with one step count per slot: reset(slots) restarts those slots
-    for a new document, step(train) updates only the slots in train."""
+    """Adam over per-slot tensors (dim 0 = slot), one step count per slot: reset(slots) restarts slots for new
+    documents, step(train) updates only the slots in train."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
@@ -1001,11 +997,10 @@ class SlotAdam(torch.optim.Optimizer):
 
 
 def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *, losses=None):
-    """Per-document LoRA TTT. Each of LORA_SLOTS batch rows holds one document, taken in stream order; a round
-    scores every row's next LORA_CHUNK_TOKENS targets with up to EVAL_SEQ_LEN tokens of context from the same
-    document, then one Adam step on that same loss (computed before the step) adapts the row's adapters, except
-    on a document's last chunk. A row's adapters are reset when it takes a new document. Documents are split over
-    ranks by position. Returns (val_loss, val_bpb, stats); base_model is never changed."""
+    """Per-document LoRA TTT on a copy of base_model. LORA_SLOTS rows each hold a document (stream order; ranks
+    split documents by position); a round scores each row's next LORA_CHUNK_TOKENS targets (context: up to
+    EVAL_SEQ_LEN tokens of that document), then one Adam step on that loss adapts the row, except on the
+    document's last chunk. A row's adapters reset with each new document. Returns (val_loss, val_bpb, stats)."""
     t_path = time.perf_counter()
     seq_len, chunk, slots = args.eval_seq_len, args.lora_chunk_tokens, args.lora_slots
     num_targets = val_tokens.numel() - 1
@@ -1307,7 +1302,7 @@ def main() -> None:
     score(f"{fmt}_roundtrip", evaluate, fresh_model, label=f"{fmt}_roundtrip")
     # The stronger paths, each on this same roundtrip model (README "Evaluation").
     seq_len = args.eval_seq_len
-    if seq_len > args.train_seq_len and args.eval_rope_ntk:
+    if seq_len > args.train_seq_len:
         scale_rope(fresh, seq_len / args.train_seq_len)
         log0(f"eval_rope:ntk factor:{seq_len / args.train_seq_len:.4f}")
     if args.eval_stride and (args.eval_stride, seq_len, args.eval_isolate_docs) != (args.train_seq_len,) * 2 + (False,):

@@ -262,6 +262,21 @@ def test_time_budget_stops_adaptation_and_scoring_goes_on(path):
         assert torch.allclose(losses, run_path("sliding", args, model, tokens)[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["ttt", "lora"])
+def test_compile_warm_up_uses_random_tokens_and_changes_nothing(path, monkeypatch):
+    # torch.compile stubbed out: the COMPILE=1 code path (warm-up included) must score exactly like COMPILE=0.
+    args = eval_args()
+    model, tokens = tiny_model(args), doc_stream(401, 64)
+    plain, _ = run_path(path, args, model, tokens)
+    seen = []
+    model.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
+    compiled, (_, _, stats) = run_path(path, eval_args(COMPILE=1), model, tokens)
+    assert torch.equal(plain, compiled) and stats["compile"] > 0
+    windows = {tuple(row.tolist()) for x in seen[2:] for row in x}  # the two warm-up calls come first
+    assert not any(tuple(row.tolist()) in windows for x in seen[:2] for row in x), "warm-up read val windows"
+
+
 def _two_rank_worker(rank, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
