@@ -48,6 +48,7 @@ _PATTERNS = {
     "env": re.compile(r"env:([^=]+)=(.*)"),
     "warning": re.compile(r"warning:(.*)"),
     "code": re.compile(r"code_sha256:([0-9a-f]{64}) code_bytes:(\d+) code_path:(.*)"),
+    "counted": re.compile(r"code plain_bytes:(\d+) packed_bytes:(\d+) counted:(packed|plain)"),
     "versions": re.compile(r"versions (.*)"),
     "hardware": re.compile(r"hardware:(.*) world_size:(\d+) grad_accum_steps:(\d+)"),
     "train_loader": re.compile(r"train_loader:dataset:(\S+) train_shards:(\d+)"),
@@ -93,6 +94,7 @@ class RunLog:
     warnings: list[str] = field(default_factory=list)
     code_sha256: str = ""
     code_bytes: int = 0
+    counted_code_bytes: int | None = None  # the packed copy's size when the run counted that (CODE_PACK=1)
     code_path: str = ""
     source: bytes | None = None  # the script's bytes as the log holds them
     versions: dict[str, str] = field(default_factory=dict)
@@ -209,7 +211,7 @@ def parse_log(path: str | Path) -> RunLog:
     lines = [ln for ln in lines if ln and ln not in ("source_begin", "source_end")]
     log.last_line = lines[-1] if lines else ""
     for line in lines:
-        for key in ("run_id", "setting", "env", "warning", "code", "versions", "hardware", "train_loader",
+        for key in ("run_id", "setting", "env", "warning", "code", "counted", "versions", "hardware", "train_loader",
                     "val_loader", "model_params", "train_step", "val_step", "stopping_early", "train_done",
                     "peak_memory", "final_exact", "final", "artifact", "token_losses", "submission"):
             m = _PATTERNS[key].fullmatch(line)
@@ -238,6 +240,8 @@ def _store(log: RunLog, key: str, m: re.Match, line: str) -> None:
         log.warnings.append(g[0])
     elif key == "code":
         log.code_sha256, log.code_bytes, log.code_path = g[0], int(g[1]), g[2]
+    elif key == "counted":
+        log.counted_code_bytes = int(g[1] if g[2] == "packed" else g[0])
     elif key == "versions":
         log.versions = dict(re.findall(r"(\w+):(\S+)", g[0]))
     elif key == "hardware":
@@ -323,9 +327,11 @@ def run_checks(log: RunLog, time_limits: bool = True) -> list[Check]:
         f"size sums {tag}", total_ok,
         f"model {art['model_bytes']} + code {art['code_bytes']} = {art['model_bytes'] + art['code_bytes']}; "
         f"artifact total {art['total_bytes']}, submission total {sub['total_bytes']}"))
+    counted = log.code_bytes if log.counted_code_bytes is None else log.counted_code_bytes
     checks.append(Check(
-        f"counted code {tag}", art["code_bytes"] == log.code_bytes,
-        f"artifact counts {art['code_bytes']} code bytes, the script that ran has {log.code_bytes}"))
+        f"counted code {tag}", art["code_bytes"] == counted,
+        f"artifact counts {art['code_bytes']} code bytes; the script that ran has {log.code_bytes}, "
+        f"its counted form {counted}"))
     biggest = max(art["total_bytes"], sub["total_bytes"])
     checks.append(Check(
         f"cap {tag}", biggest <= CAP_BYTES and art["cap"] == CAP_BYTES,

@@ -54,6 +54,16 @@ def _close(a, b, tol: float) -> bool:
     return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol
 
 
+def packed_size(script: Path) -> int:
+    """Bytes of the self-extracting copy the script itself would count (CODE_PACK=1), by its own pack_code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("frozen_train_gpt", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # importing train_gpt.py runs nothing
+    return len(module.pack_code(script.read_bytes()))
+
+
 def _is_under_records_track(folder: Path, records_dir: Path) -> bool:
     try:
         rel = folder.resolve().relative_to(records_dir.resolve())
@@ -124,8 +134,10 @@ def verify_folder(folder: Path, rep: Report, best_val_loss: float | None = None,
     sub_total, sub_code = sub.get("bytes_total"), sub.get("bytes_code")
     rep.add("bytes_total", sub_total == biggest and isinstance(sub_total, int) and sub_total <= lp.CAP_BYTES,
             f"submission.json {sub_total}, largest log total {biggest:,}, cap {lp.CAP_BYTES:,}")
-    rep.add("bytes_code", sub_code == len(code) and all(g.artifact["code_bytes"] == len(code) for g in logs),
-            f"submission.json {sub_code}, train_gpt.py {len(code)}, logs count "
+    counted = packed_size(folder / "train_gpt.py") if any(g.counted_code_bytes not in (None, len(code)) for g in logs) \
+        else len(code)
+    rep.add("bytes_code", sub_code == counted and all(g.artifact["code_bytes"] == counted for g in logs),
+            f"submission.json {sub_code}, train_gpt.py {len(code)} (counted form {counted}), logs count "
             f"{sorted({g.artifact['code_bytes'] for g in logs})}")
 
     # scores as submission.json states them

@@ -203,7 +203,7 @@ def test_artifact_keeps_the_recurrence_switch():
     for _ in range(3):
         model.after_optimizer_step()
     args = tg.Hyperparameters({**TINY, "NUM_LAYERS": "2", "RECUR_LAYERS": "0-1", "RECUR_START_FRAC": "0.3"})
-    blob = tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), 8), args.settings, "zlib")
+    blob = tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), args), args.settings, "zlib")
     fresh, _ = tg.model_from_artifact(blob, CPU)
     x, y = batch()
     assert fresh.recur_active and torch.allclose(fresh(x, y), model(x, y), atol=1e-2)
@@ -213,7 +213,7 @@ def test_every_option_survives_the_artifact_roundtrip():
     model = build(**EVERYTHING)
     model.eval()
     args = tg.Hyperparameters({**TINY, **EVERYTHING})
-    fresh, _ = tg.model_from_artifact(tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), 8), args.settings, "zlib"), CPU)
+    fresh, _ = tg.model_from_artifact(tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), args), args.settings, "zlib"), CPU)
     fresh.eval()
     x, y = batch()
     assert torch.allclose(fresh(x, y), model(x, y), atol=1e-2)

@@ -151,7 +151,7 @@ def test_warmdown_frac_and_lr_floor():
     assert tg.lr_multiplier(args, 50, 0) == 1.0
     assert tg.lr_multiplier(args, 80, 0) == pytest.approx(0.1 + 0.9 * 0.5)
     assert tg.lr_multiplier(args, 100, 0) == pytest.approx(0.1)
-    args = tg.Hyperparameters({"WARMDOWN_FRAC": "0.5", "MAX_WALLCLOCK_SECONDS": "10"})
+    args = tg.Hyperparameters({"WARMDOWN_FRAC": "0.5", "MAX_WALLCLOCK_SECONDS": "10", "GPTQ": "0"})
     assert tg.lr_multiplier(args, 3, 4000) == 1.0 and tg.lr_multiplier(args, 7, 7500) == pytest.approx(0.5)
 
 
@@ -235,4 +235,4 @@ def test_ema_run_scores_and_exports_the_averaged_weights(tiny_run, tiny_data, tm
 
     # The scored weights changed, and the exported artifact holds those same (averaged) weights.
     assert bpb(log, "prequant") != bpb(plain, "prequant")
-    assert abs(bpb(log, "int8_zlib_roundtrip") - bpb(log, "prequant")) < 0.02
+    assert abs(bpb(log, r"\w+_roundtrip") - bpb(log, "prequant")) < 0.02

@@ -581,14 +581,16 @@ def test_freeze_and_verify_real_tiny_runs(tiny_run, tiny_data, tmp_path, capsys)
     from conftest import data_env, run_train
 
     cwd, _, losses1 = tiny_run
-    run_train(cwd, data_env(tiny_data, RUN_ID="tiny2", SEED="2", TOKEN_LOSS_PATH=str(cwd / "losses2.npy")))
-    logs = [cwd / "logs" / "tiny.txt", cwd / "logs" / "tiny2.txt"]
+    run_dir = tmp_path / "seed2"  # its own folder: the shared tiny run's artifact stays as it was
+    run_dir.mkdir()
+    run_train(run_dir, data_env(tiny_data, RUN_ID="tiny2", SEED="2", TOKEN_LOSS_PATH=str(run_dir / "losses2.npy")))
+    logs = [cwd / "logs" / "tiny.txt", run_dir / "logs" / "tiny2.txt"]
     assert do_freeze(logs, tmp_path / "record", "--track", "non_record_16mb") == 0
     capsys.readouterr()
     code, out = run_verify(capsys, tmp_path / "record")
     assert code == 0 and not fail_lines(out), out
     assert (tmp_path / "record" / "train_gpt.py").read_bytes() == (Path(__file__).parents[1] / "train_gpt.py").read_bytes()
     data_path, tok = tiny_data
-    assert compare.main([str(losses1), str(cwd / "losses2.npy"), "--data-path", str(data_path), "--tokenizer", str(tok),
+    assert compare.main([str(losses1), str(run_dir / "losses2.npy"), "--data-path", str(data_path), "--tokenizer", str(tok),
                          "--logs", str(logs[0]), str(logs[1]), "--html", str(tmp_path / "view.html"), "--docs", "0"]) == 0
     assert "<html" in (tmp_path / "view.html").read_text().lower()
