@@ -274,8 +274,10 @@ class DistributedTokenLoader:
 # -----------------------------
 # A model class takes Hyperparameters, returns per-token losses (B, T) from
 # forward(input_ids, target_ids, isolate_docs=False) (isolate_docs: attention never crosses a BOS),
-# sorts its parameters for the optimizers in param_groups(), and may hook after_optimizer_step() and
-# after_dequantize() (a sphere-constrained model renormalizes there). MODELS maps MODEL=<name> to the class.
+# sorts its parameters for the optimizers in param_groups() at the rates of learning_rates(args), and may hook
+# after_optimizer_step() and after_dequantize() (a sphere-constrained model renormalizes there; any code that
+# steps an optimizer on it, test-time training included, calls after_optimizer_step()).
+# MODELS maps MODEL=<name> to the class.
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
 CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
@@ -300,16 +302,16 @@ class Rotary(nn.Module):
         return self._cache[1].to(dtype), self._cache[2].to(dtype)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, input_ids: Tensor | None = None) -> Tensor:
-    """Causal SDPA over (B, H, T, D); given input_ids, a token attends only within its own document
-    (each BOS starts one), so no context crosses a document boundary."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, input_ids: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Causal SDPA over (B, H, T, D), softmax scale `scale` (None: 1/sqrt(D)); given input_ids, a token attends
+    only within its own document (each BOS starts one), so no context crosses a document boundary."""
     gqa = q.size(1) != k.size(1)
     if input_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     doc = (input_ids == BOS_ID).cumsum(1)
     causal = torch.ones(q.size(2), q.size(2), dtype=torch.bool, device=q.device).tril()
     mask = (doc[:, :, None] == doc[:, None, :]) & causal
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -331,19 +333,22 @@ class CausalSelfAttention(nn.Module):
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(self.head_dim, args.rope_base)
+        self.softmax_scale = None
 
     def forward(self, x: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.c_v(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.position_qk(q, k, *self.rotary(T, x.device, q.dtype))
+        y = causal_attention(q, k, v, doc_ids, self.softmax_scale)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def position_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         # QK-norm, then RoPE, then a learnable per-head gain sets the attention temperature.
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        cos, sin = self.rotary(T, x.device, q.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = causal_attention(q, k, v, doc_ids)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return q * self.q_gain.to(q.dtype)[None, :, None, None], k
 
 
 class MLP(nn.Module):
@@ -422,6 +427,10 @@ class GPT(nn.Module):
         if self.lm_head is not None:
             groups["head"].append(self.lm_head.weight)
         return groups
+
+    def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
+        return {"matrix": args.matrix_lr, "embed": args.tied_embed_lr if args.tie_embeddings else args.embed_lr,
+                "head": args.head_lr, "scalar": args.scalar_lr}
 
     def after_optimizer_step(self) -> None:
         pass
@@ -502,20 +511,19 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torch.optim.Optimizer], Muon]:
-    groups = model.param_groups()
+    groups, lrs = model.param_groups(), model.learning_rates(args)
     fused = next(model.parameters()).is_cuda
 
-    def adam(params, lr):
-        return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(args.beta1, args.beta2),
-                                eps=args.adam_eps, fused=fused)
+    def adam(name):
+        return torch.optim.Adam([{"params": groups[name], "lr": lrs[name], "base_lr": lrs[name]}],
+                                betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
 
-    muon = Muon(groups["matrix"], lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps)
+    muon = Muon(groups["matrix"], lr=lrs["matrix"], momentum=args.muon_momentum, backend_steps=args.muon_backend_steps)
     for g in muon.param_groups:
-        g["base_lr"] = args.matrix_lr
-    optimizers = [adam(groups["embed"], args.tied_embed_lr if args.tie_embeddings else args.embed_lr), muon,
-                  adam(groups["scalar"], args.scalar_lr)]
+        g["base_lr"] = lrs["matrix"]
+    optimizers = [adam("embed"), muon, adam("scalar")]
     if groups["head"]:
-        optimizers.insert(1, adam(groups["head"], args.head_lr))
+        optimizers.insert(1, adam("head"))
     return optimizers, muon
 
 
