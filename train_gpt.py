@@ -119,6 +119,18 @@ class Hyperparameters:
         self.qk_gain_init = get("QK_GAIN_INIT", 1.5, float)
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, float)
 
+        # nGPT (MODEL=ngpt). alpha is stored as ALPHA_SCALE and used times ALPHA_INIT / ALPHA_SCALE (the paper's
+        # reparametrization: a smaller scale makes Adam move alpha faster); its LRs are its own, GPT's stay put.
+        self.ngpt_alpha_init = get("NGPT_ALPHA_INIT", 0.05, float)
+        self.ngpt_alpha_scale = get("NGPT_ALPHA_SCALE", self.model_dim ** -0.5, float)
+        self.ngpt_logit_scale_init = get("NGPT_LOGIT_SCALE_INIT", 1.0, float)
+        self.ngpt_norm_embed = get("NGPT_NORM_EMBED", False, _flag)
+        self.ngpt_opaque_norm = get("NGPT_OPAQUE_NORM", True, _flag)
+        self.ngpt_matrix_lr = get("NGPT_MATRIX_LR", 0.04, float)
+        self.ngpt_embed_lr = get("NGPT_EMBED_LR", 0.05, float)
+        self.ngpt_head_lr = get("NGPT_HEAD_LR", 0.008, float)
+        self.ngpt_scalar_lr = get("NGPT_SCALAR_LR", 0.04, float)
+
         # Optimizers.
         self.embed_lr = get("EMBED_LR", 0.6, float)
         self.head_lr = get("HEAD_LR", 0.008, float)
@@ -153,6 +165,8 @@ class Hyperparameters:
             raise ConfigError(f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
         if self.logit_softcap <= 0:
             raise ConfigError(f"LOGIT_SOFTCAP={self.logit_softcap} must be positive")
+        if self.ngpt_alpha_scale <= 0:
+            raise ConfigError(f"NGPT_ALPHA_SCALE={self.ngpt_alpha_scale} must be positive")
 
     def misspellings(self, env=None) -> list[str]:
         """Env vars that look like a mistyped setting name, with the likely intended name."""
@@ -280,7 +294,8 @@ class DistributedTokenLoader:
 # MODELS maps MODEL=<name> to the class.
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
-CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
+CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights",
+                                "attn_alpha", "mlp_alpha", "s_qk", "s_uv", "s_z")
 
 
 class CastedLinear(nn.Linear):
@@ -439,7 +454,154 @@ class GPT(nn.Module):
         pass
 
 
-MODELS = {"gpt": GPT}
+class _SphereNormalize(torch.autograd.Function):
+    # x / |x| over the last axis in (at least) fp32, returned in fp32, so the stream is never rounded to bf16 between
+    # normalizations; with allow_in_graph it is one opaque node in Dynamo's graph with this hand-written backward,
+    # not ops the compiler re-fuses across casts, where bf16 error compounded over ~80 normalizations (seed 000).
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        inv = x32.square().sum(-1, keepdim=True).clamp_min(1e-24).rsqrt()
+        y = x32 * inv
+        ctx.save_for_backward(y, inv)
+        ctx.in_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        y, inv = ctx.saved_tensors
+        grad = grad.float()
+        return ((grad - y * (grad * y).sum(-1, keepdim=True)) * inv).to(ctx.in_dtype)
+
+
+@torch._dynamo.allow_in_graph
+def sphere_normalize(x: Tensor) -> Tensor:
+    return _SphereNormalize.apply(x)
+
+
+def plain_normalize(x: Tensor) -> Tensor:
+    # The same fp32 math, but visible to the compiler (NGPT_OPAQUE_NORM=0, for comparison).
+    return F.normalize(x.float(), dim=-1)
+
+
+def sphere_linear(in_features: int, out_features: int, sphere_dim: int) -> CastedLinear:
+    # A matrix kept at unit norm along its d_model axis: rows (dim 1) when it reads d_model, columns (dim 0)
+    # when it writes it. NGPT.project_to_sphere reads _sphere_dim.
+    m = CastedLinear(in_features, out_features, bias=False)
+    m._sphere_dim = sphere_dim
+    return m
+
+
+class NGPTAttention(CausalSelfAttention):
+    def __init__(self, args: Hyperparameters):
+        super().__init__(args)
+        del self.q_gain
+        for m in (self.c_q, self.c_k, self.c_v):
+            m._sphere_dim = 1
+        self.proj._sphere_dim = 0
+        self.norm = sphere_normalize if args.ngpt_opaque_norm else plain_normalize
+        # s_qk multiplies q only: q.k then carries it once, as the paper's s_qk on both q and k carries it
+        # squared, and grouped k heads need no copy. Stored as 1/sqrt(d), used times sqrt(d) (the paper's).
+        self.s_qk = nn.Parameter(torch.full((args.model_dim,), args.model_dim ** -0.5))
+        # q and k are unit vectors, so logits are cosines: the paper's softmax scale is sqrt(head_dim), applied once.
+        self.softmax_scale = self.head_dim ** 0.5
+
+    def position_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        q, k = self.norm(apply_rotary_emb(q, cos, sin)), self.norm(apply_rotary_emb(k, cos, sin))
+        s_qk = self.s_qk.view(self.num_heads, 1, self.head_dim) * self.s_qk.numel() ** 0.5
+        return q * s_qk, k
+
+
+class NGPTMLP(nn.Module):
+    # SwiGLU at 2/3 of MLP_MULT x MODEL_DIM (a multiple of 16), so it has the relu^2 MLP's parameter count;
+    # s_u and s_v (one vector s_uv) rescale the cosines fc produces, times sqrt(d), into the activation's range.
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        hidden = 16 * round(args.mlp_mult * args.model_dim / 24)
+        self.fc = sphere_linear(args.model_dim, 2 * hidden, 1)
+        self.proj = sphere_linear(hidden, args.model_dim, 0)
+        self.s_uv = nn.Parameter(torch.ones(2 * hidden))
+        self.gain = args.model_dim ** 0.5
+
+    def forward(self, h: Tensor) -> Tensor:
+        u, v = (self.fc(h) * (self.s_uv * self.gain)).chunk(2, dim=-1)
+        return self.proj(u * F.silu(v))
+
+
+class NGPTBlock(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim = args.model_dim
+        self.attn = NGPTAttention(args)
+        self.mlp = NGPTMLP(args)
+        self.norm = self.attn.norm
+        self.attn_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_scale))
+        self.mlp_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_scale))
+        self.alpha_gain = args.ngpt_alpha_init / args.ngpt_alpha_scale
+
+    def forward(self, h: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        # A step of size |alpha| (per dimension) from h toward the block's normalized output, back onto the sphere.
+        h = self.norm(h + (self.attn_alpha * self.alpha_gain).abs() * (self.norm(self.attn(h, doc_ids)) - h))
+        return self.norm(h + (self.mlp_alpha * self.alpha_gain).abs() * (self.norm(self.mlp(h)) - h))
+
+
+class NGPT(nn.Module):
+    """nGPT (Loshchilov et al., arXiv 2410.01131): hidden states and matrices on the unit sphere, no norm layers,
+    learned step sizes alpha, logits scaled per vocabulary entry by s_z. The 16 MB fixes (seed 000): no
+    zero-initialized projections, a learnable logit scale, and (NGPT_NORM_EMBED=0) a free token embedding."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim = args.model_dim
+        self.tok_emb = nn.Embedding(args.vocab_size, dim)
+        if args.ngpt_norm_embed:
+            self.tok_emb._sphere_dim = 1
+        self.blocks = nn.ModuleList(NGPTBlock(args) for _ in range(args.num_layers))
+        self.norm = self.blocks[0].norm
+        self.lm_head = None if args.tie_embeddings else sphere_linear(dim, args.vocab_size, 1)
+        self.s_z = nn.Parameter(torch.full((args.vocab_size,), dim ** -0.5))
+        self.s_z_gain = args.ngpt_logit_scale_init * dim ** 0.5
+        # Random unit rows (or columns) everywhere; a free embedding starts with unit rows too.
+        for m in self.modules():
+            if isinstance(m, (CastedLinear, nn.Embedding)):
+                nn.init.normal_(m.weight)
+                m.weight.data = F.normalize(m.weight.data, dim=getattr(m, "_sphere_dim", 1))
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
+        doc_ids = input_ids if isolate_docs else None
+        h = self.norm(self.tok_emb(input_ids))
+        for block in self.blocks:
+            h = block(h, doc_ids)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = (self.s_z * self.s_z_gain) * F.linear(h, w.to(h.dtype)).float()
+        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Sphere matrices -> Muon (then projected); embedding, head, alpha, s_qk, s_uv, s_z -> Adam."""
+        groups = {"matrix": [], "embed": [self.tok_emb.weight], "head": [], "scalar": [self.s_z]}
+        for p in self.blocks.parameters():
+            groups["matrix" if p.ndim == 2 else "scalar"].append(p)
+        if self.lm_head is not None:
+            groups["head"].append(self.lm_head.weight)
+        return groups
+
+    def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
+        return {"matrix": args.ngpt_matrix_lr, "embed": args.ngpt_embed_lr, "head": args.ngpt_head_lr,
+                "scalar": args.ngpt_scalar_lr}
+
+    @torch.no_grad()
+    def project_to_sphere(self) -> None:
+        """Unit norm, in fp32, along each constrained matrix's declared axis; a free embedding and control
+        tensors are never touched. Weight decay on these matrices would be undone here, so none applies."""
+        for m in self.modules():
+            if hasattr(m, "_sphere_dim"):
+                m.weight.copy_(F.normalize(m.weight.float(), dim=m._sphere_dim))
+
+    # After Muon/Adam (or a TTT step) and after dequantization, which leaves rows off the sphere.
+    after_optimizer_step = after_dequantize = project_to_sphere
+
+
+MODELS = {"gpt": GPT, "ngpt": NGPT}
 
 
 def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
