@@ -164,6 +164,18 @@ class Hyperparameters:
         self.recur_loops = get("RECUR_LOOPS", 3, int)
         self.recur_start_frac = get("RECUR_START_FRAC", 0.35, float)
 
+        # nGPT (MODEL=ngpt). alpha is stored as ALPHA_SCALE and used times ALPHA_INIT / ALPHA_SCALE (the paper's
+        # reparametrization: a smaller scale makes Adam move alpha faster); its LRs are its own, GPT's stay put.
+        self.ngpt_alpha_init = get("NGPT_ALPHA_INIT", 0.05, float)
+        self.ngpt_alpha_scale = get("NGPT_ALPHA_SCALE", self.model_dim ** -0.5, float)
+        self.ngpt_logit_scale_init = get("NGPT_LOGIT_SCALE_INIT", 1.0, float)
+        self.ngpt_norm_embed = get("NGPT_NORM_EMBED", False, _flag)
+        self.ngpt_opaque_norm = get("NGPT_OPAQUE_NORM", True, _flag)
+        self.ngpt_matrix_lr = get("NGPT_MATRIX_LR", 0.04, float)
+        self.ngpt_embed_lr = get("NGPT_EMBED_LR", 0.05, float)
+        self.ngpt_head_lr = get("NGPT_HEAD_LR", 0.008, float)
+        self.ngpt_scalar_lr = get("NGPT_SCALAR_LR", 0.04, float)
+
         # Optimizers.
         self.embed_lr = get("EMBED_LR", 0.6, float)
         self.head_lr = get("HEAD_LR", 0.008, float)
@@ -252,6 +264,8 @@ class Hyperparameters:
                               f"EVAL_SEQ_LEN={self.eval_seq_len} (the chunk is trained on as whole sequences)")
         if self.lora_ttt_enabled and not 0 < self.lora_chunk_tokens <= self.eval_seq_len:
             raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be in 1..EVAL_SEQ_LEN={self.eval_seq_len}")
+        if self.ngpt_alpha_scale <= 0:
+            raise ConfigError(f"NGPT_ALPHA_SCALE={self.ngpt_alpha_scale} must be positive")
 
     def misspellings(self, env=None) -> list[str]:
         """Env vars that look like a mistyped setting name, with the likely intended name."""
@@ -411,12 +425,14 @@ TRAIN_LOADERS = {
 # -----------------------------
 # A model class takes Hyperparameters, returns per-token losses (B, T) from
 # forward(input_ids, target_ids, isolate_docs=False) (isolate_docs: attention never crosses a BOS),
-# sorts its parameters for the optimizers in param_groups(), and may hook after_optimizer_step() and
-# after_dequantize() (a sphere-constrained model renormalizes there). MODELS maps MODEL=<name> to the class.
+# sorts its parameters for the optimizers in param_groups() at the rates of learning_rates(args), and may hook
+# after_optimizer_step() and after_dequantize() (a sphere-constrained model renormalizes there; any code that
+# steps an optimizer on it, test-time training included, calls after_optimizer_step()).
+# MODELS maps MODEL=<name> to the class.
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
 CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
-                                "attn_gate", "smear_gate", "ve_gain")
+                                "attn_gate", "smear_gate", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk", "s_uv", "s_z")
 
 
 class CastedLinear(nn.Linear):
@@ -447,16 +463,16 @@ class Rotary(nn.Module):
         return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, input_ids: Tensor | None = None) -> Tensor:
-    """Causal SDPA over (B, H, T, D); given input_ids, a token attends only within its own document
-    (each BOS starts one), so no context crosses a document boundary."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, input_ids: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Causal SDPA over (B, H, T, D), softmax scale `scale` (None: 1/sqrt(D)); given input_ids, a token attends
+    only within its own document (each BOS starts one), so no context crosses a document boundary."""
     gqa = q.size(1) != k.size(1)
     if input_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     doc = (input_ids == BOS_ID).cumsum(1)
     causal = torch.ones(q.size(2), q.size(2), dtype=torch.bool, device=q.device).tril()
     mask = (doc[:, :, None] == doc[:, None, :]) & causal
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -494,6 +510,7 @@ class CausalSelfAttention(nn.Module):
             self.ve_gain = nn.Parameter(torch.full((1,), 0.5))  # 1-D: the artifact packs no 0-d floats
         # Per-head output gate read from the first ATTN_GATE_DIMS input dims (all: gated attention; few: sparse gate).
         self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
+        self.softmax_scale = None
 
     def forward(self, x: Tensor, doc_ids: Tensor | None = None, value_embed: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
@@ -503,12 +520,8 @@ class CausalSelfAttention(nn.Module):
         if self.use_value_embed:
             v = v + self.ve_gain.to(v.dtype) * value_embed
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # QK-norm, then RoPE, then a learnable per-head gain sets the attention temperature.
-        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        cos, sin = self.rotary(T, x.device, q.dtype)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = causal_attention(q, k, v, doc_ids)
+        q, k = self.position_qk(q, k, *self.rotary(T, x.device, q.dtype))
+        y = causal_attention(q, k, v, doc_ids, self.softmax_scale)
         if self.xsa:
             y = remove_self_value(y, v)
         if self.attn_gate is not None:
@@ -516,6 +529,12 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(F.linear(x[..., : self.attn_gate.size(1)], self.attn_gate.to(x.dtype)))
             y = y * gate.transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def position_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        # QK-norm, then RoPE, then a learnable per-head gain sets the attention temperature.
+        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        return q * self.q_gain.to(q.dtype)[None, :, None, None], k
 
 
 def norm_pct_dropout(h: Tensor, frac: float) -> Tensor:
@@ -714,6 +733,10 @@ class GPT(nn.Module):
                 groups["matrix"].append(p)
         return groups
 
+    def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
+        return {"matrix": args.matrix_lr, "embed": args.tied_embed_lr if args.tie_embeddings else args.embed_lr,
+                "head": args.head_lr, "scalar": args.scalar_lr}
+
     def after_optimizer_step(self) -> None:
         # Depth recurrence switches on once RECUR_START_FRAC of training is done: of ITERATIONS, or of the
         # wallclock cap timed from the first step (validation pauses included, so it can switch slightly early).
@@ -736,7 +759,154 @@ class GPT(nn.Module):
         pass
 
 
-MODELS = {"gpt": GPT}
+class _SphereNormalize(torch.autograd.Function):
+    # x / |x| over the last axis in (at least) fp32, returned in fp32, so the stream is never rounded to bf16 between
+    # normalizations; with allow_in_graph it is one opaque node in Dynamo's graph with this hand-written backward,
+    # not ops the compiler re-fuses across casts, where bf16 error compounded over ~80 normalizations (seed 000).
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        inv = x32.square().sum(-1, keepdim=True).clamp_min(1e-24).rsqrt()
+        y = x32 * inv
+        ctx.save_for_backward(y, inv)
+        ctx.in_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        y, inv = ctx.saved_tensors
+        grad = grad.float()
+        return ((grad - y * (grad * y).sum(-1, keepdim=True)) * inv).to(ctx.in_dtype)
+
+
+@torch._dynamo.allow_in_graph
+def sphere_normalize(x: Tensor) -> Tensor:
+    return _SphereNormalize.apply(x)
+
+
+def plain_normalize(x: Tensor) -> Tensor:
+    # The same fp32 math, but visible to the compiler (NGPT_OPAQUE_NORM=0, for comparison).
+    return F.normalize(x.float(), dim=-1)
+
+
+def sphere_linear(in_features: int, out_features: int, sphere_dim: int) -> CastedLinear:
+    # A matrix kept at unit norm along its d_model axis: rows (dim 1) when it reads d_model, columns (dim 0)
+    # when it writes it. NGPT.project_to_sphere reads _sphere_dim.
+    m = CastedLinear(in_features, out_features, bias=False)
+    m._sphere_dim = sphere_dim
+    return m
+
+
+class NGPTAttention(CausalSelfAttention):
+    def __init__(self, args: Hyperparameters):
+        super().__init__(args)
+        del self.q_gain
+        for m in (self.c_q, self.c_k, self.c_v):
+            m._sphere_dim = 1
+        self.proj._sphere_dim = 0
+        self.norm = sphere_normalize if args.ngpt_opaque_norm else plain_normalize
+        # s_qk multiplies q only: q.k then carries it once, as the paper's s_qk on both q and k carries it
+        # squared, and grouped k heads need no copy. Stored as 1/sqrt(d), used times sqrt(d) (the paper's).
+        self.s_qk = nn.Parameter(torch.full((args.model_dim,), args.model_dim ** -0.5))
+        # q and k are unit vectors, so logits are cosines: the paper's softmax scale is sqrt(head_dim), applied once.
+        self.softmax_scale = self.head_dim ** 0.5
+
+    def position_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        q, k = self.norm(apply_rotary_emb(q, cos, sin)), self.norm(apply_rotary_emb(k, cos, sin))
+        s_qk = self.s_qk.view(self.num_heads, 1, self.head_dim) * self.s_qk.numel() ** 0.5
+        return q * s_qk, k
+
+
+class NGPTMLP(nn.Module):
+    # SwiGLU at 2/3 of MLP_MULT x MODEL_DIM (a multiple of 16), so it has the relu^2 MLP's parameter count;
+    # s_u and s_v (one vector s_uv) rescale the cosines fc produces, times sqrt(d), into the activation's range.
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        hidden = 16 * round(args.mlp_mult * args.model_dim / 24)
+        self.fc = sphere_linear(args.model_dim, 2 * hidden, 1)
+        self.proj = sphere_linear(hidden, args.model_dim, 0)
+        self.s_uv = nn.Parameter(torch.ones(2 * hidden))
+        self.gain = args.model_dim ** 0.5
+
+    def forward(self, h: Tensor) -> Tensor:
+        u, v = (self.fc(h) * (self.s_uv * self.gain)).chunk(2, dim=-1)
+        return self.proj(u * F.silu(v))
+
+
+class NGPTBlock(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim = args.model_dim
+        self.attn = NGPTAttention(args)
+        self.mlp = NGPTMLP(args)
+        self.norm = self.attn.norm
+        self.attn_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_scale))
+        self.mlp_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_scale))
+        self.alpha_gain = args.ngpt_alpha_init / args.ngpt_alpha_scale
+
+    def forward(self, h: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        # A step of size |alpha| (per dimension) from h toward the block's normalized output, back onto the sphere.
+        h = self.norm(h + (self.attn_alpha * self.alpha_gain).abs() * (self.norm(self.attn(h, doc_ids)) - h))
+        return self.norm(h + (self.mlp_alpha * self.alpha_gain).abs() * (self.norm(self.mlp(h)) - h))
+
+
+class NGPT(nn.Module):
+    """nGPT (Loshchilov et al., arXiv 2410.01131): hidden states and matrices on the unit sphere, no norm layers,
+    learned step sizes alpha, logits scaled per vocabulary entry by s_z. The 16 MB fixes (seed 000): no
+    zero-initialized projections, a learnable logit scale, and (NGPT_NORM_EMBED=0) a free token embedding."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim = args.model_dim
+        self.tok_emb = nn.Embedding(args.vocab_size, dim)
+        if args.ngpt_norm_embed:
+            self.tok_emb._sphere_dim = 1
+        self.blocks = nn.ModuleList(NGPTBlock(args) for _ in range(args.num_layers))
+        self.norm = self.blocks[0].norm
+        self.lm_head = None if args.tie_embeddings else sphere_linear(dim, args.vocab_size, 1)
+        self.s_z = nn.Parameter(torch.full((args.vocab_size,), dim ** -0.5))
+        self.s_z_gain = args.ngpt_logit_scale_init * dim ** 0.5
+        # Random unit rows (or columns) everywhere; a free embedding starts with unit rows too.
+        for m in self.modules():
+            if isinstance(m, (CastedLinear, nn.Embedding)):
+                nn.init.normal_(m.weight)
+                m.weight.data = F.normalize(m.weight.data, dim=getattr(m, "_sphere_dim", 1))
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
+        doc_ids = input_ids if isolate_docs else None
+        h = self.norm(self.tok_emb(input_ids))
+        for block in self.blocks:
+            h = block(h, doc_ids)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = (self.s_z * self.s_z_gain) * F.linear(h, w.to(h.dtype)).float()
+        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Sphere matrices -> Muon (then projected); embedding, head, alpha, s_qk, s_uv, s_z -> Adam."""
+        groups = {"matrix": [], "embed": [self.tok_emb.weight], "head": [], "scalar": [self.s_z]}
+        for p in self.blocks.parameters():
+            groups["matrix" if p.ndim == 2 else "scalar"].append(p)
+        if self.lm_head is not None:
+            groups["head"].append(self.lm_head.weight)
+        return groups
+
+    def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
+        return {"matrix": args.ngpt_matrix_lr, "embed": args.ngpt_embed_lr, "head": args.ngpt_head_lr,
+                "scalar": args.ngpt_scalar_lr}
+
+    @torch.no_grad()
+    def project_to_sphere(self) -> None:
+        """Unit norm, in fp32, along each constrained matrix's declared axis; a free embedding and control
+        tensors are never touched. Weight decay on these matrices would be undone here, so none applies."""
+        for m in self.modules():
+            if hasattr(m, "_sphere_dim"):
+                m.weight.copy_(F.normalize(m.weight.float(), dim=m._sphere_dim))
+
+    # After Muon/Adam (or a TTT step) and after dequantization, which leaves rows off the sphere.
+    after_optimizer_step = after_dequantize = project_to_sphere
+
+
+MODELS = {"gpt": GPT, "ngpt": NGPT}
 
 
 def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
@@ -897,25 +1067,24 @@ def add_weight_decay(opt: torch.optim.Optimizer, wd: float, cautious: bool) -> N
 
 
 def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torch.optim.Optimizer], Muon]:
-    groups = model.param_groups()
+    groups, lrs = model.param_groups(), model.learning_rates(args)
     fused = next(model.parameters()).is_cuda
 
-    def adam(params, lr):
-        opt = torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(args.beta1, args.beta2),
-                               eps=args.adam_eps, fused=fused)
+    def adam(name):
+        opt = torch.optim.Adam([{"params": groups[name], "lr": lrs[name], "base_lr": lrs[name]}],
+                               betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
         add_weight_decay(opt, args.adam_wd, args.cautious_wd)
         return opt
 
-    muon = Muon(groups["matrix"], lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
+    muon = Muon(groups["matrix"], lr=lrs["matrix"], momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
                 coeffs=args.muon_ns_coeffs, row_norm=args.muon_row_norm, post_ns_row_norm=args.muon_post_ns_row_norm,
                 normuon_beta2=args.normuon_beta2, batched=args.muon_batched)
     add_weight_decay(muon, args.muon_wd, args.cautious_wd)
     for g in muon.param_groups:
-        g["base_lr"] = args.matrix_lr
-    optimizers = [adam(groups["embed"], args.tied_embed_lr if args.tie_embeddings else args.embed_lr), muon,
-                  adam(groups["scalar"], args.scalar_lr)]
+        g["base_lr"] = lrs["matrix"]
+    optimizers = [adam("embed"), muon, adam("scalar")]
     if groups["head"]:
-        optimizers.insert(1, adam(groups["head"], args.head_lr))
+        optimizers.insert(1, adam("head"))
     return optimizers, muon
 
 
