@@ -1982,12 +1982,12 @@ def main() -> None:
         if not under_cap:
             log0(f"WARNING: OVER THE {SIZE_CAP_BYTES}-BYTE CAP ({total_bytes} bytes)")
         log0(f"final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-        if distributed:
-            dist.destroy_process_group()
 
     if args.score_artifact:
         log0(f"score_artifact:{args.score_artifact} (no training; settings from the artifact)")
         score_artifact(args.score_artifact, 0.0, time.perf_counter())
+        if distributed:
+            dist.destroy_process_group()
         return
     train_loader = TRAIN_LOADERS[args.train_loader](args, rank, world_size, device)
     log0(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_loader.files)}")
@@ -2155,6 +2155,9 @@ def main() -> None:
             packed_path.write_bytes(counted_code)
             log0(f"code_packed:{packed_path} bytes:{len(counted_code)} (the counted code: runs as train_gpt.py)")
     score_artifact(args.artifact_path, train_ms, eval_t0)
+    if distributed:
+        del model  # DDP's reducer holds the process group: freed at exit, after it, gloo's teardown can hang
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
