@@ -51,9 +51,18 @@ SMOKE_PRESET = {
     "TOKENIZER_PATH": str(SCRIPT_DIR / "data/tokenizers/smoke_1024_bpe.model"),
     "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "VAL_BATCH_SIZE": "65536",
-    "ITERATIONS": "200", "WARMDOWN_ITERS": "60", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0",
+    "ITERATIONS": "140", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0",
     "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "25", "MUON_MOMENTUM_WARMUP_STEPS": "50",
     "EVAL_STRIDE": "128", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096", "TTT_EPOCHS": "1", "TTT_LR": "0.05",
+    "WARMDOWN_FRAC": "0.3",
+}
+# BASELINE=1: the starter's configuration, for every default of the record stack (README "Default stack");
+# SMOKE=1 and explicit env vars win over it, so SMOKE=1 BASELINE=1 is the starter at the smoke scale.
+BASELINE_PRESET = {
+    "NUM_LAYERS": "9", "MLP_MULT": "2", "MLP_ACT": "relu2", "ROPE_DIMS": "0", "XSA_LAST_N": "0", "LN_SCALE": "0",
+    "PARALLEL_RESID_FROM": "-1", "SKIP_GATE": "0", "SMEAR_GATE": "0", "BIGRAM_BUCKETS": "0", "QK_GAIN_INIT": "1.5",
+    "TRAIN_BATCH_TOKENS": "524288", "TRAIN_SEQ_LEN": "1024", "EMA_DECAY": "0", "MUON_WD": "0", "MUON_ROW_NORM": "0",
+    "WARMDOWN_FRAC": "0", "GRAD_CLIP_NORM": "0", "QUANT": "int8", "GPTQ": "0", "COMPRESSOR": "zlib", "EVAL_STRIDE": "0",
 }
 
 
@@ -72,8 +81,9 @@ class Hyperparameters:
 
     def __init__(self, env=None):
         env = dict(os.environ if env is None else env)
-        if env.get("SMOKE") == "1":
-            env = {**SMOKE_PRESET, **env}
+        presets = {**(BASELINE_PRESET if env.get("BASELINE") == "1" else {}),
+                   **(SMOKE_PRESET if env.get("SMOKE") == "1" else {})}
+        env = {**presets, **env}
         self.settings: dict[str, object] = {}
         cuda = torch.cuda.is_available()
 
@@ -88,6 +98,7 @@ class Hyperparameters:
 
         # Data and run identity.
         self.smoke = get("SMOKE", False, _flag)
+        self.baseline = get("BASELINE", False, _flag)
         self.data_path = get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
         self.val_files = os.path.join(self.data_path, "fineweb_val_*.bin")
@@ -126,8 +137,8 @@ class Hyperparameters:
         self.iterations = get("ITERATIONS", 20000, int)
         self.warmdown_iters = get("WARMDOWN_ITERS", 1200, int)
         self.warmup_steps = get("WARMUP_STEPS", 20, int)
-        self.train_batch_tokens = get("TRAIN_BATCH_TOKENS", 524_288, int)
-        self.train_seq_len = get("TRAIN_SEQ_LEN", 1024, int)
+        self.train_batch_tokens = get("TRAIN_BATCH_TOKENS", 786_432, int)
+        self.train_seq_len = get("TRAIN_SEQ_LEN", 2048, int)
         self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0, float)
         self.grad_accum_steps = get("GRAD_ACCUM_STEPS", 0, int)  # 0: 8 // world_size, as the starter
         self.compile = get("COMPILE", cuda, _flag)
@@ -135,30 +146,30 @@ class Hyperparameters:
         # Model shape.
         self.model = get("MODEL", "gpt")
         self.vocab_size = get("VOCAB_SIZE", 1024, int)
-        self.num_layers = get("NUM_LAYERS", 9, int)
+        self.num_layers = get("NUM_LAYERS", 11, int)
         self.model_dim = get("MODEL_DIM", 512, int)
         self.num_heads = get("NUM_HEADS", 8, int)
         self.num_kv_heads = get("NUM_KV_HEADS", 4, int)
-        self.mlp_mult = get("MLP_MULT", 2, int)
+        self.mlp_mult = get("MLP_MULT", 3, int)
         self.tie_embeddings = get("TIE_EMBEDDINGS", True, _flag)
         self.rope_base = get("ROPE_BASE", 10000.0, float)
         self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, float)
-        self.qk_gain_init = get("QK_GAIN_INIT", 1.5, float)
+        self.qk_gain_init = get("QK_GAIN_INIT", 5.0, float)
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, float)
 
-        # Architecture options of the GPT model (README "Architecture options"); the defaults are the starter's.
-        self.mlp_act = get("MLP_ACT", "relu2")
+        # Architecture options of the GPT model (README "Architecture options"); defaults: the record stack.
+        self.mlp_act = get("MLP_ACT", "leaky2")
         self.norm_pct_dropout = get("NORM_PCT_DROPOUT", 0.0, float)
-        self.rope_dims = get("ROPE_DIMS", 0, int)
-        self.xsa_last_n = get("XSA_LAST_N", 0, int)
+        self.rope_dims = get("ROPE_DIMS", 16, int)
+        self.xsa_last_n = get("XSA_LAST_N", 4, int)
         self.attn_gate_dims = get("ATTN_GATE_DIMS", 0, int)
         self.value_embed_layers = get("VALUE_EMBED_LAYERS", 0, int)
-        self.ln_scale = get("LN_SCALE", False, _flag)
+        self.ln_scale = get("LN_SCALE", True, _flag)
         self.ortho_init = get("ORTHO_INIT", False, _flag)
-        self.parallel_resid_from = get("PARALLEL_RESID_FROM", -1, int)
-        self.skip_gate = get("SKIP_GATE", False, _flag)
-        self.smear_gate = get("SMEAR_GATE", False, _flag)
-        self.bigram_buckets = get("BIGRAM_BUCKETS", 0, int)
+        self.parallel_resid_from = get("PARALLEL_RESID_FROM", 7, int)
+        self.skip_gate = get("SKIP_GATE", True, _flag)
+        self.smear_gate = get("SMEAR_GATE", True, _flag)
+        self.bigram_buckets = get("BIGRAM_BUCKETS", 2048, int)
         self.bigram_dim = get("BIGRAM_DIM", 128, int)
         self.recur_layers = get("RECUR_LAYERS", "")
         self.recur_loops = get("RECUR_LOOPS", 3, int)
@@ -189,20 +200,20 @@ class Hyperparameters:
         self.beta1 = get("BETA1", 0.9, float)
         self.beta2 = get("BETA2", 0.95, float)
         self.adam_eps = get("ADAM_EPS", 1e-8, float)
-        self.grad_clip_norm = get("GRAD_CLIP_NORM", 0.0, float)
+        self.grad_clip_norm = get("GRAD_CLIP_NORM", 0.3, float)
 
-        # Optimizer, schedule and data-order options from the record stack; every default is the starter's behaviour.
+        # Optimizer, schedule and data-order options (README "Optimizer, schedule and data options").
         self.muon_ns_coeffs = get("MUON_NS_COEFFS", "quintic")
-        self.muon_row_norm = get("MUON_ROW_NORM", False, _flag)
+        self.muon_row_norm = get("MUON_ROW_NORM", True, _flag)
         self.muon_post_ns_row_norm = get("MUON_POST_NS_ROW_NORM", False, _flag)
         self.normuon_beta2 = get("NORMUON_BETA2", 0.0, float)
         self.muon_batched = get("MUON_BATCHED", False, _flag)
-        self.muon_wd = get("MUON_WD", 0.0, float)
+        self.muon_wd = get("MUON_WD", 0.04, float)
         self.adam_wd = get("ADAM_WD", 0.0, float)
         self.cautious_wd = get("CAUTIOUS_WD", False, _flag)
-        self.warmdown_frac = get("WARMDOWN_FRAC", 0.0, float)
+        self.warmdown_frac = get("WARMDOWN_FRAC", 0.72, float)
         self.min_lr_frac = get("MIN_LR_FRAC", 0.0, float)
-        self.ema_decay = get("EMA_DECAY", 0.0, float)
+        self.ema_decay = get("EMA_DECAY", 0.997, float)
         self.train_loader = get("TRAIN_LOADER", "sequential")
         if self.muon_ns_coeffs not in NS_COEFFS:
             raise ConfigError(f"MUON_NS_COEFFS={self.muon_ns_coeffs!r} is unknown; choose one of {sorted(NS_COEFFS)}")
@@ -426,8 +437,9 @@ TRAIN_LOADERS = {
 # A model class takes Hyperparameters, returns per-token losses (B, T) from
 # forward(input_ids, target_ids, isolate_docs=False) (isolate_docs: attention never crosses a BOS),
 # sorts its parameters for the optimizers in param_groups() at the rates of learning_rates(args), and may hook
-# after_optimizer_step() and after_dequantize() (a sphere-constrained model renormalizes there; any code that
-# steps an optimizer on it, test-time training included, calls after_optimizer_step()).
+# after_optimizer_step() and after_load() (weights replaced by the EMA or a dequantized copy). A sphere-constrained
+# model renormalizes in both; any code that steps an optimizer on it, test-time training included, calls
+# after_optimizer_step().
 # MODELS maps MODEL=<name> to the class.
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
@@ -755,7 +767,7 @@ class GPT(nn.Module):
                 print(f"recurrence:on step:{self._recur_steps} layers:{self.recur_first}-{self.recur_last} "
                       f"loops:{self.recur_loops}", flush=True)
 
-    def after_dequantize(self) -> None:
+    def after_load(self) -> None:
         pass
 
 
@@ -902,8 +914,8 @@ class NGPT(nn.Module):
             if hasattr(m, "_sphere_dim"):
                 m.weight.copy_(F.normalize(m.weight.float(), dim=m._sphere_dim))
 
-    # After Muon/Adam (or a TTT step) and after dequantization, which leaves rows off the sphere.
-    after_optimizer_step = after_dequantize = project_to_sphere
+    # After Muon/Adam (or a TTT step), and after the EMA or dequantization, which leave rows off the sphere.
+    after_optimizer_step = after_load = project_to_sphere
 
 
 MODELS = {"gpt": GPT, "ngpt": NGPT}
@@ -1079,7 +1091,7 @@ def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torc
     muon = Muon(groups["matrix"], lr=lrs["matrix"], momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
                 coeffs=args.muon_ns_coeffs, row_norm=args.muon_row_norm, post_ns_row_norm=args.muon_post_ns_row_norm,
                 normuon_beta2=args.normuon_beta2, batched=args.muon_batched)
-    add_weight_decay(muon, args.muon_wd, args.cautious_wd)
+    add_weight_decay(muon, 0.0 if isinstance(model, NGPT) else args.muon_wd, args.cautious_wd)  # nGPT: on the sphere
     for g in muon.param_groups:
         g["base_lr"] = lrs["matrix"]
     optimizers = [adam("embed"), muon, adam("scalar")]
@@ -1111,16 +1123,20 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 
 
 class WeightEMA:
-    """fp32 exponential moving average of a model's float weights, updated after every step, copied in at the end."""
+    """fp32 exponential moving average of a model's float weights, updated after every step, copied in at the end.
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so a short run averages its last steps
+    instead of keeping its random init; past a few thousand steps it is the plain EMA."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.weights = [t for t in model.state_dict().values() if t.is_floating_point()]
         self.average = [t.detach().float().clone() for t in self.weights]
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.average, [t.float() for t in self.weights], 1 - self.decay)
+        self.updates += 1
+        decay = min(self.decay, self.updates / (self.updates + 9))
+        torch._foreach_lerp_(self.average, [t.float() for t in self.weights], 1 - decay)
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -1397,7 +1413,7 @@ def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifa
     args = Hyperparameters(settings_env(settings))
     model = build_model(args, device)
     model.load_state_dict(dequantize_state_dict(qsd), strict=True)
-    model.after_dequantize()
+    model.after_load()
     return model, args
 
 
@@ -2074,6 +2090,7 @@ def main() -> None:
         if last:
             if ema is not None:  # the averaged weights are the ones calibrated, scored and exported
                 ema.apply()
+                base_model.after_load()  # an average of unit rows is not unit
                 log0(f"ema:applied decay:{args.ema_decay} steps:{step}")
             set_qat(base_model, False)  # the pre-quant score and the Hessians read the float weights
             hessians = calibrate() if args.gptq else None
@@ -2135,7 +2152,7 @@ def main() -> None:
     log0(f"quantize attn:{args.quant_attn} mlp:{args.quant_mlp} embed:{args.quant_embed} gptq:{int(hessians is not None)} "
          f"lowrank_tensors:{sum('lr_a' in e for e in qsd.values())} time:{1000.0 * (time.perf_counter() - q0):.0f}ms")
     base_model.load_state_dict(dequantize_state_dict(qsd))
-    base_model.after_dequantize()
+    base_model.after_load()
     score(f"{args.quant}_{'gptq' if hessians else 'rtn'}", evaluate, model, label="quantized")
     # The cap as a guarantee: over it (less SIZE_MARGIN_BYTES), zero the smallest weights until the artifact fits.
     max_model_bytes = SIZE_CAP_BYTES - args.size_margin_bytes - len(counted_code)

@@ -5,7 +5,7 @@ import torch
 
 import train_gpt as tg
 
-TINY = {"VOCAB_SIZE": "64", "NUM_LAYERS": "4", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}
+TINY = {"BASELINE": "1", "VOCAB_SIZE": "64", "NUM_LAYERS": "4", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}
 CPU = torch.device("cpu")
 
 OPTIONS = [
@@ -60,10 +60,14 @@ def test_option_trains_and_changes_the_output(env):
                for n, p in model.named_parameters() if n in scalar_names)
 
 
-def test_defaults_are_the_starter_baseline():
+def test_baseline_setting_is_the_starter_model_and_the_default_is_the_stack():
     names = set(tg.build_model(tg.Hyperparameters(TINY), CPU).state_dict())
     assert all(n.startswith(("tok_emb.", "skip_weights", "blocks.")) for n in names)
     assert len(names) == 1 + 1 + 4 * 10  # per block: q, k, v, proj, q_gain, fc, proj, two scales, resid_mix
+    stack = tg.build_model(tg.Hyperparameters({**TINY, "BASELINE": "0", "ROPE_DIMS": "4"}), CPU)
+    extra = {n.split(".")[0] for n in stack.state_dict()} - {n.split(".")[0] for n in names}
+    assert {"bigram", "smear_gate", "skip_gates"} <= extra, extra
+    assert stack.blocks[0].mlp.fc.weight.shape[0] == 3 * 32
 
 
 @pytest.mark.parametrize("env,needle", [

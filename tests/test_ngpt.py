@@ -87,6 +87,27 @@ def test_optimizer_steps_keep_matrices_and_hidden_states_on_the_sphere(tiny_data
     assert len(states) == 2 and all((s.norm(dim=-1) - 1).abs().max() < 1e-5 for s in states)
 
 
+def test_sphere_matrices_get_no_weight_decay_and_the_ema_average_is_put_back_on_the_sphere(tiny_data):
+    runs = []
+    for wd in ("0", "0.5"):
+        args = tg.Hyperparameters({**TINY, "MUON_WD": wd, "ADAM_WD": "0"})
+        torch.manual_seed(0)
+        runs.append(dict(train(tg.build_model(args, CPU), args, tiny_data[0], 3).named_parameters()))
+    assert all(torch.equal(p, runs[1][n]) for n, p in runs[0].items())  # MUON_WD changes nothing on the sphere
+    model = tg.build_model(tg.Hyperparameters(TINY), CPU)
+    ema = tg.WeightEMA(model, 0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            for _, m in sphere_modules(model):
+                m.weight.add_(torch.randn_like(m.weight))
+        model.after_optimizer_step()
+        ema.update()
+    ema.apply()
+    assert all((m.weight.norm(dim=m._sphere_dim) - 1).abs().max() > 1e-3 for _, m in sphere_modules(model))
+    model.after_load()  # what main() calls after applying the EMA
+    assert all((m.weight.norm(dim=m._sphere_dim) - 1).abs().max() < 1e-5 for _, m in sphere_modules(model))
+
+
 def test_attention_uses_softmax_scale_sqrt_head_dim_once():
     model = tg.build_model(tg.Hyperparameters(TINY), CPU)
     attn = model.blocks[0].attn
@@ -134,7 +155,7 @@ def roundtrip(model, args, bits, renormalize, k=None):
     fresh = tg.build_model(args, CPU)
     fresh.load_state_dict(tg.dequantize_state_dict(qsd))
     if renormalize:
-        fresh.after_dequantize()
+        fresh.after_load()
     return fresh
 
 

@@ -11,7 +11,7 @@ import train_gpt as tg
 from build_shards import write_shard
 from conftest import data_env, run_train
 
-TINY = {"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+TINY = {"BASELINE": "1", "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
         "ITERATIONS": "6", "WARMDOWN_ITERS": "3", "MAX_WALLCLOCK_SECONDS": "0", "MUON_MOMENTUM_WARMUP_STEPS": "3"}
 
 
@@ -160,12 +160,13 @@ def test_ema_averages_every_step_and_apply_copies_the_average_in():
     model = tg.build_model(tg.Hyperparameters(TINY), torch.device("cpu"))
     ema = tg.WeightEMA(model, 0.5)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    for _ in range(3):
+    for n in range(1, 13):  # the decay warms up as n / (n + 9) and reaches 0.5 at the 9th update
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         ema.update()
-        expected = {k: 0.5 * expected[k] + 0.5 * v for k, v in model.state_dict().items()}
+        d = min(0.5, n / (n + 9))
+        expected = {k: d * expected[k] + (1 - d) * v for k, v in model.state_dict().items()}
     ema.apply()
     for k, v in model.state_dict().items():
         assert torch.allclose(v, expected[k], atol=1e-6), k
@@ -211,7 +212,8 @@ def test_shuffled_loader_deals_disjoint_sequences_covering_each_shard(tmp_path):
 # -----------------------------
 
 STACK = {"MUON_NS_COEFFS": "polar_express", "MUON_ROW_NORM": "1", "NORMUON_BETA2": "0.9", "MUON_BATCHED": "1",
-         "MUON_WD": "0.04", "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled"}
+         "MUON_WD": "0.04", "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled",
+         "GRAD_CLIP_NORM": "0"}  # batched Muon on several processes reduces its gradients itself: no global clip
 
 
 def test_torchrun_two_processes_with_the_option_stack_match_one(tiny_data, tmp_path):
@@ -219,15 +221,17 @@ def test_torchrun_two_processes_with_the_option_stack_match_one(tiny_data, tmp_p
     run_train(tmp_path, {**env, "RUN_ID": "one", "MUON_BATCHED": "0"})
     run_train(tmp_path, {**env, "RUN_ID": "two"}, nproc=2)
     one, two = ((tmp_path / "logs" / f"{r}.txt").read_text() for r in ("one", "two"))
-    assert "world_size:2" in two and "muon:reduce_scatter matrices:12" in two
+    assert "world_size:2 grad_accum_steps:4" in two and re.search(r"^muon:reduce_scatter matrices:\d+", two, re.M)
     assert len(train_losses(one)) == 8 and np.allclose(train_losses(one), train_losses(two), atol=2e-4)
+    bpb = [float(re.search(r"^submission score:\S+ val_loss:\S+ val_bpb:(\S+)", t, re.M).group(1)) for t in (one, two)]
+    assert bpb[0] == pytest.approx(bpb[1], abs=1e-3)
 
 
 def test_ema_run_scores_and_exports_the_averaged_weights(tiny_run, tiny_data, tmp_path):
-    _, plain, _ = tiny_run  # the same run without EMA
-    run_train(tmp_path, data_env(tiny_data, RUN_ID="ema", SEED="1", EMA_DECAY="0.9"))
-    log = (tmp_path / "logs" / "ema.txt").read_text()
-    assert re.search(r"^ema:applied decay:0.9 steps:30$", log, re.M)
+    _, log, _ = tiny_run  # the default EMA
+    run_train(tmp_path, data_env(tiny_data, RUN_ID="plain", SEED="1", EMA_DECAY="0"))
+    plain = (tmp_path / "logs" / "plain.txt").read_text()
+    assert re.search(r"^ema:applied decay:0.997 steps:30$", log, re.M) and not re.search(r"^ema:applied", plain, re.M)
     assert train_losses(log) == train_losses(plain)  # the average never feeds back into training
 
     def bpb(text, what):

@@ -594,3 +594,21 @@ def test_freeze_and_verify_real_tiny_runs(tiny_run, tiny_data, tmp_path, capsys)
     assert compare.main([str(losses1), str(run_dir / "losses2.npy"), "--data-path", str(data_path), "--tokenizer", str(tok),
                          "--logs", str(logs[0]), str(logs[1]), "--html", str(tmp_path / "view.html"), "--docs", "0"]) == 0
     assert "<html" in (tmp_path / "view.html").read_text().lower()
+
+
+# -----------------------------
+# estimate_size.py
+# -----------------------------
+
+def test_size_estimate_is_the_export_of_the_configuration_and_grows_with_it():
+    import estimate_size
+    import train_gpt as tg
+
+    tiny = {"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
+            "BIGRAM_BUCKETS": "64", "COMPRESSOR": "zlib"}
+    model_bytes, code_bytes, params = estimate_size.estimate(tg.Hyperparameters(tiny), steps=2, tokens=512)
+    assert code_bytes == len(tg.pack_code((REPO / "train_gpt.py").read_bytes()))
+    bigger, _, more = estimate_size.estimate(tg.Hyperparameters({**tiny, "NUM_LAYERS": "4"}), steps=2, tokens=512)
+    assert more > params and bigger > model_bytes * 1.3, (model_bytes, bigger)
+    int8, _, _ = estimate_size.estimate(tg.Hyperparameters({**tiny, "NUM_LAYERS": "4", "QUANT": "int8"}), 2, 512)
+    assert int8 > bigger  # wider codes, more bytes

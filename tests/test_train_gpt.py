@@ -12,9 +12,9 @@ import torch
 
 import train_gpt as tg
 from build_shards import write_shard
-from conftest import ROOT, data_env, run_train
+from conftest import ROOT, TINY_ENV, data_env, run_train
 
-TINY = {"VOCAB_SIZE": "64", "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}
+TINY = {"BASELINE": "1", "VOCAB_SIZE": "64", "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}
 
 
 def tiny_args(**env):
@@ -49,6 +49,15 @@ def test_smoke_preset_yields_to_explicit_env():
     args = tg.Hyperparameters({"SMOKE": "1", "ITERATIONS": "7"})
     assert args.iterations == 7 and args.model_dim == int(tg.SMOKE_PRESET["MODEL_DIM"])
     assert tg.Hyperparameters({}).model_dim == 512
+
+
+def test_baseline_preset_restores_the_starter_under_smoke_and_explicit_env():
+    stack, starter = tg.Hyperparameters({}).settings, tg.Hyperparameters({"BASELINE": "1"}).settings
+    assert all(stack[k] != starter[k] for k in tg.BASELINE_PRESET)  # no dead entries
+    assert (starter["NUM_LAYERS"], starter["MLP_MULT"], starter["MLP_ACT"], starter["QUANT"]) == (9, 2, "relu2", "int8")
+    args = tg.Hyperparameters({"SMOKE": "1", "BASELINE": "1", "MLP_ACT": "swiglu"})
+    assert args.num_layers == int(tg.SMOKE_PRESET["NUM_LAYERS"]) and args.ttt_enabled  # the smoke scale wins
+    assert args.mlp_act == "swiglu" and args.bigram_buckets == 0 and args.mlp_mult == 2  # explicit, then starter
 
 
 @pytest.mark.parametrize("env,needle", [
@@ -150,7 +159,7 @@ def test_muon_step_moves_along_orthogonalized_momentum():
 def test_lr_multiplier_warmdown_by_steps_and_by_time():
     args = tiny_args(ITERATIONS="100", WARMDOWN_ITERS="20", MAX_WALLCLOCK_SECONDS="0")
     assert tg.lr_multiplier(args, 10, 0) == 1.0 and tg.lr_multiplier(args, 90, 0) == pytest.approx(0.5)
-    args = tiny_args(WARMDOWN_ITERS="20", MAX_WALLCLOCK_SECONDS="12", GPTQ_RESERVE_SECONDS="2")
+    args = tiny_args(WARMDOWN_ITERS="20", MAX_WALLCLOCK_SECONDS="12", GPTQ="1", GPTQ_RESERVE_SECONDS="2")
     # 100 ms per step so far: 20 warmdown steps are the last 2 s of the 10 s budget (12 s less the GPTQ reserve).
     assert tg.lr_multiplier(args, 50, 5000) == 1.0
     assert tg.lr_multiplier(args, 90, 9000) == pytest.approx(0.5)
@@ -221,18 +230,26 @@ def _bad_inputs(tmp_path, tiny_data):
     }
 
 
-def test_each_bad_input_gets_a_one_line_error(tmp_path, tiny_data):
+def test_each_bad_input_gets_a_one_line_error(tmp_path, tiny_data, monkeypatch):
+    # In process (a subprocess per case costs seconds of imports): main() must raise a ConfigError, whose
+    # one-line message the __main__ handler prints as `error: ...` with exit 2 (the subprocess test below).
+    monkeypatch.chdir(tmp_path)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SMOKE", "BASELINE"):
+        monkeypatch.delenv(name, raising=False)
     for case, (env, needle) in _bad_inputs(tmp_path, tiny_data).items():
-        proc = run_train(tmp_path, data_env(tiny_data, RUN_ID="bad", **env), check=False)
-        err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2, (case, proc.stderr[-2000:])
-        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], (case, err)
+        with monkeypatch.context() as m:
+            for name, value in {**TINY_ENV, **data_env(tiny_data, RUN_ID="bad", **env)}.items():
+                m.setenv(name, value)
+            with pytest.raises(tg.ConfigError) as e:
+                tg.main()
+        assert "\n" not in str(e.value) and needle in str(e.value), (case, str(e.value))
 
 
 def test_no_data_without_smoke_names_download_and_smoke(tmp_path):
     proc = run_train(tmp_path, {"DATA_PATH": str(tmp_path / "none")}, check=False)
-    assert proc.returncode == 2
-    assert "cached_challenge_fineweb.py" in proc.stderr and "SMOKE=1" in proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error:"), proc.stderr[-2000:]
+    assert "cached_challenge_fineweb.py" in err[0] and "SMOKE=1" in err[0]
 
 
 # -----------------------------
@@ -345,15 +362,7 @@ def test_same_seed_same_losses_and_warmup_is_fully_undone(tiny_run, tiny_data, t
     assert other.returncode == 0 and train_losses((tmp_path / "logs" / "other.txt").read_text()) != train_losses(log)[:3]
 
 
-def test_torchrun_two_processes_match_one(tiny_data, tmp_path):
-    env = data_env(tiny_data, SEED="1", ITERATIONS="8", TRAIN_LOG_EVERY="1")
-    run_train(tmp_path, {**env, "RUN_ID": "one"})
-    run_train(tmp_path, {**env, "RUN_ID": "two"}, nproc=2)
-    one, two = ((tmp_path / "logs" / f"{r}.txt").read_text() for r in ("one", "two"))
-    assert "world_size:2 grad_accum_steps:4" in two
-    assert np.allclose(train_losses(one), train_losses(two), atol=2e-4)
-    bpb = [float(re.search(r"^submission score:\S+ val_loss:\S+ val_bpb:(\S+)", t, re.M).group(1)) for t in (one, two)]
-    assert bpb[0] == pytest.approx(bpb[1], abs=1e-3)
+# torchrun with 2 processes against 1: tests/test_optim.py (with batched Muon and the other optimizer options).
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
