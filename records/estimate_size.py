@@ -1,0 +1,71 @@
+"""Estimate a configuration's artifact size on a CPU, before spending GPU time on it.
+
+    NUM_LAYERS=12 MLP_MULT=3 python3 records/estimate_size.py [--steps 3] [--tokens 4096]
+
+Builds the model the env vars describe (train_gpt.py's settings), takes a few optimizer steps on random tokens
+(so zero-initialized projections are no longer zero), calibrates GPTQ on random tokens, then quantizes, packs and
+compresses exactly as the export does. Prints the model bytes, the counted code bytes and their total against
+the cap. Weights this close to their init give an estimate, not the trained size: SDClip ties each row's grid
+step to its spread, so trained rows should cost about as many bits per weight. Exit codes: 0 fits, 1 over the cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_gpt as tg  # noqa: E402
+
+
+def estimate(args: tg.Hyperparameters, steps: int, tokens: int, seq_len: int = 256) -> tuple[int, int, float]:
+    """(model bytes, counted code bytes, parameters in millions) of the configuration `args`."""
+    torch.manual_seed(args.seed)
+    cpu = torch.device("cpu")
+    model = tg.build_model(args, cpu)
+    optimizers, _ = tg.build_optimizers(args, model)
+
+    def batch():
+        x = torch.randint(0, args.vocab_size, (max(1, tokens // seq_len), seq_len + 1))
+        return x[:, :-1], x[:, 1:]
+
+    for _ in range(steps):
+        model(*batch()).mean().backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.after_optimizer_step()
+    hessians = tg.collect_hessians(model, [batch()]) if args.gptq else None
+    qsd = tg.quantize_state_dict(model.state_dict(), args, hessians)
+    blob = tg.pack_artifact(qsd, args.settings, args.compressor, args.byte_shuffle)
+    source = (tg.SCRIPT_DIR / "train_gpt.py").read_bytes()
+    code = tg.pack_code(source) if args.code_pack else source
+    return len(blob), len(code), sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps on random tokens before the export")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (sequences of 256)")
+    opts = ap.parse_args()
+    try:
+        args = tg.Hyperparameters()
+    except tg.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    model_bytes, code_bytes, params = estimate(args, opts.steps, opts.tokens)
+    total = model_bytes + code_bytes
+    print(f"params:{params:.3f}M quant:{args.quant_attn}/{args.quant_mlp}/{args.quant_embed} gptq:{int(args.gptq)} "
+          f"compressor:{args.compressor} steps:{opts.steps} time:{time.perf_counter() - t0:.0f}s")
+    print(f"model_bytes:{model_bytes} code_bytes:{code_bytes} total_bytes:{total} cap:{tg.SIZE_CAP_BYTES} "
+          f"under_cap:{int(total <= tg.SIZE_CAP_BYTES)} margin:{tg.SIZE_CAP_BYTES - total}")
+    return 0 if total <= tg.SIZE_CAP_BYTES else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
