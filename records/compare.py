@@ -221,7 +221,7 @@ def render_html(tokens, pieces, loss_a, loss_b, nbytes, docs_shown: list[int], d
            ".t{border-radius:2px}.t:hover{outline:1px solid #000}",
            ".byte{font-size:70%;border:1px dotted #888}.nl{color:#999}",
            ".key span{display:inline-block;width:4em;text-align:center;margin-right:2px}",
-           "pre{background:#f6f6f6;padding:.6em}</style></head><body>",
+           "pre{background:#f6f6f6;padding:.6em;overflow-x:auto}</style></head><body>",
            "<h1>Per-token loss</h1>",
            f"<pre>{html.escape(chr(10).join(summary_lines))}</pre>"]
     if diverging:
@@ -339,7 +339,8 @@ def analyse(tokens: np.ndarray, nbytes: np.ndarray, loss_a: np.ndarray, loss_b: 
     if loss_b is not None:
         moved = (doc_b - sa) / LN2
         order = np.argsort(moved, kind="stable")
-        picks = [("largest gains for " + labels[1], order[:top]), ("largest losses for " + labels[1], order[::-1][:top])]
+        picks = [(f"most in favour of {labels[1]} (fewest extra bits)", order[:top]),
+                 (f"most against {labels[1]} (most extra bits)", order[::-1][:top])]
         numbers["doc_gain"], numbers["doc_loss"] = int(order[0]), int(order[-1])
     else:
         order = np.argsort(-(sa / np.maximum(doc_bytes, 1)), kind="stable")
