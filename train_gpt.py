@@ -609,6 +609,19 @@ def bigram_buckets(input_ids: Tensor, buckets: int) -> Tensor:
     return torch.where(has_prev, (prev * 92821 + input_ids) % (buckets - 1), buckets - 1)
 
 
+def attach_bigram(model: nn.Module, args: Hyperparameters) -> None:
+    # BigramHash, shared by GPT and nGPT: a table of hashed token pairs, projected into the stream by a matrix that
+    # starts at zero (model.bigram is None when BIGRAM_BUCKETS=0).
+    model.bigram = nn.Embedding(args.bigram_buckets, args.bigram_dim) if args.bigram_buckets else None
+    if model.bigram is not None:
+        model.bigram_proj = CastedLinear(args.bigram_dim, args.model_dim, bias=False)
+        model.bigram_proj._zero_init = True
+
+
+def bigram_features(model: nn.Module, input_ids: Tensor) -> Tensor:
+    return model.bigram_proj(model.bigram(bigram_buckets(input_ids, model.bigram.num_embeddings)))
+
+
 class GPT(nn.Module):
     """The challenge starter's baseline: U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap;
     the architecture options add to it, each off by default."""
@@ -619,10 +632,7 @@ class GPT(nn.Module):
         dim = args.model_dim
         self.logit_softcap = args.logit_softcap
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
-        self.bigram = nn.Embedding(args.bigram_buckets, args.bigram_dim) if args.bigram_buckets else None
-        if self.bigram is not None:
-            self.bigram_proj = CastedLinear(args.bigram_dim, dim, bias=False)
-            self.bigram_proj._zero_init = True
+        attach_bigram(self, args)
         # SmearGate: per-dim mix with the previous token's embedding, sigmoid(3) ~ 0.95 keeps mostly the current one.
         self.smear_gate = nn.Parameter(torch.full((dim,), 3.0)) if args.smear_gate else None
         kv_dim = args.num_kv_heads * (dim // args.num_heads)
@@ -692,7 +702,7 @@ class GPT(nn.Module):
         doc_ids = input_ids if isolate_docs else None
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
-            x = x + self.bigram_proj(self.bigram(bigram_buckets(input_ids, self.bigram.num_embeddings)))
+            x = x + bigram_features(self, input_ids)
         if self.smear_gate is not None:
             # Gate in the previous token's embedding; a BOS (and the window's first token) takes in nothing.
             prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != BOS_ID)[..., None].to(x.dtype)
@@ -873,20 +883,25 @@ class NGPT(nn.Module):
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         if args.ngpt_norm_embed:
             self.tok_emb._sphere_dim = 1
+        attach_bigram(self, args)  # off the sphere: its sum with the embedding is normalized
         self.blocks = nn.ModuleList(NGPTBlock(args) for _ in range(args.num_layers))
         self.norm = self.blocks[0].norm
         self.lm_head = None if args.tie_embeddings else sphere_linear(dim, args.vocab_size, 1)
         self.s_z = nn.Parameter(torch.full((args.vocab_size,), dim ** -0.5))
         self.s_z_gain = args.ngpt_logit_scale_init * dim ** 0.5
-        # Random unit rows (or columns) everywhere; a free embedding starts with unit rows too.
+        # Random unit rows (or columns) everywhere; free embeddings start with unit rows too; BigramHash's
+        # projection starts at zero.
         for m in self.modules():
             if isinstance(m, (CastedLinear, nn.Embedding)):
                 nn.init.normal_(m.weight)
                 m.weight.data = F.normalize(m.weight.data, dim=getattr(m, "_sphere_dim", 1))
+                if getattr(m, "_zero_init", False):
+                    nn.init.zeros_(m.weight)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
         doc_ids = input_ids if isolate_docs else None
-        h = self.norm(self.tok_emb(input_ids))
+        x = self.tok_emb(input_ids)
+        h = self.norm(x if self.bigram is None else x + bigram_features(self, input_ids).to(x.dtype))
         for block in self.blocks:
             h = block(h, doc_ids)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -894,12 +909,16 @@ class NGPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Sphere matrices -> Muon (then projected); embedding, head, alpha, s_qk, s_uv, s_z -> Adam."""
+        """Sphere matrices (then projected) and BigramHash's projection -> Muon; embeddings, head, alpha, s_qk, s_uv,
+        s_z -> Adam."""
         groups = {"matrix": [], "embed": [self.tok_emb.weight], "head": [], "scalar": [self.s_z]}
         for p in self.blocks.parameters():
             groups["matrix" if p.ndim == 2 else "scalar"].append(p)
         if self.lm_head is not None:
             groups["head"].append(self.lm_head.weight)
+        if self.bigram is not None:
+            groups["embed"].append(self.bigram.weight)
+            groups["matrix"].append(self.bigram_proj.weight)
         return groups
 
     def learning_rates(self, args: Hyperparameters) -> dict[str, float]:

@@ -108,6 +108,20 @@ def test_sphere_matrices_get_no_weight_decay_and_the_ema_average_is_put_back_on_
     assert all((m.weight.norm(dim=m._sphere_dim) - 1).abs().max() < 1e-5 for _, m in sphere_modules(model))
 
 
+def test_bigram_hash_feeds_ngpt_off_the_sphere_and_changes_its_output(tiny_data):
+    args = tg.Hyperparameters(TINY)  # BigramHash is on by default
+    torch.manual_seed(0)
+    model = tg.build_model(args, CPU)
+    assert model.bigram is not None and model.bigram_proj.weight.abs().sum() == 0
+    model = train(model, args, tiny_data[0], 3)
+    assert model.bigram_proj.weight.abs().sum() > 0 and not hasattr(model.bigram_proj, "_sphere_dim")
+    x = torch.randint(0, args.vocab_size, (2, 64))
+    with torch.no_grad():
+        out = model(x, x)
+        model.bigram_proj.weight.zero_()
+        assert not torch.allclose(out, model(x, x))
+
+
 def test_attention_uses_softmax_scale_sqrt_head_dim_once():
     model = tg.build_model(tg.Hyperparameters(TINY), CPU)
     attn = model.blocks[0].attn
