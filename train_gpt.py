@@ -98,7 +98,7 @@ class Hyperparameters:
 
         # Data and run identity.
         self.smoke = get("SMOKE", False, _flag)
-        self.baseline = get("BASELINE", False, _flag)
+        get("BASELINE", False, _flag)  # applied with the presets above; read here so the log records it
         self.data_path = get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
         self.val_files = os.path.join(self.data_path, "fineweb_val_*.bin")
@@ -901,7 +901,7 @@ class NGPT(nn.Module):
     def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
         doc_ids = input_ids if isolate_docs else None
         x = self.tok_emb(input_ids)
-        h = self.norm(x if self.bigram is None else x + bigram_features(self, input_ids).to(x.dtype))
+        h = self.norm(x if self.bigram is None else x + bigram_features(self, input_ids))
         for block in self.blocks:
             h = block(h, doc_ids)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
