@@ -13,7 +13,6 @@ import difflib
 import fnmatch
 import glob
 import hashlib
-import io
 import itertools
 import json
 import lzma
@@ -26,7 +25,10 @@ import sys
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -76,26 +78,70 @@ def _flag(raw: str) -> bool:
     return raw == "1"
 
 
+# Settings that only one MODEL reads: a run logs and stores only the settings its model reads, and setting one of
+# the other model's explicitly is an error.
+MODEL_ONLY_SETTINGS = {
+    "gpt": frozenset("MLP_ACT NORM_PCT_DROPOUT VALUE_EMBED_LAYERS LN_SCALE ORTHO_INIT PARALLEL_RESID_FROM SKIP_GATE "
+                     "SMEAR_GATE RECUR_LAYERS RECUR_LOOPS RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP TIED_EMBED_INIT_STD "
+                     "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_WD".split()),
+    "ngpt": frozenset("NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT NGPT_NORM_EMBED NGPT_OPAQUE_NORM "
+                      "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR".split()),
+}
+# The range of every numeric setting but SEED, as an interval; validate() checks them with the other rules.
+SETTING_RANGES = {
+    "[1, inf)": "VAL_BATCH_SIZE TTT_CHUNK_TOKENS TTT_EPOCHS LORA_RANK LORA_CHUNK_TOKENS LORA_SLOTS ITERATIONS "
+                "TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_DIM "
+                "MUON_BACKEND_STEPS GPTQ_CALIB_BATCHES GPTQ_BLOCK",
+    "[2, inf)": "VOCAB_SIZE RECUR_LOOPS",
+    "[0, inf)": "VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
+                "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
+                "ATTN_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
+                "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD "
+                "GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES",
+    "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT ADAM_EPS "
+                "SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
+    "[0, 1)": "TTT_MOMENTUM NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 NORMUON_BETA2 EMA_DECAY",
+    "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC QAT_START",
+    "[-1, inf)": "PARALLEL_RESID_FROM",
+}
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether value lies in an interval written "[lo, hi)" (square: closed, round: open)."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
+
+
 class Hyperparameters:
-    """Every knob, read from the environment (or a mapping, for tests); `settings` holds the resolved values."""
+    """Every knob, read from the environment (or a mapping, for tests); `settings` holds the resolved values of
+    the settings this MODEL reads. validate() holds every rule, checked before any data is read."""
 
     def __init__(self, env=None):
         env = dict(os.environ if env is None else env)
+        self.explicit = frozenset(env)  # set by the user, not by a preset
         presets = {**(BASELINE_PRESET if env.get("BASELINE") == "1" else {}),
                    **(SMOKE_PRESET if env.get("SMOKE") == "1" else {})}
         env = {**presets, **env}
         self.settings: dict[str, object] = {}
-        cuda = torch.cuda.is_available()
+        self.world_size = int(env.get("WORLD_SIZE", "1"))  # torchrun's; needed by the batch rule
+        ignored = MODEL_ONLY_SETTINGS["ngpt" if env.get("MODEL", "gpt") == "gpt" else "gpt"]
 
         def get(name, default, cast=str):
             raw = env.get(name)
             try:
-                value = default if raw is None else cast(raw)
+                value = default if raw is None or name in ignored else cast(raw)
             except ValueError as e:
                 raise ConfigError(f"{name}={raw!r} is not a valid {cast.__name__.lstrip('_')} ({e}); fix or unset it")
-            self.settings[name] = value
+            if name not in ignored:
+                self.settings[name] = value
             return value
 
+        for read in (self._read_run, self._read_training, self._read_evaluation, self._read_model,
+                     self._read_optimizers, self._read_export):
+            read(get)
+        self.validate()
+
+    def _read_run(self, get) -> None:
         # Data and run identity.
         self.smoke = get("SMOKE", False, _flag)
         get("BASELINE", False, _flag)  # applied with the presets above; read here so the log records it
@@ -107,6 +153,18 @@ class Hyperparameters:
         self.seed = get("SEED", 1337, int)
         self.token_loss_path = get("TOKEN_LOSS_PATH", "")
 
+    def _read_training(self, get) -> None:
+        # Training length and batch.
+        self.iterations = get("ITERATIONS", 20000, int)
+        self.warmdown_iters = get("WARMDOWN_ITERS", 1200, int)
+        self.warmup_steps = get("WARMUP_STEPS", 20, int)
+        self.train_batch_tokens = get("TRAIN_BATCH_TOKENS", 786_432, int)
+        self.train_seq_len = get("TRAIN_SEQ_LEN", 2048, int)
+        self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0, float)
+        self.grad_accum_steps = get("GRAD_ACCUM_STEPS", 0, int)  # 0: 8 // world_size, as the starter
+        self.compile = get("COMPILE", torch.cuda.is_available(), _flag)
+
+    def _read_evaluation(self, get) -> None:
         # Validation cadence and batch size; validation always covers the whole val split.
         self.val_batch_size = get("VAL_BATCH_SIZE", 524_288, int)
         self.val_loss_every = get("VAL_LOSS_EVERY", 1000, int)
@@ -114,8 +172,9 @@ class Hyperparameters:
 
         # Evaluation of the exported model: sliding windows, longer context, score-first test-time training
         # (README "Evaluation"). Every path that runs prints final_<what>; the best one is the submission's score.
-        self.eval_seq_len = get("EVAL_SEQ_LEN", 0, int)  # 0: TRAIN_SEQ_LEN
-        self.eval_stride = get("EVAL_STRIDE", 64, int)  # 0: no sliding-window path
+        # The resolved sequence length and stride are what the log and the artifact record.
+        self.eval_seq_len = self.settings["EVAL_SEQ_LEN"] = get("EVAL_SEQ_LEN", 0, int) or self.train_seq_len
+        self.eval_stride = self.settings["EVAL_STRIDE"] = min(get("EVAL_STRIDE", 64, int), self.eval_seq_len)
         self.eval_isolate_docs = get("EVAL_ISOLATE_DOCS", False, _flag)
         self.eval_max_seconds = get("EVAL_MAX_SECONDS", 540.0, float)
         self.ttt_enabled = get("TTT_ENABLED", False, _flag)
@@ -133,16 +192,7 @@ class Hyperparameters:
         self.lora_slots = get("LORA_SLOTS", 64, int)
         self.lora_warm_a = get("LORA_WARM_A", False, _flag)
 
-        # Training length and batch.
-        self.iterations = get("ITERATIONS", 20000, int)
-        self.warmdown_iters = get("WARMDOWN_ITERS", 1200, int)
-        self.warmup_steps = get("WARMUP_STEPS", 20, int)
-        self.train_batch_tokens = get("TRAIN_BATCH_TOKENS", 786_432, int)
-        self.train_seq_len = get("TRAIN_SEQ_LEN", 2048, int)
-        self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0, float)
-        self.grad_accum_steps = get("GRAD_ACCUM_STEPS", 0, int)  # 0: 8 // world_size, as the starter
-        self.compile = get("COMPILE", cuda, _flag)
-
+    def _read_model(self, get) -> None:
         # Model shape.
         self.model = get("MODEL", "gpt")
         self.vocab_size = get("VOCAB_SIZE", 1024, int)
@@ -157,7 +207,8 @@ class Hyperparameters:
         self.qk_gain_init = get("QK_GAIN_INIT", 5.0, float)
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, float)
 
-        # Architecture options of the GPT model (README "Architecture options"); defaults: the record stack.
+        # Architecture options (README "Architecture options"); defaults: the record stack. nGPT reads the attention
+        # ones (ROPE_DIMS, XSA_LAST_N, ATTN_GATE_DIMS) and BigramHash; the others are GPT's.
         self.mlp_act = get("MLP_ACT", "leaky2")
         self.norm_pct_dropout = get("NORM_PCT_DROPOUT", 0.0, float)
         self.rope_dims = get("ROPE_DIMS", 16, int)
@@ -187,6 +238,7 @@ class Hyperparameters:
         self.ngpt_head_lr = get("NGPT_HEAD_LR", 0.008, float)
         self.ngpt_scalar_lr = get("NGPT_SCALAR_LR", 0.04, float)
 
+    def _read_optimizers(self, get) -> None:
         # Optimizers.
         self.embed_lr = get("EMBED_LR", 0.6, float)
         self.head_lr = get("HEAD_LR", 0.008, float)
@@ -215,13 +267,8 @@ class Hyperparameters:
         self.min_lr_frac = get("MIN_LR_FRAC", 0.0, float)
         self.ema_decay = get("EMA_DECAY", 0.997, float)
         self.train_loader = get("TRAIN_LOADER", "sequential")
-        if self.muon_ns_coeffs not in NS_COEFFS:
-            raise ConfigError(f"MUON_NS_COEFFS={self.muon_ns_coeffs!r} is unknown; choose one of {sorted(NS_COEFFS)}")
-        if self.train_loader not in TRAIN_LOADERS:
-            raise ConfigError(f"TRAIN_LOADER={self.train_loader!r} is unknown; choose one of {sorted(TRAIN_LOADERS)}")
-        if not 0 <= self.ema_decay < 1 or not 0 <= self.normuon_beta2 < 1 or not 0 <= self.warmdown_frac <= 1:
-            raise ConfigError("EMA_DECAY and NORMUON_BETA2 must be in [0, 1), WARMDOWN_FRAC in [0, 1]")
 
+    def _read_export(self, get) -> None:
         # Export: precision per tensor class (.attn. matrices, other block matrices, embedding/head), SDClip k,
         # late QAT, GPTQ calibrated inside the training budget, compression, counted code and the size cap.
         self.quant = get("QUANT", "int6")
@@ -244,39 +291,69 @@ class Hyperparameters:
         self.byte_shuffle = get("BYTE_SHUFFLE", True, _flag)
         self.code_pack = get("CODE_PACK", True, _flag)
         self.size_margin_bytes = get("SIZE_MARGIN_BYTES", 0, int)
-        self.artifact_path = get("ARTIFACT_PATH", f"final_model.{self.quant}.ptz")
+        self.artifact_path = get("ARTIFACT_PATH", f"final_model.{self.quant}.pgolf")
         self.score_artifact = get("SCORE_ARTIFACT", "")
-        self.validate()
+
 
     def validate(self) -> None:
+        """Every rule of the configuration; the first broken one is raised as a one-line ConfigError."""
+        s = self.settings
         if self.model not in MODELS:
             raise ConfigError(f"MODEL={self.model!r} is unknown; choose one of {sorted(MODELS)}")
-        for name in ("QUANT", "QUANT_ATTN", "QUANT_MLP", "QUANT_EMBED"):
-            if self.settings[name] not in QUANT_BITS:
-                raise ConfigError(f"{name}={self.settings[name]!r} is unknown; choose one of {sorted(QUANT_BITS)}")
+        other = MODEL_ONLY_SETTINGS["ngpt" if self.model == "gpt" else "gpt"]
+        if self.explicit & other:
+            raise ConfigError(f"{', '.join(sorted(self.explicit & other))}: not read by MODEL={self.model}; unset them")
+        for interval, names in SETTING_RANGES.items():
+            for name in names.split():
+                if name in s and not in_interval(s[name], interval):
+                    raise ConfigError(f"{name}={s[name]} is out of range: it must lie in {interval}")
+        for name, choices in (("MUON_NS_COEFFS", NS_COEFFS), ("TRAIN_LOADER", TRAIN_LOADERS), ("MLP_ACT", MLP_ACTS),
+                              ("QUANT", QUANT_BITS), ("QUANT_ATTN", QUANT_BITS), ("QUANT_MLP", QUANT_BITS),
+                              ("QUANT_EMBED", QUANT_BITS)):
+            if name in s and s[name] not in choices:
+                raise ConfigError(f"{name}={s[name]!r} is unknown; choose one of {sorted(choices)}")
         if self.compressor not in [*available_compressors(), "best"]:
             raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli); "
                               f"choose best or one of {available_compressors()}")
-        if self.size_margin_bytes < 0 or self.gptq_calib_batches < 1 or self.gptq_block < 1:
-            raise ConfigError("SIZE_MARGIN_BYTES must be >= 0, GPTQ_CALIB_BATCHES and GPTQ_BLOCK >= 1; fix them")
-        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
+        head_dim = self.model_dim // self.num_heads
+        if self.model_dim % self.num_heads or head_dim % 2:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
-        if self.logit_softcap <= 0:
-            raise ConfigError(f"LOGIT_SOFTCAP={self.logit_softcap} must be positive")
-        # Resolved here because TRAIN_SEQ_LEN is read after the evaluation settings; the log shows the values used.
-        self.eval_seq_len = self.settings["EVAL_SEQ_LEN"] = self.eval_seq_len or self.train_seq_len
-        self.eval_stride = self.settings["EVAL_STRIDE"] = min(self.eval_stride, self.eval_seq_len)
-        if self.eval_seq_len <= 0 or self.eval_stride < 0:
-            raise ConfigError(f"EVAL_SEQ_LEN={self.eval_seq_len} and EVAL_STRIDE={self.eval_stride} must not be negative")
-        if self.ttt_enabled and (self.ttt_chunk_tokens <= 0 or self.ttt_chunk_tokens % self.eval_seq_len):
-            raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a positive multiple of "
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head size {head_dim} (0: all)")
+        if self.attn_gate_dims > self.model_dim:
+            raise ConfigError(f"ATTN_GATE_DIMS={self.attn_gate_dims} must be at most MODEL_DIM={self.model_dim}")
+        if self.bigram_buckets == 1:
+            raise ConfigError("BIGRAM_BUCKETS=1 leaves no bucket for token pairs: use 0 (off) or at least 2")
+        self.recur_first, self.recur_last = self._recur_span()
+        batch_unit = self.world_size * grad_accum(self, self.world_size) * self.train_seq_len
+        if self.train_batch_tokens % batch_unit:
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size "
+                              f"({self.world_size}) x grad_accum_steps x TRAIN_SEQ_LEN = {batch_unit}")
+        if self.muon_batched and self.world_size > 1 and self.grad_clip_norm > 0:
+            raise ConfigError("GRAD_CLIP_NORM with MUON_BATCHED=1 on several processes would clip unreduced "
+                              "matrix gradients; set one of them to 0")
+        if self.max_wallclock_seconds > 0 and self.gptq and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
+            raise ConfigError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time within "
+                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}; lower it or raise the cap")
+        if self.ttt_enabled and self.ttt_chunk_tokens % self.eval_seq_len:
+            raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of "
                               f"EVAL_SEQ_LEN={self.eval_seq_len} (the chunk is trained on as whole sequences)")
-        if self.lora_ttt_enabled and not 0 < self.lora_chunk_tokens <= self.eval_seq_len:
-            raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be in 1..EVAL_SEQ_LEN={self.eval_seq_len}")
-        if self.ngpt_alpha_scale <= 0:
-            raise ConfigError(f"NGPT_ALPHA_SCALE={self.ngpt_alpha_scale} must be positive")
+        if self.lora_ttt_enabled and self.lora_chunk_tokens > self.eval_seq_len:
+            raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+
+    def _recur_span(self) -> tuple[int, int]:
+        # RECUR_LAYERS "first-last" -> (first, last); (-1, -1) when off.
+        if not self.recur_layers:
+            return -1, -1
+        try:
+            first, last = (int(v) for v in self.recur_layers.split("-"))
+        except ValueError:
+            first, last = -1, -2
+        if not 0 <= first <= last < self.num_layers:
+            raise ConfigError(f"RECUR_LAYERS={self.recur_layers!r} must be 'first-last' within NUM_LAYERS={self.num_layers}")
+        return first, last
 
     def misspellings(self, env=None) -> list[str]:
         """Env vars that look like a mistyped setting name, with the likely intended name."""
@@ -289,6 +366,11 @@ class Hyperparameters:
             if close:
                 out.append(f"env {key} is not a setting; did you mean {close[0]}?")
         return out
+
+
+def grad_accum(args: Hyperparameters, world_size: int) -> int:
+    # GRAD_ACCUM_STEPS=0 keeps the starter's 8 // world_size, so the global batch is the same on 1 to 8 GPUs.
+    return args.grad_accum_steps or max(1, 8 // world_size)
 
 
 # -----------------------------
@@ -345,11 +427,11 @@ def shard_files(pattern: str, split: str) -> list[Path]:
 
 
 def load_validation_tokens(pattern: str, vocab_size: int | None = None, seq_len: int = 1) -> Tensor:
-    """All val tokens, every shard in sorted order: the whole split is scored."""
+    """All val tokens, every shard in sorted order: the whole split is scored, in windows of up to seq_len."""
     tokens = torch.cat([load_data_shard(f, vocab_size) for f in shard_files(pattern, "val")]).contiguous()
     if tokens.numel() - 1 < seq_len:
-        raise ConfigError(f"val split {pattern} has {tokens.numel()} tokens, fewer than TRAIN_SEQ_LEN+1={seq_len + 1}: "
-                          "use a longer val split or a shorter TRAIN_SEQ_LEN")
+        raise ConfigError(f"val split {pattern} has {tokens.numel()} tokens, fewer than one window of {seq_len + 1} "
+                          "(TRAIN_SEQ_LEN or EVAL_SEQ_LEN, +1): use a longer val split or shorter sequences")
     return tokens
 
 
@@ -434,12 +516,12 @@ TRAIN_LOADERS = {
 # -----------------------------
 # MODEL
 # -----------------------------
-# A model class takes Hyperparameters, returns per-token losses (B, T) from
-# forward(input_ids, target_ids, isolate_docs=False) (isolate_docs: attention never crosses a BOS),
-# sorts its parameters for the optimizers in param_groups() at the rates of learning_rates(args), and may hook
-# after_optimizer_step() and after_load() (weights replaced by the EMA or a dequantized copy). A sphere-constrained
-# model renormalizes in both; any code that steps an optimizer on it, test-time training included, calls
-# after_optimizer_step().
+# A model class takes Hyperparameters and returns per-token losses (B, T) from
+# forward(input_ids, target_ids, isolate_docs=False) (isolate_docs: attention never crosses a BOS). For the
+# optimizers it sorts its parameters into param_groups() (matrix -> Muon; embed, head, scalar -> Adam) with
+# learning_rates(args) and weight_decays(args) per group. It hooks after_optimizer_step() and after_load() (weights
+# replaced by the EMA or a dequantized copy): a sphere-constrained model renormalizes in both, and any code that
+# steps an optimizer on it, test-time training included, calls after_optimizer_step().
 # MODELS maps MODEL=<name> to the class.
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
@@ -465,13 +547,19 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    def __init__(self, dim: int, base: float):
+    def __init__(self, dim: int, base: float, train_seq_len: int):
         super().__init__()
+        self.train_seq_len = train_seq_len
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), persistent=False)
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        # Recomputed per call (cheap): a cache filled under inference_mode would poison later training steps.
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq)
+        inv_freq = self.inv_freq
+        if seq_len > self.train_seq_len:
+            # NTK-aware scaling for a context `factor` x the trained one: base -> base * factor^(d/(d-2)) keeps the
+            # highest frequency and slows the lowest by factor, so its angles stay in the trained range.
+            d = 2 * inv_freq.numel()
+            inv_freq = inv_freq * (seq_len / self.train_seq_len) ** (-torch.arange(0, d, 2, device=device) / (d - 2))
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
         return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
 
 
@@ -515,7 +603,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, bias=False)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(args.rope_dims or self.head_dim, args.rope_base)
+        self.rotary = Rotary(args.rope_dims or self.head_dim, args.rope_base, args.train_seq_len)
         self.xsa = layer >= args.num_layers - args.xsa_last_n
         self.use_value_embed = layer >= args.num_layers - args.value_embed_layers
         if self.use_value_embed:
@@ -550,10 +638,13 @@ class CausalSelfAttention(nn.Module):
 
 
 def norm_pct_dropout(h: Tensor, frac: float) -> Tensor:
-    # Norm-PCT-Dropout (seed 002): zero the frac of token rows with the largest L2 norm.
+    # Norm-PCT-Dropout (openai/parameter-golf #1520): zero the frac of token rows with the largest L2 norm.
     norms = h.detach().float().norm(dim=-1).flatten()
     keep = torch.ones_like(norms).scatter_(0, norms.topk(max(1, int(frac * norms.numel()))).indices, 0.0)
     return h * keep.view(*h.shape[:-1], 1).to(h.dtype)
+
+
+MLP_ACTS = ("relu2", "leaky2", "swiglu")
 
 
 class MLP(nn.Module):
@@ -623,12 +714,11 @@ def bigram_features(model: nn.Module, input_ids: Tensor) -> Tensor:
 
 
 class GPT(nn.Module):
-    """The challenge starter's baseline: U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap;
-    the architecture options add to it, each off by default."""
+    """The challenge starter's model (U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap) with
+    the architecture options on top; their defaults are the record stack (README "Default stack")."""
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        self._check(args)
         dim = args.model_dim
         self.logit_softcap = args.logit_softcap
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
@@ -657,46 +747,12 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.weight)
             elif args.ortho_init and isinstance(m, CastedLinear):
                 nn.init.orthogonal_(m.weight)
-        # Depth recurrence: once on, blocks recur_first..recur_last run recur_loops times. The switch is a
-        # buffer read by torch.cond, so a compiled graph takes the loop as soon as it flips (and the artifact keeps it).
-        self.recur_first, self.recur_last = self._recur_span(args)
-        self.recur_loops, self.recur_start_frac = args.recur_loops, args.recur_start_frac
-        self.iterations, self.max_wallclock_seconds = args.iterations, args.max_wallclock_seconds
+        # Depth recurrence: once on, blocks recur_first..recur_last run recur_loops times. The switch is a buffer
+        # (the training loop flips it at RECUR_START_FRAC) read by torch.cond, so a compiled graph takes the loop as
+        # soon as it flips, and the artifact keeps it.
+        self.recur_first, self.recur_last, self.recur_loops = args.recur_first, args.recur_last, args.recur_loops
         if self.recur_last >= 0:
             self.register_buffer("recur_active", torch.tensor(args.recur_start_frac <= 0))
-            self.register_load_state_dict_post_hook(lambda m, _: m._reset_recur_clock())
-            self._reset_recur_clock()
-
-    @staticmethod
-    def _recur_span(args: Hyperparameters) -> tuple[int, int]:
-        if not args.recur_layers:
-            return -1, -1
-        try:
-            first, last = (int(v) for v in args.recur_layers.split("-"))
-        except ValueError:
-            first, last = -1, -2
-        if not 0 <= first <= last < args.num_layers or args.recur_loops < 2:
-            raise ConfigError(f"RECUR_LAYERS={args.recur_layers!r} must be 'first-last' within NUM_LAYERS={args.num_layers} "
-                              f"and RECUR_LOOPS={args.recur_loops} at least 2")
-        return first, last
-
-    @staticmethod
-    def _check(args: Hyperparameters) -> None:
-        head_dim = args.model_dim // args.num_heads
-        if args.mlp_act not in ("relu2", "leaky2", "swiglu"):
-            raise ConfigError(f"MLP_ACT={args.mlp_act!r} is unknown; choose relu2, leaky2 or swiglu")
-        if args.rope_dims % 2 or not 0 <= args.rope_dims <= head_dim:
-            raise ConfigError(f"ROPE_DIMS={args.rope_dims} must be even and at most the head size {head_dim} (0: all)")
-        if not 0 <= args.norm_pct_dropout < 1:
-            raise ConfigError(f"NORM_PCT_DROPOUT={args.norm_pct_dropout} must be in [0, 1)")
-        if not 0 <= args.attn_gate_dims <= args.model_dim:
-            raise ConfigError(f"ATTN_GATE_DIMS={args.attn_gate_dims} must be in [0, MODEL_DIM={args.model_dim}]")
-        if args.bigram_buckets == 1 or args.bigram_buckets < 0:
-            raise ConfigError(f"BIGRAM_BUCKETS={args.bigram_buckets} must be 0 (off) or at least 2")
-
-    def _reset_recur_clock(self) -> None:
-        # Restoring weights (after the warm-up steps) restarts the count toward RECUR_START_FRAC.
-        self._recur_steps, self._recur_t0, self._recur_on = 0, None, bool(self.recur_active)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
         doc_ids = input_ids if isolate_docs else None
@@ -759,32 +815,20 @@ class GPT(nn.Module):
         return {"matrix": args.matrix_lr, "embed": args.tied_embed_lr if args.tie_embeddings else args.embed_lr,
                 "head": args.head_lr, "scalar": args.scalar_lr}
 
-    def after_optimizer_step(self) -> None:
-        # Depth recurrence switches on once RECUR_START_FRAC of training is done: of ITERATIONS, or of the
-        # wallclock cap timed from the first step (validation pauses included, so it can switch slightly early).
-        if self.recur_last < 0 or self._recur_on:
-            return
-        self._recur_steps += 1
-        now = time.perf_counter()
-        self._recur_t0 = self._recur_t0 or now
-        frac = self._recur_steps / max(self.iterations, 1)
-        if self.max_wallclock_seconds > 0:
-            frac = max(frac, (now - self._recur_t0) / self.max_wallclock_seconds)
-        if frac >= self.recur_start_frac:
-            self.recur_active.fill_(True)
-            self._recur_on = True
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                print(f"recurrence:on step:{self._recur_steps} layers:{self.recur_first}-{self.recur_last} "
-                      f"loops:{self.recur_loops}", flush=True)
+    def weight_decays(self, args: Hyperparameters) -> dict[str, float]:
+        return {"matrix": args.muon_wd, "embed": args.adam_wd, "head": args.adam_wd, "scalar": args.adam_wd}
 
-    def after_load(self) -> None:
+    def after_optimizer_step(self) -> None:
         pass
+
+    after_load = after_optimizer_step
 
 
 class _SphereNormalize(torch.autograd.Function):
     # x / |x| over the last axis in (at least) fp32, returned in fp32, so the stream is never rounded to bf16 between
     # normalizations; with allow_in_graph it is one opaque node in Dynamo's graph with this hand-written backward,
-    # not ops the compiler re-fuses across casts, where bf16 error compounded over ~80 normalizations (seed 000).
+    # not ops the compiler re-fuses across casts, where bf16 error compounded over ~80 normalizations
+    # (openai/parameter-golf #1108).
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -820,8 +864,8 @@ def sphere_linear(in_features: int, out_features: int, sphere_dim: int) -> Caste
 
 
 class NGPTAttention(CausalSelfAttention):
-    def __init__(self, args: Hyperparameters):
-        super().__init__(args)
+    def __init__(self, args: Hyperparameters, layer: int):
+        super().__init__(args, layer)
         del self.q_gain
         for m in (self.c_q, self.c_k, self.c_v):
             m._sphere_dim = 1
@@ -856,10 +900,10 @@ class NGPTMLP(nn.Module):
 
 
 class NGPTBlock(nn.Module):
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, layer: int):
         super().__init__()
         dim = args.model_dim
-        self.attn = NGPTAttention(args)
+        self.attn = NGPTAttention(args, layer)
         self.mlp = NGPTMLP(args)
         self.norm = self.attn.norm
         self.attn_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_scale))
@@ -874,7 +918,8 @@ class NGPTBlock(nn.Module):
 
 class NGPT(nn.Module):
     """nGPT (Loshchilov et al., arXiv 2410.01131): hidden states and matrices on the unit sphere, no norm layers,
-    learned step sizes alpha, logits scaled per vocabulary entry by s_z. The 16 MB fixes (seed 000): no
+    learned step sizes alpha, logits scaled per vocabulary entry by s_z. The 16 MB fixes (openai/parameter-golf
+    #1108): no
     zero-initialized projections, a learnable logit scale, and (NGPT_NORM_EMBED=0) a free token embedding."""
 
     def __init__(self, args: Hyperparameters):
@@ -884,7 +929,7 @@ class NGPT(nn.Module):
         if args.ngpt_norm_embed:
             self.tok_emb._sphere_dim = 1
         attach_bigram(self, args)  # off the sphere: its sum with the embedding is normalized
-        self.blocks = nn.ModuleList(NGPTBlock(args) for _ in range(args.num_layers))
+        self.blocks = nn.ModuleList(NGPTBlock(args, i) for i in range(args.num_layers))
         self.norm = self.blocks[0].norm
         self.lm_head = None if args.tie_embeddings else sphere_linear(dim, args.vocab_size, 1)
         self.s_z = nn.Parameter(torch.full((args.vocab_size,), dim ** -0.5))
@@ -925,6 +970,10 @@ class NGPT(nn.Module):
         return {"matrix": args.ngpt_matrix_lr, "embed": args.ngpt_embed_lr, "head": args.ngpt_head_lr,
                 "scalar": args.ngpt_scalar_lr}
 
+    def weight_decays(self, args: Hyperparameters) -> dict[str, float]:
+        # None on the sphere matrices: project_to_sphere would undo it.
+        return {"matrix": 0.0, "embed": args.adam_wd, "head": args.adam_wd, "scalar": args.adam_wd}
+
     @torch.no_grad()
     def project_to_sphere(self) -> None:
         """Unit norm, in fp32, along each constrained matrix's declared axis; a free embedding and control
@@ -952,6 +1001,25 @@ def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
             if isinstance(m, CastedLinear):
                 m.float()
     return model
+
+
+def compiled(model: nn.Module, args: Hyperparameters) -> nn.Module:
+    # One graph per input shape, no graph breaks (COMPILE=0: the module itself, eager).
+    return torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    # Before reading a clock: CUDA work is asynchronous.
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def distributed_now() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 # -----------------------------
@@ -1008,7 +1076,7 @@ class Muon(torch.optim.Optimizer):
 
     def _direction(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
         """The orthogonalized g of matrix p, after the optional post-NS normalizations, scaled for its shape."""
-        if group["post_ns_row_norm"]:  # seed 002's "NorMuon": a stateless equal-RMS rescale of the rows
+        if group["post_ns_row_norm"]:  # #1520's "NorMuon": a stateless equal-RMS rescale of the rows
             g = rescale_rows_keeping_norm(g, g.float().square().mean(-1, keepdim=True))
         if group["normuon_beta2"] > 0:  # modded-nanogpt's NorMuon: per-neuron second moment along the longer side
             v = g.float().square().mean(-1 if g.size(0) >= g.size(1) else 0, keepdim=True)
@@ -1098,19 +1166,19 @@ def add_weight_decay(opt: torch.optim.Optimizer, wd: float, cautious: bool) -> N
 
 
 def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torch.optim.Optimizer], Muon]:
-    groups, lrs = model.param_groups(), model.learning_rates(args)
+    groups, lrs, wds = model.param_groups(), model.learning_rates(args), model.weight_decays(args)
     fused = next(model.parameters()).is_cuda
 
     def adam(name):
         opt = torch.optim.Adam([{"params": groups[name], "lr": lrs[name], "base_lr": lrs[name]}],
                                betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
-        add_weight_decay(opt, args.adam_wd, args.cautious_wd)
+        add_weight_decay(opt, wds[name], args.cautious_wd)
         return opt
 
     muon = Muon(groups["matrix"], lr=lrs["matrix"], momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
                 coeffs=args.muon_ns_coeffs, row_norm=args.muon_row_norm, post_ns_row_norm=args.muon_post_ns_row_norm,
                 normuon_beta2=args.normuon_beta2, batched=args.muon_batched)
-    add_weight_decay(muon, 0.0 if isinstance(model, NGPT) else args.muon_wd, args.cautious_wd)  # nGPT: on the sphere
+    add_weight_decay(muon, wds["matrix"], args.cautious_wd)
     for g in muon.param_groups:
         g["base_lr"] = lrs["matrix"]
     optimizers = [adam("embed"), muon, adam("scalar")]
@@ -1139,6 +1207,12 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
         left = max(total_ms - elapsed_ms, 0.0)
     frac = min(left / warmdown, 1.0) if warmdown > 0 else 1.0
     return args.min_lr_frac + (1 - args.min_lr_frac) * frac
+
+
+def muon_momentum(args: Hyperparameters, step: int) -> float:
+    # Warmed up linearly from MUON_MOMENTUM_WARMUP_START over MUON_MOMENTUM_WARMUP_STEPS steps.
+    frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
 
 
 class WeightEMA:
@@ -1186,7 +1260,7 @@ def _zstd():
 
 
 def _brotli():
-    import brotli  # optional: COMPRESSOR=best uses it only where installed
+    import brotli  # a requirement; available_compressors() leaves it out where it is missing
 
     return brotli
 
@@ -1515,14 +1589,6 @@ def eval_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int,
     return windows
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def distributed_now() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def matches(name: str, patterns: str) -> bool:
     """Whether a parameter or module name matches one of comma-separated shell patterns ("blocks.*,*.c_q")."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns.split(",") if p)
@@ -1543,7 +1609,7 @@ def add_scores(tok_loss, mask, x, y, idx, luts, totals, losses) -> None:
 
 def score_windows(model, tokens, windows, seq_len, batch, luts, totals, losses, isolate_docs=False) -> None:
     """Score windows (start, first scored offset) in batches of one shape (padded with windows that count for
-    nothing). no_grad, not inference_mode: a RoPE table cached here must stay usable for training."""
+    nothing)."""
     offsets = torch.arange(seq_len, device=tokens.device)
     with torch.no_grad():
         for b in range(0, len(windows), batch):
@@ -1590,16 +1656,6 @@ def evaluate(args, model, val_tokens, luts, rank, world_size, device, *, seq_len
     return *finish(totals, losses, num_targets), {"windows": len(windows)}
 
 
-def scale_rope(model: nn.Module, factor: float) -> None:
-    """NTK-aware RoPE scaling for a context factor x the trained one: base -> base * factor^(d/(d-2)) keeps the
-    highest frequency and slows the lowest by factor, so its angles stay in the trained range."""
-    for m in model.modules():
-        if isinstance(m, Rotary):
-            d = 2 * m.inv_freq.numel()
-            m.inv_freq = m.inv_freq * factor ** (-torch.arange(0, d, 2, device=m.inv_freq.device) / (d - 2))
-            m._cache = None
-
-
 def warm_up(net, params, vocab_size, device, shapes) -> float:
     """Compile an adaptive path's graphs on random tokens and drop the gradients: compiling reads no val token
     and takes no step. shapes: (batch, seq_len, with_grad, isolate_docs). Returns seconds."""
@@ -1612,8 +1668,7 @@ def warm_up(net, params, vocab_size, device, shapes) -> float:
             loss.backward()
     for p in params:
         p.grad = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -1651,7 +1706,7 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
     if not params:
         raise ConfigError(f"TTT_PARAMS={args.ttt_params!r} matches no parameter; names look like "
                           f"{[n for n, _ in model.named_parameters()][:4]}")
-    net = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+    net = compiled(model, args)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     tokens = val_tokens.to(device=device, dtype=torch.int64)
     # No larger than a chunk's share of windows: a padded batch is paid for in full.
@@ -1672,8 +1727,7 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
         t = time.perf_counter()
         part = windows[c][len(windows[c]) * rank // world_size : len(windows[c]) * (rank + 1) // world_size]
         score_windows(net, tokens, part, seq_len, batch, luts, totals, losses, iso)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         score_s += time.perf_counter() - t
         if rank == 0 and (c + 1) * 10 // num_chunks > c * 10 // num_chunks:
             print(f"eval:ttt {(c + 1) * 100 // num_chunks}% chunks:{c + 1}/{num_chunks} adapted:{adapted} "
@@ -1786,7 +1840,7 @@ def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, devi
     model = copy.deepcopy(base_model).requires_grad_(False)
     lora = LoRA(model, args.lora_targets, args.lora_rank, slots, args.seed)
     opt = SlotAdam(lora.parameters(), args.lora_lr, (args.beta1, args.beta2), args.adam_eps)
-    net = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+    net = compiled(model, args)
     # Windows may run past the stream's end; those positions are blanked like every unscored one.
     tokens = val_tokens.to(device=device, dtype=torch.int64)
     tokens = torch.cat([tokens, tokens.new_zeros(seq_len)])
@@ -1838,13 +1892,161 @@ def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, devi
     return vl, vb, {"compile": compile_s, "score_and_adapt": loop_s, "adapted": f"{adapted}chunks", "docs": num_docs}
 
 
+def evaluate_roundtrip(args, model, val_tokens, luts, rank, world_size, device, *, losses=None):
+    """Plain windows of TRAIN_SEQ_LEN, as the starter scores: the artifact's reference score."""
+    return evaluate(args, compiled(model, args), val_tokens, luts, rank, world_size, device, losses=losses,
+                    label="roundtrip")
+
+
+def evaluate_sliding(args, model, val_tokens, luts, rank, world_size, device, *, losses=None):
+    """Windows of EVAL_SEQ_LEN every EVAL_STRIDE targets: each target scored once, with up to a window of context."""
+    return evaluate(args, compiled(model, args), val_tokens, luts, rank, world_size, device, seq_len=args.eval_seq_len,
+                    stride=args.eval_stride, isolate_docs=args.eval_isolate_docs, losses=losses, label="sliding_window")
+
+
+def sliding_differs(args: Hyperparameters) -> bool:
+    # A stride of a whole TRAIN_SEQ_LEN window without document isolation is the roundtrip itself.
+    return args.eval_stride > 0 and (args.eval_stride, args.eval_seq_len, args.eval_isolate_docs) != \
+        (args.train_seq_len, args.train_seq_len, False)
+
+
+@dataclass(frozen=True)
+class EvalPath:
+    """A way to score the artifact's model. enabled(args): whether a run takes it. run(args, model, val_tokens, luts,
+    rank, world_size, device, losses=None) -> (val_loss, val_bpb, stats): scores every val target exactly once, on
+    its own copy if it changes the model. adapts: it learns from val tokens, so it is score-first (no update uses a
+    token before that token is scored); the log declares it and records/verify.py checks the declaration."""
+
+    enabled: Callable[[Hyperparameters], bool]
+    run: Callable[..., tuple[float, float, dict]]
+    adapts: bool = False
+
+
+# Each enabled path prints final_<name> (the roundtrip: final_<quant>_<compressor>_roundtrip), in this order; the
+# best is the submission's score. README "Evaluation" describes each.
+EVAL_PATHS = {
+    "roundtrip": EvalPath(lambda args: True, evaluate_roundtrip),
+    "sliding_window": EvalPath(sliding_differs, evaluate_sliding),
+    "ttt": EvalPath(lambda args: args.ttt_enabled, evaluate_ttt, adapts=True),
+    "lora_ttt": EvalPath(lambda args: args.lora_ttt_enabled, evaluate_lora_ttt, adapts=True),
+}
+
+
 # -----------------------------
 # MAIN
 # -----------------------------
+# main() runs the phases in order, each a function of what the previous ones returned:
+# setup_run -> load_val_data -> build_training -> warm_up_training -> train -> finish_training -> export_artifact
+# -> score_stages -> write_artifact -> score_artifact.
 
-def grad_accum(args: Hyperparameters, world_size: int) -> int:
-    # GRAD_ACCUM_STEPS=0 keeps the starter's 8 // world_size, so the global batch is the same on 1 to 8 GPUs.
-    return args.grad_accum_steps or max(1, 8 // world_size)
+
+@dataclass
+class Run:
+    """This process's part of the run: settings, rank, device, the log, the counted code, the scores so far."""
+
+    args: Hyperparameters
+    rank: int
+    world_size: int
+    distributed: bool  # launched by torchrun: a process group exists
+    device: torch.device
+    code: bytes  # the file that runs, plain or packed
+    counted_code: bytes  # what the artifact's size counts
+    logfile: object = None
+    results: list = field(default_factory=list)  # (what, val_loss, val_bpb, per-target losses) of each final_ score
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return grad_accum(self.args, self.world_size)
+
+    def log(self, msg: str, console: bool = True) -> None:
+        if self.master:
+            if console:
+                print(msg, flush=True)
+            self.logfile.write(msg + "\n")
+            self.logfile.flush()
+
+
+def counted_code(code: bytes, code_pack: bool) -> bytes:
+    """The code bytes the artifact counts: the plain source, or (CODE_PACK=1) its self-extracting copy; a file that
+    is already packed counts as itself."""
+    source = plain_code(code)
+    if not code_pack:
+        return source
+    return code if code != source else pack_code(source)
+
+
+def read_settings() -> Hyperparameters:
+    """The env's settings; with SCORE_ARTIFACT, the artifact's own settings under the env vars set now (data paths)."""
+    args = Hyperparameters()
+    if not args.score_artifact:
+        return args
+    path = Path(args.score_artifact)
+    if not path.is_file():
+        raise ConfigError(f"SCORE_ARTIFACT={path} does not exist; give the path of an artifact file")
+    _, stored = unpack_artifact(path.read_bytes(), str(path))
+    stored = {k: v for k, v in stored.items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")}
+    return Hyperparameters({**settings_env(stored), **os.environ})
+
+
+def setup_run() -> Run:
+    """Settings (every rule checked first), device, process group, log file, the log's header, seeds."""
+    args = read_settings()
+    code = Path(__file__).resolve().read_bytes()
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        from torch.backends.cuda import enable_cudnn_sdp, enable_flash_sdp, enable_math_sdp, enable_mem_efficient_sdp
+
+        # Flash attention serves the plain causal path; masked (document-isolated) attention needs the others.
+        enable_cudnn_sdp(False), enable_flash_sdp(True), enable_mem_efficient_sdp(True), enable_math_sdp(True)
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        dist.barrier()
+    logfile = None
+    if rank == 0:
+        os.makedirs("logs", exist_ok=True)
+        logfile = open(f"logs/{args.run_id}.txt", "a", encoding="utf-8")
+        print(f"logs/{args.run_id}.txt")
+    run = Run(args, rank, world_size, distributed, device, code, counted_code(code, args.code_pack), logfile)
+    log_header(run)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return run
+
+
+def log_header(run: Run) -> None:
+    """The log is a full record: settings, overrides, code, versions, hardware, and the source itself."""
+    args, source = run.args, plain_code(run.code)
+    run.log(f"run_id:{args.run_id}")
+    for name, value in sorted(args.settings.items()):
+        run.log(f"setting:{name}={int(value) if isinstance(value, bool) else value}")
+    for name in sorted(args.settings):
+        if name in os.environ:
+            run.log(f"env:{name}={os.environ[name]}")
+    for w in args.misspellings():
+        run.log(f"warning:{w}")
+    code_path = Path(__file__).resolve()
+    run.log(f"code_sha256:{hashlib.sha256(run.code).hexdigest()} code_bytes:{len(run.code)} code_path:{code_path}")
+    run.log(f"code plain_bytes:{len(source)} packed_bytes:{len(counted_code(run.code, True))} "
+            f"counted:{'packed' if args.code_pack else 'plain'}")
+    run.log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+            f"sentencepiece:{spm.__version__}")
+    hw = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else f"CPU({os.cpu_count()} cores)"
+    run.log(f"hardware:{run.world_size}x{hw} world_size:{run.world_size} grad_accum_steps:{run.grad_accum_steps}")
+    run.log("source_begin", console=False)
+    run.log(source.decode("utf-8").removesuffix("\n"), console=False)
+    run.log("source_end", console=False)
 
 
 def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
@@ -1861,338 +2063,376 @@ def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
         dist.barrier()
 
 
-def main() -> None:
-    code_path = Path(__file__).resolve()
-    code_bytes = code_path.read_bytes()  # the file that runs, plain or packed
-    source = plain_code(code_bytes)
-    args = Hyperparameters()
-    if args.score_artifact:
-        # Scoring an artifact alone: the settings it was written with, under the env vars set now (data paths...).
-        if not Path(args.score_artifact).is_file():
-            raise ConfigError(f"SCORE_ARTIFACT={args.score_artifact} does not exist; give the path of an artifact file")
-        _, stored = unpack_artifact(Path(args.score_artifact).read_bytes(), args.score_artifact)
-        stored = {k: v for k, v in stored.items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")}
-        args = Hyperparameters({**settings_env(stored), **os.environ})
-    packed_code = code_bytes if code_bytes != source else pack_code(source)  # a packed file counts as itself
-    counted_code = packed_code if args.code_pack else source
+@dataclass
+class ValData:
+    tokens: Tensor  # the whole val split, int64 on the device
+    luts: tuple[Tensor, Tensor, Tensor]  # the tokenizer's byte tables (build_sentencepiece_luts)
 
-    # Distributed setup: torchrun's env vars, with defaults so plain python3 works.
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    master = rank == 0
-    grad_accum_steps = grad_accum(args, world_size)
-    micro_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
-    if args.train_batch_tokens % (world_size * grad_accum_steps * args.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of world_size({world_size}) x "
-                          f"grad_accum_steps({grad_accum_steps}) x TRAIN_SEQ_LEN({args.train_seq_len})")
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        from torch.backends.cuda import enable_cudnn_sdp, enable_flash_sdp, enable_math_sdp, enable_mem_efficient_sdp
 
-        # Flash attention serves the plain causal path; masked (document-isolated) attention needs the others.
-        enable_cudnn_sdp(False), enable_flash_sdp(True), enable_mem_efficient_sdp(True), enable_math_sdp(True)
-    if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-        dist.barrier()
+def load_val_data(run: Run) -> ValData:
+    args = run.args
+    ensure_smoke_data(args, run.master)
+    luts = build_sentencepiece_luts(load_tokenizer(args), args.vocab_size, run.device)
+    seq_len = max(args.train_seq_len, args.eval_seq_len)
+    tokens = load_validation_tokens(args.val_files, args.vocab_size, seq_len).to(run.device, torch.int64)
+    run.log(f"val_loader:shards pattern={args.val_files} tokens:{tokens.numel()}")
+    return ValData(tokens, luts)
 
-    logfile = None
-    if master:
-        os.makedirs("logs", exist_ok=True)
-        logfile = open(f"logs/{args.run_id}.txt", "a", encoding="utf-8")
-        print(f"logs/{args.run_id}.txt")
 
-    def log0(msg: str, console: bool = True) -> None:
-        if master:
-            if console:
-                print(msg, flush=True)
-            logfile.write(msg + "\n")
-            logfile.flush()
+@dataclass
+class Training:
+    """What the training phases share: the raw model, the one that runs (compiled, DDP), optimizers, data, EMA,
+    and the switches made so far (name -> step)."""
 
-    # The log is a full record: settings, overrides, code, versions, hardware.
-    log0(f"run_id:{args.run_id}")
-    for name, value in sorted(args.settings.items()):
-        log0(f"setting:{name}={int(value) if isinstance(value, bool) else value}")
-    for name in sorted(args.settings):
-        if name in os.environ:
-            log0(f"env:{name}={os.environ[name]}")
-    for w in args.misspellings():
-        log0(f"warning:{w}")
-    log0(f"code_sha256:{hashlib.sha256(code_bytes).hexdigest()} code_bytes:{len(code_bytes)} code_path:{code_path}")
-    log0(f"code plain_bytes:{len(source)} packed_bytes:{len(packed_code)} counted:{'packed' if args.code_pack else 'plain'}")
-    log0(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-         f"sentencepiece:{spm.__version__}")
-    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU({os.cpu_count()} cores)"
-    log0(f"hardware:{world_size}x{hw} world_size:{world_size} grad_accum_steps:{grad_accum_steps}")
-    log0("source_begin", console=False)
-    log0(source.decode("utf-8").removesuffix("\n"), console=False)
-    log0("source_end", console=False)
+    base_model: nn.Module
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    muon: Muon
+    loader: object
+    ema: WeightEMA | None
+    switched: dict[str, int] = field(default_factory=dict)
 
-    # Seeds, data, tokenizer.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    ensure_smoke_data(args, master)
-    sp = load_tokenizer(args)
-    luts = build_sentencepiece_luts(sp, args.vocab_size, device)
-    val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.train_seq_len).to(device, torch.int64)
-    if val_tokens.numel() - 1 < args.eval_seq_len:
-        raise ConfigError(f"EVAL_SEQ_LEN={args.eval_seq_len} is longer than the val split ({val_tokens.numel()} tokens): shorten it")
-    log0(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel()}")
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+def make_train_loader(run: Run):
+    return TRAIN_LOADERS[run.args.train_loader](run.args, run.rank, run.world_size, run.device)
 
-    # Every path prints final_<what> and eval_phase:<what>; the best path on the artifact is the submission's score.
-    results = []
 
-    def report(what: str, vl: float, vb: float, ms: float, losses: Tensor | None = None) -> None:
-        log0(f"final_{what} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{ms:.0f}ms")
-        log0(f"final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-        results.append((what, vl, vb, losses))
-
-    def score(what: str, path, net: nn.Module, **kw) -> None:
-        # Projection to 8 GPUs: compiling stays, the rest is spread over 8 ranks of this device.
-        sync()
-        t = time.perf_counter()
-        losses = torch.zeros(val_tokens.numel() - 1, device=device) if args.token_loss_path else None
-        vl, vb, stats = path(args, net, val_tokens, luts, rank, world_size, device, losses=losses, **kw)
-        sync()
-        ms = 1000.0 * (time.perf_counter() - t)
-        report(what, vl, vb, ms, losses)
-        compile_ms = 1000.0 * stats.get("compile", 0.0)
-        extra = "".join(f" {k}:{1000.0 * v:.0f}ms" if isinstance(v, float) else f" {k}:{v}" for k, v in stats.items())
-        log0(f"eval_phase:{what} time:{ms:.0f}ms world_size:{world_size} "
-             f"projected_8gpu:{compile_ms + (ms - compile_ms) * world_size / 8:.0f}ms{extra}")
-
-    def score_artifact(path: str, train_ms: float, eval_t0: float) -> None:
-        """The submission's score: a fresh model built from the artifact file alone (SCORE_ARTIFACT runs only this)."""
-        if distributed:
-            dist.barrier()
-        blob = Path(path).read_bytes()
-        compressor = artifact_compressor(blob, path)
-        fmt = f"{args.quant}_{compressor}"
-        total_bytes = len(blob) + len(counted_code)
-        under_cap = total_bytes <= SIZE_CAP_BYTES
-        log0(f"Serialized model {args.quant}+{compressor}: {len(blob)} bytes")
-        log0(f"Code size: {len(counted_code)} bytes")
-        log0(f"Total submission size {args.quant}+{compressor}: {total_bytes} bytes")
-        log0(f"artifact:{path} format:{fmt} model_bytes:{len(blob)} code_bytes:{len(counted_code)} "
-             f"total_bytes:{total_bytes} cap:{SIZE_CAP_BYTES} under_cap:{int(under_cap)}")
-        if not under_cap:
-            log0(f"WARNING: total submission size {total_bytes} bytes is OVER the {SIZE_CAP_BYTES}-byte cap "
-                 f"by {total_bytes - SIZE_CAP_BYTES} bytes: this artifact is not a valid submission")
-        fresh, _ = model_from_artifact(blob, device, path)
-        fresh_model = torch.compile(fresh, dynamic=False, fullgraph=True) if args.compile else fresh
-        if args.compile:  # every evaluation path compiles its own shapes on its own copy of the model
-            torch._dynamo.config.recompile_limit = 64
-        first = len(results)
-        score(f"{fmt}_roundtrip", evaluate, fresh_model, label=f"{fmt}_roundtrip")
-        if results[0][0] == "prequant":  # the quantization gap by stage, in bpb over the float weights
-            log0("quant_gap " + " ".join(f"{r[0]}:{r[2] - results[0][2]:+.4f}" for r in results[1:]))
-        # The stronger paths, each on this same roundtrip model (README "Evaluation").
-        seq_len = args.eval_seq_len
-        if seq_len > args.train_seq_len:
-            scale_rope(fresh, seq_len / args.train_seq_len)
-            log0(f"eval_rope:ntk factor:{seq_len / args.train_seq_len:.4f}")
-        if args.eval_stride and (args.eval_stride, seq_len, args.eval_isolate_docs) != (args.train_seq_len,) * 2 + (False,):
-            score("sliding_window", evaluate, fresh_model, seq_len=seq_len, stride=args.eval_stride,
-                  isolate_docs=args.eval_isolate_docs, label="sliding_window")
-        if args.ttt_enabled:
-            score("ttt", evaluate_ttt, fresh)
-        if args.lora_ttt_enabled:
-            score("lora_ttt", evaluate_lora_ttt, fresh)
-        what, vl, vb, losses = min(results[first:], key=lambda r: r[2])
-        if args.token_loss_path and master:
-            np.save(args.token_loss_path, losses.cpu().numpy())
-            log0(f"token_losses:{args.token_loss_path} count:{losses.numel()}")
-        eval_ms = 1000.0 * (time.perf_counter() - eval_t0)
-        log0(f"submission score:{what} val_loss:{vl:.8f} val_bpb:{vb:.8f} total_bytes:{total_bytes} "
-             f"under_cap:{int(under_cap)} train_time:{train_ms:.0f}ms eval_time:{eval_ms:.0f}ms")
-        if not under_cap:
-            log0(f"WARNING: OVER THE {SIZE_CAP_BYTES}-BYTE CAP ({total_bytes} bytes)")
-        log0(f"final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-
-    if args.score_artifact:
-        log0(f"score_artifact:{args.score_artifact} (no training; settings from the artifact)")
-        score_artifact(args.score_artifact, 0.0, time.perf_counter())
-        if distributed:
-            dist.destroy_process_group()
-        return
-    train_loader = TRAIN_LOADERS[args.train_loader](args, rank, world_size, device)
-    log0(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_loader.files)}")
-
-    # Model and optimizers.
-    base_model = build_model(args, device)
+def build_training(run: Run) -> Training:
+    args = run.args
+    loader = make_train_loader(run)
+    run.log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(loader.files)}")
+    base_model = build_model(args, run.device)
     if args.qat_start < 1:
         configure_qat(base_model, args)
-    model = torch.compile(base_model, dynamic=False, fullgraph=True) if args.compile else base_model
-    if distributed:
+    model = compiled(base_model, args)
+    if run.distributed:
         if args.muon_batched:  # Muon reduce-scatters the matrices' gradients itself, so DDP leaves them alone
-            if args.grad_clip_norm > 0:
-                raise ConfigError("GRAD_CLIP_NORM with MUON_BATCHED=1 on several processes would clip unreduced "
-                                  "matrix gradients; set one of them to 0")
             matrices = {id(p) for p in base_model.param_groups()["matrix"]}
             names = [n for n, p in model.named_parameters() if id(p) in matrices]
             DDP._set_params_and_buffers_to_ignore_for_model(model, names)
-            log0(f"muon:reduce_scatter matrices:{len(names)}")
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+            run.log(f"muon:reduce_scatter matrices:{len(names)}")
+        model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
     optimizers, muon = build_optimizers(args, base_model)
-    log0(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
-
-    def train_step(step: int, lr_scale: float) -> Tensor:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        train_loss = torch.zeros((), device=device)
-        for micro in range(grad_accum_steps):
-            if distributed:
-                model.require_backward_grad_sync = micro == grad_accum_steps - 1
-            x, y = train_loader.next_batch(args.train_batch_tokens, args.train_seq_len, grad_accum_steps)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(x, y).mean()
-            train_loss += loss.detach()
-            (loss / grad_accum_steps).backward()
-        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
-        for g in muon.param_groups:
-            g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
-        for opt in optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_scale
-        if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        base_model.after_optimizer_step()
-        return train_loss / grad_accum_steps
-
-    # Warm-up steps compile every graph, then weights, optimizer state and data position are restored.
-    if args.warmup_steps > 0:
-        if args.compile:
-            log0("compiling: warm-up steps run the compiled graphs once, then everything is restored")
-        model_state = copy.deepcopy(base_model.state_dict())
-        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        for i in range(args.warmup_steps):
-            train_step(0, 1.0)
-            log0(f"warmup_step:{i + 1}/{args.warmup_steps}")
-        base_model.load_state_dict(model_state)
-        for opt, state in zip(optimizers, opt_states):
-            opt.load_state_dict(state)
-        train_loader = TRAIN_LOADERS[args.train_loader](args, rank, world_size, device)
-
-    def calibrate() -> dict[str, Tensor]:
-        # GPTQ Hessians from the next training batches (never val), on the training clock, summed over ranks.
-        c0 = time.perf_counter()
-        n = args.gptq_calib_batches * grad_accum_steps
-        batches = (train_loader.next_batch(args.train_batch_tokens, args.train_seq_len, grad_accum_steps) for _ in range(n))
-        hessians = collect_hessians(base_model, batches)
-        for name in sorted(hessians) if distributed else ():
-            dist.all_reduce(hessians[name])
-        sync()
-        log0(f"gptq_calibration batches:{args.gptq_calib_batches} tokens:{args.gptq_calib_batches * args.train_batch_tokens} "
-             f"matrices:{len(hessians)} time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
-        return hessians
-
+    run.log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     ema = WeightEMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
+    return Training(base_model, model, optimizers, muon, loader, ema)
 
-    # Training loop: the clock pauses during validation; the wallclock stop and the QAT switch are agreed by all ranks.
-    max_ms = train_budget_ms(args)
-    train_ms, stop_after, step, qat_step, hessians = 0.0, None, 0, None, None
-    sync()
-    t0 = time.perf_counter()
-    while True:
-        last = step == args.iterations or (stop_after is not None and step >= stop_after)
-        if last:
-            if ema is not None:  # the averaged weights are the ones calibrated, scored and exported
-                ema.apply()
-                base_model.after_load()  # an average of unit rows is not unit
-                log0(f"ema:applied decay:{args.ema_decay} steps:{step}")
-            set_qat(base_model, False)  # the pre-quant score and the Hessians read the float weights
-            hessians = calibrate() if args.gptq else None
-        if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-            sync()
-            train_ms += 1000.0 * (time.perf_counter() - t0)
-            eval_t0 = time.perf_counter()
-            vl, vb, _ = evaluate(args, model, val_tokens, luts, rank, world_size, device, label=f"step{step}")
-            log0(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} "
-                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            sync()
-            t0 = time.perf_counter()
-        if last:
-            if stop_after is not None and step < args.iterations:
-                log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
-            break
-        elapsed = train_ms + 1000.0 * (time.perf_counter() - t0)
-        train_loss = train_step(step, lr_multiplier(args, step, elapsed))
-        if ema is not None:
-            ema.update()
-        step += 1
-        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop_after is not None):
-            if distributed:  # log the global batch's loss, not rank 0's share
+
+def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tensor:
+    """One optimizer step on one global batch (grad_accum_steps micro-batches); returns the mean loss, on device."""
+    args, accum = run.args, run.grad_accum_steps
+    for opt in t.optimizers:
+        opt.zero_grad(set_to_none=True)
+    train_loss = torch.zeros((), device=run.device)
+    for micro in range(accum):
+        if run.distributed:
+            t.model.require_backward_grad_sync = micro == accum - 1
+        x, y = t.loader.next_batch(args.train_batch_tokens, args.train_seq_len, accum)
+        with autocast(run.device):
+            loss = t.model(x, y).mean()
+        train_loss += loss.detach()
+        (loss / accum).backward()
+    for g in t.muon.param_groups:
+        g["momentum"] = momentum
+    for opt in t.optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+    if args.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(t.base_model.parameters(), args.grad_clip_norm)
+    for opt in t.optimizers:
+        opt.step()
+    t.base_model.after_optimizer_step()
+    return train_loss / accum
+
+
+def warm_up_training(run: Run, t: Training) -> None:
+    """WARMUP_STEPS steps compile every graph; then weights, optimizer state and the data position are restored."""
+    args = run.args
+    if args.warmup_steps <= 0:
+        return
+    if args.compile:
+        run.log("compiling: warm-up steps run the compiled graphs once, then everything is restored")
+    model_state = copy.deepcopy(t.base_model.state_dict())
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in t.optimizers]
+    for i in range(args.warmup_steps):
+        train_step(run, t, 1.0, muon_momentum(args, 0))
+        run.log(f"warmup_step:{i + 1}/{args.warmup_steps}")
+    t.base_model.load_state_dict(model_state)
+    for opt, state in zip(t.optimizers, opt_states):
+        opt.load_state_dict(state)
+    t.loader = make_train_loader(run)
+
+
+class TrainClock:
+    """The one source of training progress: steps taken and milliseconds trained (validation pauses excluded), the
+    same on every rank. It drives the LR schedule, Muon momentum, QAT, depth recurrence and the stop."""
+
+    def __init__(self, run: Run):
+        self.run, self.budget_ms = run, train_budget_ms(run.args)
+        self.step = 0
+        self.ms = 0.0  # training time at the last tick, agreed by all ranks: what progress reads
+        self.banked_ms = 0.0  # training time up to the last pause
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        sync(self.run.device)
+        self._t0 = time.perf_counter()
+
+    def pause(self) -> None:
+        sync(self.run.device)
+        self.banked_ms += 1000.0 * (time.perf_counter() - self._t0)
+
+    def tick(self) -> None:
+        """A step is done: count it and read the time, agreed across ranks (their max) when time can stop the run."""
+        self.step += 1
+        ms = self.banked_ms + 1000.0 * (time.perf_counter() - self._t0)
+        if self.run.distributed and self.budget_ms is not None:
+            reading = torch.tensor(ms, device=self.run.device, dtype=torch.float64)
+            dist.all_reduce(reading, op=dist.ReduceOp.MAX)
+            ms = reading.item()
+        self.ms = ms
+
+    def fraction(self) -> float:
+        """How much of training is done: of ITERATIONS, or of the time budget, whichever is further."""
+        return max(self.step / self.run.args.iterations, self.ms / self.budget_ms if self.budget_ms else 0.0)
+
+    def done(self) -> bool:
+        return self.step >= self.run.args.iterations or (self.budget_ms is not None and self.ms >= self.budget_ms)
+
+
+def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
+    """Late QAT and depth recurrence switch on once their fraction of training is done; each switch is logged."""
+    args, frac = run.args, clock.fraction()
+    if args.qat_start < 1 and "qat" not in t.switched and frac >= args.qat_start:
+        set_qat(t.base_model, True)
+        t.switched["qat"] = clock.step
+        run.log(f"qat:on step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
+                f"quant:{args.quant_attn}/{args.quant_mlp}")
+    if args.recur_last >= 0 and "recurrence" not in t.switched and frac >= args.recur_start_frac:
+        t.base_model.recur_active.fill_(True)
+        t.switched["recurrence"] = clock.step
+        run.log(f"recurrence:on step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
+                f"layers:{args.recur_first}-{args.recur_last} loops:{args.recur_loops}")
+
+
+def validation(run: Run, data: ValData, model: nn.Module, clock: TrainClock) -> tuple[float, float]:
+    """The whole val split scored by the training model, while the clock is paused; logs the step's line."""
+    args = run.args
+    vl, vb, _ = evaluate(args, model, data.tokens, data.luts, run.rank, run.world_size, run.device,
+                         label=f"step{clock.step}")
+    run.log(f"step:{clock.step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} "
+            f"train_time:{clock.banked_ms:.0f}ms step_avg:{clock.banked_ms / max(clock.step, 1):.2f}ms")
+    return vl, vb
+
+
+def train(run: Run, data: ValData, t: Training) -> TrainClock:
+    """The timed loop: steps until ITERATIONS or the time budget, validating every VAL_LOSS_EVERY steps."""
+    args = run.args
+    clock = TrainClock(run)
+    clock.start()
+    while not clock.done():
+        apply_switches(run, t, clock)
+        if args.val_loss_every > 0 and clock.step % args.val_loss_every == 0:
+            clock.pause()
+            validation(run, data, t.model, clock)
+            clock.start()
+        train_loss = train_step(run, t, lr_multiplier(args, clock.step, clock.ms), muon_momentum(args, clock.step))
+        if t.ema is not None:
+            t.ema.update()
+        clock.tick()
+        # Logging steps are the only ones that read the loss back from the device.
+        if args.train_log_every > 0 and (clock.step <= 10 or clock.step % args.train_log_every == 0 or clock.done()):
+            if run.distributed:  # the global batch's loss, not rank 0's share
                 dist.all_reduce(train_loss)
-                train_loss /= world_size
-            log0(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
-                 f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
-        reached = max_ms is not None and approx_ms >= max_ms
-        progress = max(step / args.iterations, approx_ms / max_ms if max_ms else 0.0)
-        qat_due = qat_step is None and args.qat_start < 1 and progress >= args.qat_start
-        if distributed and max_ms is not None:
-            flags = torch.tensor([int(reached), int(qat_due)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            reached, qat_due = bool(flags[0].item()), bool(flags[1].item())
-        if qat_due:
-            set_qat(base_model, True)
-            qat_step = step
-            log0(f"qat:on step:{step}/{args.iterations} train_time:{approx_ms:.0f}ms quant:{args.quant_attn}/{args.quant_mlp}")
-        if stop_after is None and reached:
-            stop_after = step
-    log0(f"train_done steps:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-    if args.max_wallclock_seconds > 0 and train_ms > 1000.0 * args.max_wallclock_seconds:
-        log0(f"WARNING: training and GPTQ calibration took {train_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS: "
-             "raise GPTQ_RESERVE_SECONDS")
-    if device.type == "cuda":
-        log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+                train_loss /= run.world_size
+            run.log(f"step:{clock.step}/{args.iterations} train_loss:{train_loss.item():.4f} "
+                    f"train_time:{clock.ms:.0f}ms step_avg:{clock.ms / clock.step:.2f}ms")
+    return clock
 
-    # Export (eval_t0: the last validation above, the pre-quant score, opened the eval phase). Each stage is scored:
-    # the QAT forward if QAT ran (round to nearest on the export grid), the quantized weights, the artifact alone.
-    report("prequant", vl, vb, 1000.0 * (t0 - eval_t0))
-    if args.qat_start < 1:
-        set_qat(base_model, True)
-        score(f"{args.quant}_qat", evaluate, model, label="qat")
-        set_qat(base_model, False)
+
+def calibrate(run: Run, t: Training) -> dict[str, Tensor]:
+    """GPTQ Hessians from the next training batches (never val), on the training clock, summed over ranks."""
+    args, c0 = run.args, time.perf_counter()
+    n = args.gptq_calib_batches * run.grad_accum_steps
+    batches = (t.loader.next_batch(args.train_batch_tokens, args.train_seq_len, run.grad_accum_steps) for _ in range(n))
+    hessians = collect_hessians(t.base_model, batches)
+    for name in sorted(hessians) if run.distributed else ():
+        dist.all_reduce(hessians[name])
+    sync(run.device)
+    run.log(f"gptq_calibration batches:{args.gptq_calib_batches} tokens:{args.gptq_calib_batches * args.train_batch_tokens} "
+            f"matrices:{len(hessians)} time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
+    return hessians
+
+
+def finish_training(run: Run, data: ValData, t: Training, clock: TrainClock) -> tuple[dict | None, float]:
+    """Still on the training clock: the EMA's average put in, GPTQ calibrated on training batches. Then the clock
+    stops and the float weights get the pre-quant score. Returns (Hessians or None, the evaluation's start time)."""
+    args = run.args
+    if t.ema is not None:  # the averaged weights are the ones calibrated, scored and exported
+        t.ema.apply()
+        t.base_model.after_load()  # an average of unit rows is not unit
+        run.log(f"ema:applied decay:{args.ema_decay} steps:{clock.step}")
+    set_qat(t.base_model, False)  # the pre-quant score and the Hessians read the float weights
+    hessians = calibrate(run, t) if args.gptq else None
+    clock.pause()
+    eval_t0 = time.perf_counter()
+    vl, vb = validation(run, data, t.model, clock)
+    train_ms = clock.banked_ms
+    if clock.step < args.iterations:
+        run.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{clock.step}/{args.iterations}")
+    run.log(f"train_done steps:{clock.step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(clock.step, 1):.2f}ms")
+    if args.max_wallclock_seconds > 0 and train_ms > 1000.0 * args.max_wallclock_seconds:
+        run.log(f"WARNING: training and GPTQ calibration took {train_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS: "
+                "raise GPTQ_RESERVE_SECONDS")
+    if run.device.type == "cuda":
+        run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    report(run, "prequant", vl, vb, 1000.0 * (time.perf_counter() - eval_t0))
+    return hessians, eval_t0
+
+
+def report(run: Run, what: str, vl: float, vb: float, ms: float, losses: Tensor | None = None) -> None:
+    run.log(f"final_{what} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{ms:.0f}ms")
+    run.log(f"final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+    run.results.append((what, vl, vb, losses))
+
+
+def score(run: Run, data: ValData, what: str, evaluate_fn, model: nn.Module) -> None:
+    """Score with one evaluation function (EvalPath.run's signature), timed; logs final_<what> and
+    eval_phase:<what>, whose projection to 8 GPUs keeps compiling and spreads the rest over 8 ranks of this device."""
+    sync(run.device)
+    t = time.perf_counter()
+    losses = torch.zeros(data.tokens.numel() - 1, device=run.device) if run.args.token_loss_path else None
+    vl, vb, stats = evaluate_fn(run.args, model, data.tokens, data.luts, run.rank, run.world_size, run.device,
+                                losses=losses)
+    sync(run.device)
+    ms = 1000.0 * (time.perf_counter() - t)
+    report(run, what, vl, vb, ms, losses)
+    compile_ms = 1000.0 * stats.get("compile", 0.0)
+    extra = "".join(f" {k}:{1000.0 * v:.0f}ms" if isinstance(v, float) else f" {k}:{v}" for k, v in stats.items())
+    run.log(f"eval_phase:{what} time:{ms:.0f}ms world_size:{run.world_size} "
+            f"projected_8gpu:{compile_ms + (ms - compile_ms) * run.world_size / 8:.0f}ms{extra}")
+
+
+@dataclass
+class Export:
+    quantized: dict[str, dict]  # the quantized state dict, before any pruning
+    blob: bytes  # the artifact
+    pruned: int  # weights the cap remedy zeroed
+
+
+def export_artifact(args: Hyperparameters, state_dict: dict[str, Tensor], hessians: dict | None, code_bytes: int,
+                    log=print) -> Export:
+    """Quantize (GPTQ where Hessians are given), pack, keep the smallest compression; over the cap less the counted
+    code and SIZE_MARGIN_BYTES, zero the smallest weights until it fits. records/estimate_size.py calls this too."""
     q0 = time.perf_counter()
-    qsd = quantize_state_dict(base_model.state_dict(), args, hessians)
-    log0(f"quantize attn:{args.quant_attn} mlp:{args.quant_mlp} embed:{args.quant_embed} gptq:{int(hessians is not None)} "
-         f"lowrank_tensors:{sum('lr_a' in e for e in qsd.values())} time:{1000.0 * (time.perf_counter() - q0):.0f}ms")
-    base_model.load_state_dict(dequantize_state_dict(qsd))
-    base_model.after_load()
-    score(f"{args.quant}_{'gptq' if hessians else 'rtn'}", evaluate, model, label="quantized")
-    # The cap as a guarantee: over it (less SIZE_MARGIN_BYTES), zero the smallest weights until the artifact fits.
-    max_model_bytes = SIZE_CAP_BYTES - args.size_margin_bytes - len(counted_code)
+    qsd = quantize_state_dict(state_dict, args, hessians)
+    log(f"quantize attn:{args.quant_attn} mlp:{args.quant_mlp} embed:{args.quant_embed} gptq:{int(hessians is not None)} "
+        f"lowrank_tensors:{sum('lr_a' in e for e in qsd.values())} time:{1000.0 * (time.perf_counter() - q0):.0f}ms")
+    max_model_bytes = SIZE_CAP_BYTES - args.size_margin_bytes - code_bytes
     c0 = time.perf_counter()
-    qsd, blob, pruned = prune_to_fit(qsd, args.settings, args.compressor, args.byte_shuffle, max_model_bytes)
-    log0(f"compress:{artifact_compressor(blob)} setting:{args.compressor} model_bytes:{len(blob)} "
-         f"time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
+    fitted, blob, pruned = prune_to_fit(qsd, args.settings, args.compressor, args.byte_shuffle, max_model_bytes)
+    log(f"compress:{artifact_compressor(blob)} setting:{args.compressor} model_bytes:{len(blob)} "
+        f"time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
     if pruned:
-        log0(f"cap_remedy:prune zeroed_weights:{pruned} of:{sum(e['q'].numel() for e in qsd.values() if 'q' in e)} "
-             f"model_bytes:{len(blob)} max_model_bytes:{max_model_bytes}")
+        log(f"cap_remedy:prune zeroed_weights:{pruned} of:{sum(e['q'].numel() for e in fitted.values() if 'q' in e)} "
+            f"model_bytes:{len(blob)} max_model_bytes:{max_model_bytes}")
     if len(blob) > max_model_bytes:
-        log0(f"WARNING: the artifact ({len(blob)} bytes) cannot be brought under {max_model_bytes} model bytes")
-    if master:
-        Path(args.artifact_path).write_bytes(blob)
-        if args.code_pack:
-            packed_path = Path(args.artifact_path).with_name("train_gpt.packed.py")
-            packed_path.write_bytes(counted_code)
-            log0(f"code_packed:{packed_path} bytes:{len(counted_code)} (the counted code: runs as train_gpt.py)")
-    score_artifact(args.artifact_path, train_ms, eval_t0)
-    if distributed:
-        del model  # DDP's reducer holds the process group: freed at exit, after it, gloo's teardown can hang
+        log(f"WARNING: the artifact ({len(blob)} bytes) cannot be brought under {max_model_bytes} model bytes")
+    return Export(qsd, blob, pruned)
+
+
+def score_stages(run: Run, data: ValData, t: Training, export: Export, gptq_used: bool) -> None:
+    """The quantization gap by stage, on the training model: the QAT forward if QAT ran (round to nearest on the
+    export grid), then the quantized weights before any pruning (they replace the float weights)."""
+    args = run.args
+    if args.qat_start < 1:
+        set_qat(t.base_model, True)
+        score(run, data, f"{args.quant}_qat", partial(evaluate, label="qat"), t.model)
+        set_qat(t.base_model, False)
+    t.base_model.load_state_dict(dequantize_state_dict(export.quantized))
+    t.base_model.after_load()
+    score(run, data, f"{args.quant}_{'gptq' if gptq_used else 'rtn'}", partial(evaluate, label="quantized"), t.model)
+
+
+def write_artifact(run: Run, blob: bytes) -> Path:
+    path = Path(run.args.artifact_path)
+    if run.master:
+        path.write_bytes(blob)
+        if run.args.code_pack:
+            packed_path = path.with_name("train_gpt.packed.py")
+            packed_path.write_bytes(run.counted_code)
+            run.log(f"code_packed:{packed_path} bytes:{len(run.counted_code)} (the counted code: runs as train_gpt.py)")
+    return path
+
+
+def log_artifact_size(run: Run, path: Path, blob: bytes) -> tuple[str, int]:
+    """The size lines (the starter's three, then ours); returns (format name, total bytes)."""
+    quant, compressor = run.args.quant, artifact_compressor(blob, str(path))
+    fmt, total_bytes = f"{quant}_{compressor}", len(blob) + len(run.counted_code)
+    run.log(f"Serialized model {quant}+{compressor}: {len(blob)} bytes")
+    run.log(f"Code size: {len(run.counted_code)} bytes")
+    run.log(f"Total submission size {quant}+{compressor}: {total_bytes} bytes")
+    run.log(f"artifact:{path} format:{fmt} model_bytes:{len(blob)} code_bytes:{len(run.counted_code)} "
+            f"total_bytes:{total_bytes} cap:{SIZE_CAP_BYTES} under_cap:{int(total_bytes <= SIZE_CAP_BYTES)}")
+    if total_bytes > SIZE_CAP_BYTES:
+        run.log(f"WARNING: total submission size {total_bytes} bytes is OVER the {SIZE_CAP_BYTES}-byte cap "
+                f"by {total_bytes - SIZE_CAP_BYTES} bytes: this artifact is not a valid submission")
+    return fmt, total_bytes
+
+
+def score_artifact(run: Run, data: ValData, path: Path, train_ms: float, eval_t0: float) -> None:
+    """The submission's score: a fresh model built from the artifact file alone, scored by every enabled path of
+    EVAL_PATHS; the best of them is the submission's."""
+    args = run.args
+    if run.distributed:
+        dist.barrier()
+    blob = path.read_bytes()
+    fmt, total_bytes = log_artifact_size(run, path, blob)
+    under_cap = total_bytes <= SIZE_CAP_BYTES
+    fresh, _ = model_from_artifact(blob, run.device, str(path))
+    if args.compile:  # every path compiles its own shapes
+        torch._dynamo.config.recompile_limit = 64
+    paths = {name: p for name, p in EVAL_PATHS.items() if p.enabled(args)}
+    for name, p in paths.items():
+        run.log(f"eval_path:{name} adapts:{int(p.adapts)} rule:{'score_first' if p.adapts else 'none'}")
+    if args.eval_seq_len > args.train_seq_len:
+        run.log(f"eval_rope:ntk factor:{args.eval_seq_len / args.train_seq_len:.4f}")
+    first = len(run.results)
+    for name, p in paths.items():
+        score(run, data, f"{fmt}_roundtrip" if name == "roundtrip" else name, p.run, fresh)
+    if run.results[0][0] == "prequant":  # the quantization gap by stage, in bpb over the float weights
+        stages = run.results[1 : first + 1]
+        run.log("quant_gap " + " ".join(f"{r[0]}:{r[2] - run.results[0][2]:+.4f}" for r in stages))
+    what, vl, vb, losses = min(run.results[first:], key=lambda r: r[2])
+    if args.token_loss_path and run.master:
+        np.save(args.token_loss_path, losses.cpu().numpy())
+        run.log(f"token_losses:{args.token_loss_path} count:{losses.numel()}")
+    eval_ms = 1000.0 * (time.perf_counter() - eval_t0)
+    run.log(f"submission score:{what} val_loss:{vl:.8f} val_bpb:{vb:.8f} total_bytes:{total_bytes} "
+            f"under_cap:{int(under_cap)} train_time:{train_ms:.0f}ms eval_time:{eval_ms:.0f}ms")
+    if not under_cap:
+        run.log(f"WARNING: OVER THE {SIZE_CAP_BYTES}-BYTE CAP ({total_bytes} bytes)")
+    run.log(f"final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+
+
+def main() -> None:
+    run = setup_run()
+    data = load_val_data(run)
+    if run.args.score_artifact:  # scoring an artifact alone: no training, the artifact's settings
+        run.log(f"score_artifact:{run.args.score_artifact} (no training; settings from the artifact)")
+        score_artifact(run, data, Path(run.args.score_artifact), train_ms=0.0, eval_t0=time.perf_counter())
+    else:
+        t = build_training(run)
+        warm_up_training(run, t)
+        clock = train(run, data, t)
+        hessians, eval_t0 = finish_training(run, data, t, clock)
+        export = export_artifact(run.args, t.base_model.state_dict(), hessians, len(run.counted_code), run.log)
+        score_stages(run, data, t, export, hessians is not None)
+        path = write_artifact(run, export.blob)
+        del t  # DDP's reducer holds the process group: freed after it, gloo's teardown can hang
+        score_artifact(run, data, path, clock.banked_ms, eval_t0)
+    if run.distributed:
         dist.destroy_process_group()
 
 

@@ -3,9 +3,10 @@
     NUM_LAYERS=12 MLP_MULT=3 python3 records/estimate_size.py [--steps 3] [--tokens 4096]
 
 Builds the model the env vars describe (train_gpt.py's settings), takes a few optimizer steps on random tokens
-(so zero-initialized projections are no longer zero), calibrates GPTQ on random tokens, then quantizes, packs and
-compresses exactly as the export does. Prints the model bytes, the counted code bytes and their total against
-the cap. Weights this close to their init give an estimate, not the trained size: SDClip ties each row's grid
+(so zero-initialized projections are no longer zero; the EMA applied as a run applies it), calibrates GPTQ on
+random tokens, then calls the run's own export phase (train_gpt.export_artifact: quantize, compress, prune to fit
+under the cap less the counted code). Prints the model bytes, the counted code bytes, their total against the cap
+and how many weights the export had to zero to fit (pruned_to_fit > 0 counts as over the cap). Weights this close to their init give an estimate, not the trained size: SDClip ties each row's grid
 step to its spread, so trained rows should cost about as many bits per weight. Exit codes: 0 fits, 1 over the cap.
 """
 
@@ -22,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as tg  # noqa: E402
 
 
-def estimate(args: tg.Hyperparameters, steps: int, tokens: int, seq_len: int = 256) -> tuple[int, int, float]:
-    """(model bytes, counted code bytes, parameters in millions) of the configuration `args`."""
+def estimate(args: tg.Hyperparameters, steps: int, tokens: int, seq_len: int = 256) -> tuple[tg.Export, int, float]:
+    """(the export, counted code bytes, parameters in millions) of the configuration `args`."""
     torch.manual_seed(args.seed)
     cpu = torch.device("cpu")
     model = tg.build_model(args, cpu)
     optimizers, _ = tg.build_optimizers(args, model)
+    ema = tg.WeightEMA(model, args.ema_decay) if args.ema_decay > 0 else None
 
     def batch():
         x = torch.randint(0, args.vocab_size, (max(1, tokens // seq_len), seq_len + 1))
@@ -39,12 +41,15 @@ def estimate(args: tg.Hyperparameters, steps: int, tokens: int, seq_len: int = 2
             opt.step()
             opt.zero_grad(set_to_none=True)
         model.after_optimizer_step()
+        if ema is not None:
+            ema.update()
+    if ema is not None:
+        ema.apply()
+        model.after_load()
     hessians = tg.collect_hessians(model, [batch()]) if args.gptq else None
-    qsd = tg.quantize_state_dict(model.state_dict(), args, hessians)
-    blob = tg.pack_artifact(qsd, args.settings, args.compressor, args.byte_shuffle)
-    source = (tg.SCRIPT_DIR / "train_gpt.py").read_bytes()
-    code = tg.pack_code(source) if args.code_pack else source
-    return len(blob), len(code), sum(p.numel() for p in model.parameters()) / 1e6
+    code = tg.counted_code((tg.SCRIPT_DIR / "train_gpt.py").read_bytes(), args.code_pack)
+    export = tg.export_artifact(args, model.state_dict(), hessians, len(code), log=lambda msg: None)
+    return export, len(code), sum(p.numel() for p in model.parameters()) / 1e6
 
 
 def main() -> int:
@@ -58,14 +63,14 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    model_bytes, code_bytes, params = estimate(args, opts.steps, opts.tokens)
-    total = model_bytes + code_bytes
+    export, code_bytes, params = estimate(args, opts.steps, opts.tokens)
+    total = len(export.blob) + code_bytes
     print(f"params:{params:.3f}M quant:{args.quant_attn}/{args.quant_mlp}/{args.quant_embed} gptq:{int(args.gptq)} "
           f"compressor:{args.compressor} steps:{opts.steps} time:{time.perf_counter() - t0:.0f}s")
-    print(f"model_bytes:{model_bytes} code_bytes:{code_bytes} total_bytes:{total} cap:{tg.SIZE_CAP_BYTES} "
-          f"under_cap:{int(total <= tg.SIZE_CAP_BYTES)} margin:{tg.SIZE_CAP_BYTES - total}")
-    return 0 if total <= tg.SIZE_CAP_BYTES else 1
-
+    print(f"model_bytes:{len(export.blob)} code_bytes:{code_bytes} total_bytes:{total} cap:{tg.SIZE_CAP_BYTES} "
+          f"pruned_to_fit:{export.pruned} margin:{tg.SIZE_CAP_BYTES - total}")
+    # The run would prune to fit; an estimate that needs pruning is over the cap.
+    return 0 if export.pruned == 0 and total <= tg.SIZE_CAP_BYTES else 1
 
 if __name__ == "__main__":
     sys.exit(main())

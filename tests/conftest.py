@@ -1,15 +1,37 @@
-"""Shared fixtures: a tiny dataset built from the embedded corpus, and a runner for train_gpt.py subprocesses."""
+"""Shared fixtures and helpers: a tiny model config, a tiny dataset built from the embedded corpus, a runner for
+train_gpt.py subprocesses and readers of its log."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
+
+import train_gpt as tg  # noqa: E402
+
+CPU = torch.device("cpu")
+# The in-process tests' model: the starter's options at a tiny shape; each test adds what it studies.
+TINY_MODEL = {"BASELINE": "1", "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}
+
+
+def tiny_args(**env) -> tg.Hyperparameters:
+    return tg.Hyperparameters({**TINY_MODEL, **{k: str(v) for k, v in env.items()}})
+
+
+def train_losses(log: str) -> list[float]:
+    return [float(m) for m in re.findall(r"^step:\d+/\d+ train_loss:([\d.]+)", log, re.M)]
+
+
+def exact_line(log: str, what: str) -> str:
+    return re.search(rf"^final_{what}_exact val_loss:\S+ val_bpb:\S+$", log, re.M).group(0)
+
 
 # A model small enough that a full run (train, export, two evaluations) takes seconds on 2 cores.
 TINY_ENV = {

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,9 +15,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_gpt as tg
 from build_shards import write_shard
-from conftest import data_env, run_train
+from conftest import CPU, data_env, run_train
 
-CPU = torch.device("cpu")
 # Tiny model and eval settings: 8 windows per batch, 4 TTT training sequences per chunk, 4 LoRA slots.
 EVAL_ENV = {
     "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
@@ -57,12 +57,13 @@ def fake_luts(vocab):
     return base, torch.zeros(vocab, dtype=torch.bool), torch.arange(vocab) == tg.BOS_ID
 
 
-PATHS = {
-    "sliding": lambda a, m, t, l, r=0, w=1, **kw: tg.evaluate(a, m, t, l, r, w, CPU, seq_len=a.eval_seq_len,
-                                                              stride=a.eval_stride, isolate_docs=a.eval_isolate_docs, **kw),
-    "ttt": lambda a, m, t, l, r=0, w=1, **kw: tg.evaluate_ttt(a, m, t, l, r, w, CPU, **kw),
-    "lora": lambda a, m, t, l, r=0, w=1, **kw: tg.evaluate_lora_ttt(a, m, t, l, r, w, CPU, **kw),
-}
+def on_cpu(name):
+    # An EVAL_PATHS entry's function with this file's defaults: rank 0 of 1, on the CPU.
+    run = tg.EVAL_PATHS[name].run
+    return lambda a, m, t, l, r=0, w=1, **kw: run(a, m, t, l, r, w, CPU, **kw)
+
+
+PATHS = {"sliding": on_cpu("sliding_window"), "ttt": on_cpu("ttt"), "lora": on_cpu("lora_ttt")}
 
 
 def run_path(path, args, model, tokens, fill=0.0, **kw):
@@ -70,6 +71,24 @@ def run_path(path, args, model, tokens, fill=0.0, **kw):
     losses = torch.full((tokens.numel() - 1,), fill)
     result = PATHS[path](args, model, tokens, fake_luts(args.vocab_size), losses=losses, **kw)
     return losses, result
+
+
+# -----------------------------
+# Byte accounting
+# -----------------------------
+
+def test_byte_luts_match_decoded_utf8_bytes(tiny_data):
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data[1]))
+    luts = tg.build_sentencepiece_luts(sp, 384, CPU)
+    docs = ["Hello world, this is a test.", "  leading spaces and   runs", "naïve café — ünïcödé 東京 🙂",
+            "digits 12345 and 3.14159", "\u2581literal marker"]
+    assert any(sp.is_byte(i) for d in docs for i in sp.encode(d))  # byte fallback is exercised
+    stream = [tg.BOS_ID]
+    for d in docs:
+        stream += sp.encode(d) + [tg.BOS_ID]
+    ids = torch.tensor(stream)
+    counted = tg.count_target_bytes(ids[:-1], ids[1:], luts).sum().item()
+    assert counted == sum(len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs)
 
 
 # -----------------------------
@@ -140,31 +159,30 @@ def test_isolated_documents_never_see_the_previous_document():
 
 
 def test_ntk_rope_scaling_keeps_the_highest_frequency_and_slows_the_lowest():
-    model = tg.build_model(eval_args(), CPU)
-    rotary = model.blocks[0].attn.rotary
-    before = rotary.inv_freq.clone()
-    tg.scale_rope(model, 4.0)
-    assert rotary.inv_freq[0] == before[0] and rotary.inv_freq[-1] == pytest.approx(before[-1].item() / 4, rel=1e-5)
-    assert (rotary.inv_freq <= before).all()
+    rotary = tg.Rotary(8, 10000.0, train_seq_len=32)
+
+    def freqs(seq_len):  # each pair's angle step per position
+        cos, sin = rotary(seq_len, CPU, torch.float32)
+        return torch.atan2(sin[0, 0, 1], cos[0, 0, 1])
+
+    assert torch.allclose(freqs(32), rotary.inv_freq) and torch.allclose(freqs(16), rotary.inv_freq)  # trained lengths
+    longer = freqs(128)  # 4x the trained context
+    assert longer[0] == pytest.approx(rotary.inv_freq[0].item()) and longer[-1] == pytest.approx(rotary.inv_freq[-1].item() / 4)
+    assert (longer <= rotary.inv_freq + 1e-7).all()
 
 
 def test_model_still_trains_after_an_evaluation():
-    # Scoring must not leave inference-mode tensors (the RoPE cache) behind for the next training step.
+    # Scoring must leave nothing behind (no inference-mode tensor, no eval mode) that breaks the next training step.
     args = eval_args()
     model, tokens = tiny_model(args), doc_stream(200, 64)
     tg.evaluate(args, model, tokens, fake_luts(64), 0, 1, CPU)
     model(tokens[None, :32], tokens[None, 1:33]).mean().backward()
 
 
-def test_eval_settings_resolve_and_bad_ones_name_the_variable():
+def test_eval_settings_resolve_and_unmatched_patterns_name_the_variable():
     assert tg.Hyperparameters({"TRAIN_SEQ_LEN": "128"}).eval_seq_len == 128
     assert tg.Hyperparameters({"TRAIN_SEQ_LEN": "128"}).settings["EVAL_SEQ_LEN"] == 128
     assert tg.Hyperparameters({"TRAIN_SEQ_LEN": "32"}).settings["EVAL_STRIDE"] == 32  # a stride beyond the window: plain
-    for env, needle in [({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),
-                        ({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS"),
-                        ({"LORA_TTT_ENABLED": "1", "LORA_CHUNK_TOKENS": "0"}, "LORA_CHUNK_TOKENS")]:
-        with pytest.raises(tg.ConfigError, match=needle):
-            tg.Hyperparameters(env)
     args = eval_args(TTT_PARAMS="nothing.*", LORA_TARGETS="*.nothing")
     for path, needle in [("ttt", "TTT_PARAMS"), ("lora", "LORA_TARGETS")]:
         with pytest.raises(tg.ConfigError, match=needle):
@@ -319,6 +337,9 @@ def test_every_path_reports_and_the_best_one_is_the_submission(tiny_data, tmp_pa
     run_train(tmp_path, env)
     log = (tmp_path / "logs" / "paths.txt").read_text()
     assert re.search(r"^eval_rope:ntk factor:2\.0000$", log, re.M)
+    declared = re.findall(r"^eval_path:(\w+) adapts:([01]) rule:(\w+)$", log, re.M)
+    assert declared == [("roundtrip", "0", "none"), ("sliding_window", "0", "none"), ("ttt", "1", "score_first"),
+                        ("lora_ttt", "1", "score_first")]
     bpb = {}
     roundtrip = re.search(r"^final_(\w+_roundtrip)_exact ", log, re.M).group(1)
     for what in (roundtrip, "sliding_window", "ttt", "lora_ttt"):

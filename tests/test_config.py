@@ -1,0 +1,113 @@
+"""The HYPERPARAMETERS section: env vars and presets, every rule of validate() (ranges, names, shapes, settings of
+the other MODEL), and the README documenting every setting."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import train_gpt as tg
+from conftest import ROOT, tiny_args
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = "import train_gpt, torch.distributed as d; assert not d.is_initialized()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_misspelt_env_var_is_reported_with_the_intended_name():
+    args = tg.Hyperparameters({})
+    warnings = args.misspellings({"NUM_LAYER": "3", "MATRIX_LRR": "0.1", "PATH": "/bin", "NUM_LAYERS": "9"})
+    assert any("NUM_LAYER " in w and "NUM_LAYERS" in w for w in warnings)
+    assert any("MATRIX_LRR" in w and "MATRIX_LR" in w for w in warnings)
+    assert len(warnings) == 2
+
+
+def test_smoke_preset_yields_to_explicit_env():
+    args = tg.Hyperparameters({"SMOKE": "1", "ITERATIONS": "7"})
+    assert args.iterations == 7 and args.model_dim == int(tg.SMOKE_PRESET["MODEL_DIM"])
+    assert tg.Hyperparameters({}).model_dim == 512
+
+
+def test_baseline_preset_restores_the_starter_under_smoke_and_explicit_env():
+    stack, starter = tg.Hyperparameters({}).settings, tg.Hyperparameters({"BASELINE": "1"}).settings
+    assert all(stack[k] != starter[k] for k in tg.BASELINE_PRESET)  # no dead entries
+    assert (starter["NUM_LAYERS"], starter["MLP_MULT"], starter["MLP_ACT"], starter["QUANT"]) == (9, 2, "relu2", "int8")
+    args = tg.Hyperparameters({"SMOKE": "1", "BASELINE": "1", "MLP_ACT": "swiglu"})
+    assert args.num_layers == int(tg.SMOKE_PRESET["NUM_LAYERS"]) and args.ttt_enabled  # the smoke scale wins
+    assert args.mlp_act == "swiglu" and args.bigram_buckets == 0 and args.mlp_mult == 2  # explicit, then starter
+
+
+# Each rule of validate() with a value that breaks it: the error is one line naming the variable.
+BAD_SETTINGS = [
+    ({"NUM_LAYERS": "nine"}, "NUM_LAYERS"), ({"MODEL": "rnn"}, "MODEL"), ({"TIE_EMBEDDINGS": "yes"}, "TIE_EMBEDDINGS"),
+    ({"QUANT": "int3"}, "QUANT"), ({"QUANT_MLP": "int4"}, "QUANT_MLP"), ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
+    ({"MUON_NS_COEFFS": "cubic"}, "MUON_NS_COEFFS"), ({"TRAIN_LOADER": "random"}, "TRAIN_LOADER"),
+    ({"COMPRESSOR": "gzip"}, "COMPRESSOR"), ({"GPTQ": "yes"}, "GPTQ"), ({"MLP_ACT": "gelu"}, "MLP_ACT"),
+    ({"ROPE_DIMS": "3"}, "ROPE_DIMS"), ({"ROPE_DIMS": "16"}, "ROPE_DIMS"), ({"ATTN_GATE_DIMS": "64"}, "ATTN_GATE_DIMS"),
+    ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS"), ({"RECUR_LAYERS": "3-5"}, "RECUR_LAYERS"),
+    ({"RECUR_LAYERS": "2"}, "RECUR_LAYERS"), ({"RECUR_LAYERS": "1-2", "RECUR_LOOPS": "1"}, "RECUR_LOOPS"),
+    ({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS"),
+    ({"LORA_TTT_ENABLED": "1", "LORA_CHUNK_TOKENS": "4096"}, "LORA_CHUNK_TOKENS"),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"), ({"MAX_WALLCLOCK_SECONDS": "4"}, "GPTQ_RESERVE_SECONDS"),
+    ({"MUON_BATCHED": "1", "WORLD_SIZE": "2"}, "GRAD_CLIP_NORM"),
+    # out of range: negative counts, zero sizes, fractions outside [0, 1], open bounds
+    ({"ITERATIONS": "-5"}, "ITERATIONS"), ({"ITERATIONS": "0"}, "ITERATIONS"), ({"TRAIN_BATCH_TOKENS": "0"}, "TRAIN_BATCH_TOKENS"),
+    ({"NUM_LAYERS": "0"}, "NUM_LAYERS"), ({"WARMUP_STEPS": "-1"}, "WARMUP_STEPS"), ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),
+    ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC"), ({"QAT_START": "-0.1"}, "QAT_START"), ({"EMA_DECAY": "1.0"}, "EMA_DECAY"),
+    ({"BETA2": "1"}, "BETA2"), ({"NORM_PCT_DROPOUT": "1"}, "NORM_PCT_DROPOUT"), ({"ADAM_EPS": "0"}, "ADAM_EPS"),
+    ({"LOGIT_SOFTCAP": "0"}, "LOGIT_SOFTCAP"), ({"SIZE_MARGIN_BYTES": "-1"}, "SIZE_MARGIN_BYTES"),
+    ({"MATRIX_LR": "-0.01"}, "MATRIX_LR"), ({"PARALLEL_RESID_FROM": "-2"}, "PARALLEL_RESID_FROM"),
+    # settings of the other model, set explicitly
+    ({"MODEL": "ngpt", "SMEAR_GATE": "1"}, "SMEAR_GATE"), ({"MODEL": "ngpt", "VALUE_EMBED_LAYERS": "2"}, "VALUE_EMBED_LAYERS"),
+    ({"MODEL": "ngpt", "MUON_WD": "0.1"}, "MUON_WD"), ({"NGPT_MATRIX_LR": "0.1"}, "NGPT_MATRIX_LR"),
+]
+
+
+@pytest.mark.parametrize("env,needle", BAD_SETTINGS, ids=lambda v: ",".join(v) if isinstance(v, dict) else None)
+def test_each_broken_rule_is_a_one_line_config_error_naming_the_variable(env, needle):
+    with pytest.raises(tg.ConfigError, match=needle) as e:
+        tiny_args(**{"NUM_LAYERS": "4", "BASELINE": "0", "ROPE_DIMS": "4", **env})
+    assert "\n" not in str(e.value)
+
+
+def test_every_numeric_setting_has_a_range():
+    ranged = {name for names in tg.SETTING_RANGES.values() for name in names.split()}
+    numeric = set()
+    for model in tg.MODELS:
+        settings = tg.Hyperparameters({"MODEL": model}).settings
+        numeric |= {k for k, v in settings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric - ranged == {"SEED"} and ranged <= numeric  # no unchecked setting, no stale name
+    assert all(tg.in_interval(0.5, i) for i in ("[0, 1)", "(0, inf)", "[0, 1]"))
+    assert not any(tg.in_interval(v, i) for v, i in ((1.0, "[0, 1)"), (0.0, "(0, inf)"), (-1.0, "[0, 1]")))
+
+
+def test_each_model_reads_and_logs_only_its_own_settings():
+    gpt, ngpt = (set(tg.Hyperparameters({"MODEL": m}).settings) for m in ("gpt", "ngpt"))
+    assert not gpt & tg.MODEL_ONLY_SETTINGS["ngpt"] and not ngpt & tg.MODEL_ONLY_SETTINGS["gpt"]
+    assert tg.MODEL_ONLY_SETTINGS["gpt"] <= gpt and tg.MODEL_ONLY_SETTINGS["ngpt"] <= ngpt
+    # Presets may set the other model's settings: only an explicit one is refused.
+    args = tg.Hyperparameters({"MODEL": "ngpt", "BASELINE": "1", "SMOKE": "1"})
+    assert args.xsa_last_n == 0 and "SMEAR_GATE" not in args.settings
+
+
+def test_config_errors_come_before_any_data_is_read(tmp_path):
+    # No data at all: the bad setting is what the user hears about, in one line, with exit 2.
+    env = {"PATH": "/usr/bin:/bin", "SMOKE": "1", "ITERATIONS": "-5", "DATA_PATH": str(tmp_path / "none")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: ITERATIONS=-5 is out of range: it must lie in [1, inf)"], proc.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
+
+
+def test_readme_documents_every_env_var():
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", readme, re.M))
+    settings = {name for model in tg.MODELS for name in tg.Hyperparameters({"MODEL": model}).settings}
+    assert settings - documented == set(), "settings missing from README"
+    assert documented - settings == set(), "README lists env vars the script does not read"

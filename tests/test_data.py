@@ -1,0 +1,67 @@
+"""The DATA section: shards, the sequential and shuffled train loaders, the val split."""
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from build_shards import write_shard
+
+
+def test_shard_write_read_round_trip(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 65535, 1000)
+    write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    assert tg.load_data_shard(tmp_path / "fineweb_train_000000.bin").numpy().tolist() == tokens.tolist()
+
+def test_loader_gives_each_rank_a_disjoint_span_of_one_stream(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(50))
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(50, 100))
+    pattern = str(tmp_path / "fineweb_train_*.bin")
+    seen = []
+    loaders = [tg.DistributedTokenLoader(pattern, 100, r, 2, torch.device("cpu")) for r in range(2)]
+    for _ in range(3):
+        for loader in loaders:
+            x, y = loader.next_batch(16, 4, 2)
+            assert torch.equal(y[:, :-1], x[:, 1:])
+            seen.append(x.flatten().tolist())
+    # Call c gives rank r the span starting at 10c + 5r (4 inputs + 1 shifted target per span), across shards.
+    assert seen == [list(range(10 * c + 5 * r, 10 * c + 5 * r + 4)) for c in range(3) for r in range(2)]
+
+
+def test_shuffled_loader_deals_disjoint_sequences_covering_each_shard(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(0, 103))
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(1000, 1090))
+    pattern = str(tmp_path / "fineweb_train_*.bin")
+    L, world, per_call = 4, 2, 3  # 3 sequences per rank per call
+
+    def starts(seed, calls):
+        loaders = [tg.ShuffledTokenLoader(pattern, 1100, r, world, torch.device("cpu"), seed) for r in range(world)]
+        out = []
+        for _ in range(calls):
+            per_rank = []
+            for loader in loaders:
+                x, y = loader.next_batch(world * per_call * L, L, 1)
+                assert x.shape == (per_call, L) and torch.equal(y[:, :-1], x[:, 1:])
+                assert (x[:, 1:] - x[:, :-1] == 1).all() and (y[:, -1] - x[:, -1] == 1).all()  # contiguous spans
+                per_rank.append(x[:, 0].tolist())
+            assert not set(per_rank[0]) & set(per_rank[1])  # disjoint across ranks
+            out += per_rank[0] + per_rank[1]
+        return out
+
+    # The first pass deals shard 0 whole, then shard 1 whole: every sequence at the shard's phase, each once.
+    dealt = starts(seed=7, calls=10)
+    split = next(i for i, s in enumerate(dealt) if s >= 1000)
+    end = next(i for i in range(split, len(dealt)) if dealt[i] < 1000)
+    for block, base, size in [(dealt[:split], 0, 103), (dealt[split:end], 1000, 90)]:
+        phase = (min(block) - base) % L
+        assert sorted(block) == [base + phase + L * j for j in range((size - phase - 1) // L)]
+        assert block != sorted(block)  # shuffled
+    assert starts(seed=7, calls=10) == dealt and starts(seed=8, calls=10) != dealt  # deterministic from SEED
+
+
+def test_val_split_is_read_whole_and_short_splits_are_rejected(tmp_path):
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(10))
+    write_shard(tmp_path / "fineweb_val_000001.bin", np.arange(10, 13))
+    assert tg.load_validation_tokens(str(tmp_path / "fineweb_val_*.bin")).tolist() == list(range(13))
+    with pytest.raises(tg.ConfigError, match="TRAIN_SEQ_LEN or EVAL_SEQ_LEN"):
+        tg.load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), seq_len=16)

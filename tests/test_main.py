@@ -1,0 +1,243 @@
+"""MAIN, end to end on CPU: runs of train_gpt.py (the log contract, learning, the artifact alone, the token-loss
+dump, seeds and warm-up, validation pauses), bad input as one-line errors, the training clock, torchrun."""
+
+import math
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_gpt as tg
+from conftest import CPU, ROOT, TINY_ENV, data_env, run_train, tiny_args, train_losses
+
+
+# -----------------------------
+# Bad input
+# -----------------------------
+
+
+def _bad_inputs(tmp_path, tiny_data):
+    data_path, tok = tiny_data
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good_val = next(data_path.glob("fineweb_val_*.bin")).read_bytes()
+    good_train = next(data_path.glob("fineweb_train_*.bin")).read_bytes()
+
+    def dataset(name, train=good_train, val=good_val):
+        d = bad / name
+        d.mkdir()
+        (d / "fineweb_train_000000.bin").write_bytes(train)
+        (d / "fineweb_val_000000.bin").write_bytes(val)
+        return str(d)
+
+    magic = bytearray(good_train)
+    magic[0] ^= 0xFF
+    big = np.array([1, 2, 500], dtype="<u2").tobytes()
+    big_val = bytearray(good_val[:1024]) + good_val[1024:1030] + big
+    big_val[8:12] = ((len(big_val) - 1024) // 2).to_bytes(4, "little")
+    short = bytearray(good_val[:1024 + 20])
+    short[8:12] = (10).to_bytes(4, "little")
+    return {
+        "no shards": ({"DATA_PATH": str(bad / "nowhere")}, "cached_challenge_fineweb.py"),
+        "missing tokenizer": ({"TOKENIZER_PATH": str(bad / "nope.model")}, "TOKENIZER_PATH"),
+        "bad header": ({"DATA_PATH": dataset("magic", train=bytes(magic))}, "not a challenge shard"),
+        "truncated": ({"DATA_PATH": dataset("trunc", train=good_train[:-7])}, "truncated"),
+        "token id": ({"DATA_PATH": dataset("big", val=bytes(big_val))}, "VOCAB_SIZE=384"),
+        "vocab mismatch": ({"VOCAB_SIZE": "512"}, "VOCAB_SIZE=512"),
+        "short val": ({"DATA_PATH": dataset("short", val=bytes(short))}, "TRAIN_SEQ_LEN"),
+        "negative count": ({"ITERATIONS": "-5"}, "ITERATIONS=-5"),
+        "empty batch": ({"TRAIN_BATCH_TOKENS": "0"}, "TRAIN_BATCH_TOKENS=0"),
+    }
+
+def test_each_bad_input_gets_a_one_line_error(tmp_path, tiny_data, monkeypatch):
+    # In process (a subprocess per case costs seconds of imports): main() must raise a ConfigError, whose
+    # one-line message the __main__ handler prints as `error: ...` with exit 2 (the subprocess test below).
+    monkeypatch.chdir(tmp_path)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SMOKE", "BASELINE"):
+        monkeypatch.delenv(name, raising=False)
+    for case, (env, needle) in _bad_inputs(tmp_path, tiny_data).items():
+        with monkeypatch.context() as m:
+            for name, value in {**TINY_ENV, **data_env(tiny_data, RUN_ID="bad", **env)}.items():
+                m.setenv(name, value)
+            with pytest.raises(tg.ConfigError) as e:
+                tg.main()
+        assert "\n" not in str(e.value) and needle in str(e.value), (case, str(e.value))
+
+def test_no_data_without_smoke_names_download_and_smoke(tmp_path):
+    proc = run_train(tmp_path, {"DATA_PATH": str(tmp_path / "none")}, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error:"), proc.stderr[-2000:]
+    assert "cached_challenge_fineweb.py" in err[0] and "SMOKE=1" in err[0]
+
+
+# -----------------------------
+# A tiny run
+# -----------------------------
+
+
+LOG_LINES = [
+    r"^run_id:tiny$", r"^setting:SEED=1$", r"^setting:TIE_EMBEDDINGS=1$", r"^env:SEED=1$", r"^code_sha256:[0-9a-f]{64} code_bytes:\d+ code_path:\S+$",
+    r"^versions python:\S+ torch:\S+ numpy:\S+ sentencepiece:\S+$", r"^hardware:1x.+ world_size:1 grad_accum_steps:8$",
+    r"^source_begin$", r"^source_end$", r"^model_params:\d+$",
+    r"^step:1/30 train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
+    r"^step:30/30 val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
+    r"^train_done steps:30 train_time:\d+ms step_avg:\d+\.\d{2}ms$",
+    r"^final_prequant_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
+    r"^Total submission size int6\+\w+: \d+ bytes$",
+    r"^artifact:\S+ format:int6_\w+ model_bytes:\d+ code_bytes:\d+ total_bytes:\d+ cap:16000000 under_cap:1$",
+    r"^final_int6_\w+_roundtrip val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms$",
+    r"^token_losses:\S+ count:\d+$",
+    r"^submission score:int6_\w+_roundtrip val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8} total_bytes:\d+ under_cap:1 "
+    r"train_time:\d+ms eval_time:\d+ms$",
+]
+
+def test_log_follows_the_contract(tiny_run):
+    cwd, log, _ = tiny_run
+    for pattern in LOG_LINES:
+        assert re.search(pattern, log, re.M), pattern
+    assert re.match(r"final_int6_\w+_roundtrip_exact val_loss:", log.rstrip("\n").splitlines()[-1])
+    source = log.split("source_begin\n", 1)[1].split("\nsource_end\n", 1)[0] + "\n"
+    assert source == (ROOT / "train_gpt.py").read_text()
+
+def test_tiny_run_learns_and_roundtrip_stays_close(tiny_run):
+    _, log, _ = tiny_run
+    losses = train_losses(log)
+    assert len(losses) == 30 and np.mean(losses[-5:]) < losses[0] - 1.0
+    pre = float(re.search(r"^final_prequant_exact val_loss:\S+ val_bpb:(\S+)", log, re.M).group(1))
+    post = float(re.search(r"^final_int6_\w+_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log, re.M).group(1))
+    assert abs(post - pre) < 0.02
+
+def test_token_losses_reproduce_val_bpb_from_decoded_text(tiny_run, tiny_data):
+    _, log, loss_path = tiny_run
+    losses = np.load(loss_path)
+    val = tg.load_validation_tokens(str(tiny_data[0] / "fineweb_val_*.bin")).numpy()
+    assert losses.dtype == np.float32 and losses.shape == (len(val) - 1,) and (losses > 0).all()
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data[1]))
+    docs = np.split(val, np.flatnonzero(val == tg.BOS_ID))
+    n_bytes = sum(len(sp.decode(d[d != tg.BOS_ID].tolist()).encode("utf-8")) for d in docs)
+    m = re.search(r"^final_int6_\w+_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)", log, re.M)
+    assert losses.astype(np.float64).mean() == pytest.approx(float(m.group(1)), abs=1e-7)
+    assert losses.astype(np.float64).sum() / math.log(2) / n_bytes == pytest.approx(float(m.group(2)), abs=1e-7)
+
+def test_artifact_alone_rebuilds_the_scored_model(tiny_run, tiny_data):
+    cwd, log, loss_path = tiny_run
+    blob = (cwd / "final_model.int6.pgolf").read_bytes()
+    assert f"model_bytes:{len(blob)} " in log
+    model, args = tg.model_from_artifact(blob, torch.device("cpu"))
+    assert args.num_layers == 2 and args.model_dim == 64
+    val = tg.load_validation_tokens(str(tiny_data[0] / "fineweb_val_*.bin")).long()
+    x, y = val[:64][None], val[1:65][None]
+    assert torch.allclose(model(x, y)[0], torch.from_numpy(np.load(loss_path)[:64]), atol=1e-5)
+
+def test_validation_pauses_and_every_switch_is_logged_at_its_fraction(tiny_data, tmp_path):
+    run_train(tmp_path, data_env(tiny_data, RUN_ID="val", SEED="1", ITERATIONS="4", VAL_LOSS_EVERY="2",
+                                 RECUR_LAYERS="0-1", RECUR_START_FRAC="0.5", QAT_START="0.75"))
+    log = (tmp_path / "logs" / "val.txt").read_text()
+    assert len(re.findall(r"^step:[024]/4 val_loss:", log, re.M)) == 3
+    assert re.search(r"^recurrence:on step:2/4 train_time:\d+ms layers:0-1 loops:3$", log, re.M)
+    assert re.search(r"^qat:on step:3/4 train_time:\d+ms quant:int6/int6$", log, re.M)
+    assert re.search(r"^step:4/4 train_loss:", log, re.M)  # the last step is logged
+
+
+def test_same_seed_same_losses_and_warmup_is_fully_undone(tiny_run, tiny_data, tmp_path):
+    _, log, _ = tiny_run
+    run_train(tmp_path, data_env(tiny_data, RUN_ID="again", SEED="1", WARMUP_STEPS="3", TOKEN_LOSS_PATH=""))
+    log2 = (tmp_path / "logs" / "again.txt").read_text()
+    assert "warmup_step:3/3" in log2
+    assert train_losses(log2) == train_losses(log)
+    other = run_train(tmp_path, data_env(tiny_data, RUN_ID="other", SEED="2", ITERATIONS="3"))
+    assert other.returncode == 0 and train_losses((tmp_path / "logs" / "other.txt").read_text()) != train_losses(log)[:3]
+
+
+def test_ema_run_scores_and_exports_the_averaged_weights(tiny_run, tiny_data, tmp_path):
+    _, log, _ = tiny_run  # the default EMA
+    run_train(tmp_path, data_env(tiny_data, RUN_ID="plain", SEED="1", EMA_DECAY="0"))
+    plain = (tmp_path / "logs" / "plain.txt").read_text()
+    assert re.search(r"^ema:applied decay:0.997 steps:30$", log, re.M) and not re.search(r"^ema:applied", plain, re.M)
+    assert train_losses(log) == train_losses(plain)  # the average never feeds back into training
+
+    def bpb(text, what):
+        return float(re.search(rf"^final_{what}_exact val_loss:\S+ val_bpb:(\S+)", text, re.M).group(1))
+
+    # The scored weights changed, and the exported artifact holds those same (averaged) weights.
+    assert bpb(log, "prequant") != bpb(plain, "prequant")
+    assert abs(bpb(log, r"\w+_roundtrip") - bpb(log, "prequant")) < 0.02
+
+
+# -----------------------------
+# The training clock
+# -----------------------------
+
+def clock_for(**env):
+    run = SimpleNamespace(args=tiny_args(**env), device=CPU, distributed=False)
+    return tg.TrainClock(run)
+
+
+def test_clock_counts_steps_and_training_time_and_stops_on_either():
+    clock = clock_for(ITERATIONS=10, MAX_WALLCLOCK_SECONDS=0)
+    clock.start()
+    for _ in range(4):
+        clock.tick()
+    assert clock.fraction() == pytest.approx(0.4) and not clock.done()
+    clock = clock_for(ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=10, GPTQ=1, GPTQ_RESERVE_SECONDS=2)
+    assert clock.budget_ms == 8000  # the cap less the calibration reserve
+    clock.start()
+    clock.banked_ms = 6000.0  # as if 6 s had been trained before a pause
+    clock.tick()
+    assert clock.fraction() == pytest.approx(0.75, abs=0.01) and not clock.done()
+    clock.banked_ms = 8000.0
+    clock.tick()
+    assert clock.done() and clock.step == 2
+
+
+def _clock_worker(rank, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    run = SimpleNamespace(args=tiny_args(MAX_WALLCLOCK_SECONDS=100, GPTQ=0), device=CPU, distributed=True)
+    clock = tg.TrainClock(run)
+    clock.start()
+    clock.banked_ms = 1000.0 * (rank + 1)  # ranks whose clocks read differently
+    clock.tick()
+    out[rank] = clock.ms
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_training_time(tmp_path):
+    out = mp.Manager().dict()
+    mp.spawn(_clock_worker, args=(str(tmp_path / "init"), out), nprocs=2)
+    assert out[0] == out[1] >= 2000.0  # every rank takes the slowest rank's reading
+
+
+# -----------------------------
+# Several processes
+# -----------------------------
+
+
+STACK = {"MUON_NS_COEFFS": "polar_express", "MUON_ROW_NORM": "1", "NORMUON_BETA2": "0.9", "MUON_BATCHED": "1",
+         "MUON_WD": "0.04", "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled",
+         "GRAD_CLIP_NORM": "0"}  # batched Muon on several processes reduces its gradients itself: no global clip
+
+def test_torchrun_two_processes_with_the_option_stack_match_one(tiny_data, tmp_path):
+    env = data_env(tiny_data, SEED="1", ITERATIONS="8", **STACK)
+    run_train(tmp_path, {**env, "RUN_ID": "one", "MUON_BATCHED": "0"})
+    run_train(tmp_path, {**env, "RUN_ID": "two"}, nproc=2)
+    one, two = ((tmp_path / "logs" / f"{r}.txt").read_text() for r in ("one", "two"))
+    assert "world_size:2 grad_accum_steps:4" in two and re.search(r"^muon:reduce_scatter matrices:\d+", two, re.M)
+    assert len(train_losses(one)) == 8 and np.allclose(train_losses(one), train_losses(two), atol=2e-4)
+    bpb = [float(re.search(r"^submission score:\S+ val_loss:\S+ val_bpb:(\S+)", t, re.M).group(1)) for t in (one, two)]
+    assert bpb[0] == pytest.approx(bpb[1], abs=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_bf16_forward_matches_eager_on_cuda():
+    torch.manual_seed(0)
+    model = tg.build_model(tiny_args(), torch.device("cuda"))
+    x = torch.randint(0, 64, (4, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(x, x)
+        compiled = torch.compile(model, dynamic=False, fullgraph=True)(x, x)
+    assert (compiled - eager).abs().max() < 2e-2
