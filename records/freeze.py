@@ -1,7 +1,8 @@
 """Freeze finished runs into a record folder, the way the challenge lays one out.
 
     python3 records/freeze.py logs/seed1.txt logs/seed2.txt logs/seed3.txt \
-        --name "11L int6 TTT" --author "Jane Doe" --github-id janedoe --blurb "..." [--best-val-loss 2.0]
+        --name "11L int6 TTT" --author "Jane Doe" --github-id janedoe --blurb "..." \
+        [--best-val-loss 2.0] [--previous-seeds 1.0611,1.0608,1.0613] [--rule readme|welch]
 
 writes records/track_10min_16mb/YYYY-MM-DD_11L_int6_TTT/ with train_gpt.py (the exact bytes that ran, taken
 from the logs), one train_seed<SEED>.log per seed, submission.json and a README.md skeleton. Only real
@@ -22,7 +23,8 @@ import sys
 from pathlib import Path
 
 import logparse as lp
-from significance import improvement_test, mean_std
+import plot
+import significance as sig
 
 RECORDS_DIR = Path(__file__).resolve().parent
 BASE_PACKAGES = frozenset({"torch", "numpy", "sentencepiece"})  # the challenge's environment has these
@@ -69,14 +71,6 @@ def folder_name(date: str, name: str) -> str:
     if not slug:
         raise FreezeError(f"--name {name!r} has no letters or digits for a folder name")
     return f"{date}_{slug}"
-
-
-def under_records_track(out: Path, records_dir: Path) -> bool:
-    try:
-        rel = out.resolve().relative_to(records_dir.resolve())
-    except ValueError:
-        return False
-    return bool(rel.parts) and rel.parts[0].startswith("track_")
 
 
 def launcher(world_size: int) -> str:
@@ -132,10 +126,7 @@ def extra_requirements(source: bytes) -> tuple[list[str], list[str]]:
 
 def build_submission(logs: list[lp.RunLog], args, track: str, date: str) -> dict:
     first = logs[0]
-    losses = [g.submission["val_loss"] for g in logs]
-    bpbs = [g.submission["val_bpb"] for g in logs]
-    loss_mean, loss_std = mean_std(losses)
-    bpb_mean, bpb_std = mean_std(bpbs)
+    summary = {k: round(v, 8) for k, v in lp.seed_summary(logs).items()}
     env = lp.common_env(logs)
     submission = {
         "author": args.author,
@@ -144,10 +135,10 @@ def build_submission(logs: list[lp.RunLog], args, track: str, date: str) -> dict
         "blurb": args.blurb,
         "date": date,
         "track": track,
-        "val_loss": round(loss_mean, 8),  # mean over the seeds, nats
-        "val_bpb": round(bpb_mean, 8),
-        "val_loss_std": round(loss_std, 8),  # sample std over the seeds (n - 1)
-        "val_bpb_std": round(bpb_std, 8),
+        "val_loss": summary["val_loss"],  # mean over the seeds, nats
+        "val_bpb": summary["val_bpb"],
+        "val_loss_std": summary["val_loss_std"],  # sample std over the seeds (n - 1)
+        "val_bpb_std": summary["val_bpb_std"],
         "bytes_total": max(g.submission["total_bytes"] for g in logs),  # the largest seed's artifact
         "bytes_code": first.artifact["code_bytes"],
         "seeds": [g.seed for g in logs],
@@ -179,12 +170,29 @@ def build_submission(logs: list[lp.RunLog], args, track: str, date: str) -> dict
                  "val_tokens": first.val_tokens},
         "compliance": lp.compliance(logs),
     }
-    if args.best_val_loss is not None:
-        if len(logs) < 2:
-            raise FreezeError("--best-val-loss needs at least 2 seeds for the t-test")
-        test = improvement_test(losses, args.best_val_loss, lp.MIN_IMPROVEMENT_NATS, lp.SIGNIFICANCE_ALPHA)
-        submission["significance"] = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in test.items()}
+    significance = significance_results(logs, args)
+    if significance:
+        submission["significance"] = significance
     return submission
+
+
+def significance_results(logs: list[lp.RunLog], args) -> dict:
+    """rule -> its test, for each rule named by --rule, or by default each whose input was given."""
+    try:
+        previous = sig.read_previous_seeds(args.previous_seeds) if args.previous_seeds else None
+    except ValueError as exc:
+        raise FreezeError(str(exc)) from None
+    given = {"readme": args.best_val_loss, "welch": previous}
+    losses = [g.submission["val_loss"] for g in logs]
+    bpbs = [g.submission["val_bpb"] for g in logs]
+    results = {}
+    for rule in args.rule or [r for r in sig.RULES if given[r] is not None]:
+        try:
+            test = sig.apply_rule(rule, losses, bpbs, args.best_val_loss, previous)
+        except ValueError as exc:
+            raise FreezeError(str(exc)) from None
+        results[rule] = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in test.items()}
+    return results
 
 
 def seed_log_name(log: lp.RunLog) -> str:
@@ -220,13 +228,12 @@ def render_readme(sub: dict, logs: list[lp.RunLog], folder_display: str, has_plo
         "",
     ]
     if "significance" in sub:
-        s = sub["significance"]
-        lines += [f"Against the previous record's val_loss {s['best_val_loss']:.8f}: one-sided t-test of an "
-                  f"improvement of at least {s['min_improvement']} nats, t = {s['t']:.4f} with {s['df']} df, "
-                  f"p = {s['p_value']:.6f} ({'significant' if s['significant'] else 'NOT significant'} "
-                  f"at p < {s['alpha']}).", ""]
+        tests = sub["significance"]
+        lines += ["Against the previous record: " + "; ".join(
+            f"{'passes' if t['significant'] else 'FAILS'} `{rule}`" for rule, t in tests.items()) + ".", ""]
+        lines += [f"- `{rule}` ({sig.RULES[rule]}): {sig.describe(t)}" for rule, t in tests.items()] + [""]
     if has_plot:
-        lines += ["![train and val curves of every seed](curves.png)", ""]
+        lines += [f"![train and val curves of every seed]({plot.PLOT_NAME})", ""]
     lines += [
         "## Run",
         "",
@@ -258,7 +265,7 @@ def render_readme(sub: dict, logs: list[lp.RunLog], folder_display: str, has_plo
         f"(largest {sub['bytes_total']:,}: code {sub['bytes_code']:,} + model)",
         f"- [{tick(n >= lp.RECORD_MIN_SEEDS)}] {n} seed{'s' if n > 1 else ''} of one config "
         f"(a record shows {lp.RECORD_MIN_SEEDS})",
-        f"- TTT: {'score-first TTT (TTT_ENABLED=1): every token is scored before any update that uses it' if comp['score_first_ttt'] else 'none'}",
+        f"- TTT: {ttt_text(comp)}",
         f"- data: {'FineWeb val' if comp['fineweb_val'] else 'NOT FineWeb val'} "
         f"(`{sub['data']['val_pattern']}`, {sub['data']['val_tokens']:,} tokens)"
         f"{'; SMOKE=1 run, not a challenge score' if comp['smoke'] else ''}",
@@ -267,7 +274,8 @@ def render_readme(sub: dict, logs: list[lp.RunLog], folder_display: str, has_plo
         f"Hardware: {sub['hardware']} (world_size {sub['world_size']}); torch {sub['torch_version']}, "
         f"python {sub['python_version']}.",
         "",
-        f"Review: `python3 records/verify.py {folder_display} --best-val-loss <previous record's val_loss>`",
+        f"Review: `python3 records/verify.py {folder_display}` (add `--best-val-loss <previous record's val_loss>` "
+        f"or `--previous-seeds <its submission.json>` to test against another record)",
         "",
         "## What changed",
         "",
@@ -275,6 +283,16 @@ def render_readme(sub: dict, logs: list[lp.RunLog], folder_display: str, has_plo
         "",
     ]
     return "\n".join(lines)
+
+
+def ttt_text(comp: dict) -> str:
+    """The compliance line on adaptation, from the paths the logs declared."""
+    paths = ", ".join(f"`{n}`" for n in comp["adapting_eval_paths"])
+    if comp["score_first_ttt"]:
+        return f"score-first ({paths}): every token is scored before any update that uses it"
+    if paths:
+        return f"{paths} adapt on val tokens and NOT every one is declared score-first"
+    return "none"
 
 
 def freeze(args, records_dir: Path | None = None) -> Path:
@@ -285,7 +303,7 @@ def freeze(args, records_dir: Path | None = None) -> Path:
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
         raise FreezeError(f"--date {date!r} is not YYYY-MM-DD")
     out = Path(args.out) if args.out else records_dir / track / folder_name(date, args.name)
-    if under_records_track(out, records_dir):
+    if lp.under_records_track(out, records_dir):
         problem = lp.honest_record_problem(logs)
         if problem:
             raise FreezeError(f"refusing to write under records/track_*: {problem}; only real FineWeb val runs "
@@ -310,20 +328,14 @@ def freeze(args, records_dir: Path | None = None) -> Path:
             text = [f"# beyond torch {submission['torch_version']}, numpy and sentencepiece (as in the logs)"]
             text += required + [f"# optional fast path: {o}" for o in optional]
             (out / "requirements.txt").write_text("\n".join(text) + "\n")
-    has_plot = False
     if args.plot:
-        import plot
-        try:
-            plot.plot_curves(logs, out / "curves.png")
-            has_plot = True
-        except plot.PlotUnavailable as exc:
-            print(f"warning: no plot: {exc}", file=sys.stderr)
+        plot.plot_curves(logs, out / plot.PLOT_NAME)
     (out / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
     try:
         display = str(out.resolve().relative_to(records_dir.resolve().parent))
     except ValueError:
         display = str(out.resolve())
-    (out / "README.md").write_text(render_readme(submission, logs, display, has_plot))
+    (out / "README.md").write_text(render_readme(submission, logs, display, args.plot))
     return out
 
 
@@ -341,25 +353,22 @@ def parse_args(argv):
     ap.add_argument("--track", default=lp.RECORD_TRACK, help=f"{' or '.join(lp.TRACKS)}")
     ap.add_argument("--date", help="YYYY-MM-DD (default: today, UTC)")
     ap.add_argument("--out", help="write the folder here instead of records/<track>/<date>_<Name>")
-    ap.add_argument("--best-val-loss", type=float, help="the previous record's val_loss: record the t-test")
+    ap.add_argument("--rule", action="append", choices=sorted(sig.RULES),
+                    help="a significance rule to record (repeatable; default: every rule given its input)")
+    ap.add_argument("--best-val-loss", type=float, help="the previous record's val_loss, for the readme rule")
+    ap.add_argument("--previous-seeds", metavar="BPBS|FILE",
+                    help="the previous record's per-seed val_bpb, for the welch rule: 1.0611,1.0608,1.0613, "
+                         "a file of numbers, or its submission.json")
     ap.add_argument("--requirements", help="a requirements.txt to include as is")
-    ap.add_argument("--plot", action="store_true", help="also draw curves.png (needs matplotlib)")
+    ap.add_argument("--plot", action="store_true", help=f"also draw {plot.PLOT_NAME}")
     ap.add_argument("--force", action="store_true", help="write into a non-empty folder")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        out = freeze(args)
-    except FreezeError as exc:
-        print(f"freeze: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"freeze: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"froze {len(args.logs)} run(s) into {out}")
-    return 0
+    return lp.run_command("freeze", lambda: f"froze {len(args.logs)} run(s) into {freeze(args)}",
+                          (FreezeError, OSError))
 
 
 if __name__ == "__main__":

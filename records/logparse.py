@@ -2,15 +2,19 @@
 
 Shared by freeze.py, verify.py, compare.py and plot.py; nothing runs on import. The log contract is the one
 train_gpt.py writes: `key:value` lines, the script's own source between `source_begin` and `source_end`,
-and the submission's score on the `submission score:` line, repeated as the very last line.
+one `eval_path:` line per evaluation path it runs on the artifact (legality is read from those names), and the
+submission's score on the `submission score:` line, repeated as the very last line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from significance import mean_std
 
 # -----------------------------
 # CHALLENGE RULES
@@ -19,12 +23,13 @@ from pathlib import Path
 CAP_BYTES = 16_000_000  # decimal: counted code bytes + compressed model bytes
 TRAIN_LIMIT_MS = 600_000  # the timed training loop, 8xH100
 EVAL_LIMIT_MS = 600_000  # all scoring after training
-MIN_IMPROVEMENT_NATS = 0.005  # a new record beats the previous one by this much in val_loss ...
-SIGNIFICANCE_ALPHA = 0.01  # ... at p below this, one-sided, over the seeds
 RECORD_TRACK = "track_10min_16mb"
 NON_RECORD_TRACK = "track_non_record_16mb"
 TRACKS = (RECORD_TRACK, NON_RECORD_TRACK)
 RECORD_MIN_SEEDS = 3
+# the evaluation paths a log declares ('eval_path:<name> adapts:<0|1> rule:<rule>') before scoring the artifact
+SCORE_FIRST = "score_first"  # the only legal rule for a path that adapts on val tokens: score, then update
+ROUNDTRIP_PATH = "roundtrip"  # declared under this name, scored as final_<quant>_<compressor>_roundtrip
 FINEWEB_MARK = "fineweb10B_"  # the challenge's val shards live under data/datasets/fineweb10B_<tokenizer>/
 
 # env overrides that legitimately differ from seed to seed; every other override is the config itself
@@ -54,6 +59,7 @@ _PATTERNS = {
     "train_loader": re.compile(r"train_loader:dataset:(\S+) train_shards:(\d+)"),
     "val_loader": re.compile(r"val_loader:shards pattern=(.*) tokens:(\d+)"),
     "model_params": re.compile(r"model_params:(\d+)"),
+    "eval_path": re.compile(r"eval_path:(\w+) adapts:([01]) rule:(\S+)"),
     "train_step": re.compile(
         rf"step:(\d+)/(\d+) train_loss:{_NUM} train_time:(\d+)ms step_avg:{_NUM}ms"),
     "val_step": re.compile(
@@ -113,7 +119,9 @@ class RunLog:
     peak_memory_mib: tuple[int, int] | None = None
     finals: dict[str, dict] = field(default_factory=dict)  # what -> val_loss, val_bpb, eval_time_ms
     finals_exact: dict[str, dict] = field(default_factory=dict)  # what -> val_loss, val_bpb (8 decimals)
+    eval_paths: dict[str, dict] = field(default_factory=dict)  # declared name -> adapts, rule
     artifact: dict = field(default_factory=dict)  # path, format, model/code/total bytes, cap, under_cap
+    artifact_scores: list[str] = field(default_factory=list)  # the final_<what> lines after 'artifact:', in order
     token_losses: dict | None = None  # path, count
     submission: dict = field(default_factory=dict)  # what, val_loss, val_bpb, total_bytes, under_cap, times
     last_line: str = ""
@@ -136,8 +144,9 @@ class RunLog:
         return FINEWEB_MARK in self.val_pattern
 
     @property
-    def ttt_enabled(self) -> bool:
-        return _truthy(self.settings.get("TTT_ENABLED", "0"))
+    def adapting_paths(self) -> dict[str, str]:
+        """The declared paths that adapt on val tokens, name -> their declared rule."""
+        return {name: p["rule"] for name, p in self.eval_paths.items() if p["adapts"]}
 
     @property
     def config_env(self) -> dict[str, str]:
@@ -212,8 +221,8 @@ def parse_log(path: str | Path) -> RunLog:
     log.last_line = lines[-1] if lines else ""
     for line in lines:
         for key in ("run_id", "setting", "env", "warning", "code", "counted", "versions", "hardware", "train_loader",
-                    "val_loader", "model_params", "train_step", "val_step", "stopping_early", "train_done",
-                    "peak_memory", "final_exact", "final", "artifact", "token_losses", "submission"):
+                    "val_loader", "model_params", "eval_path", "train_step", "val_step", "stopping_early",
+                    "train_done", "peak_memory", "final_exact", "final", "artifact", "token_losses", "submission"):
             m = _PATTERNS[key].fullmatch(line)
             if m:
                 found.add(key)
@@ -252,6 +261,8 @@ def _store(log: RunLog, key: str, m: re.Match, line: str) -> None:
         log.val_pattern, log.val_tokens = g[0], int(g[1])
     elif key == "model_params":
         log.model_params = int(g[0])
+    elif key == "eval_path":
+        log.eval_paths[g[0]] = {"adapts": g[1] == "1", "rule": g[2]}
     elif key == "train_step":
         log.train_steps.append({"step": int(g[0]), "total": int(g[1]), "train_loss": f(g[2]),
                                 "train_time_ms": int(g[3])})
@@ -268,6 +279,8 @@ def _store(log: RunLog, key: str, m: re.Match, line: str) -> None:
         log.finals_exact[g[0]] = {"val_loss": f(g[1]), "val_bpb": f(g[2])}
     elif key == "final":
         log.finals[g[0]] = {"val_loss": f(g[1]), "val_bpb": f(g[2]), "eval_time_ms": int(g[3])}
+        if log.artifact:  # scored after the artifact was written: a path on the artifact, not a training stage
+            log.artifact_scores.append(g[0])
     elif key == "artifact":
         log.artifact = {"path": g[0], "format": g[1], "model_bytes": int(g[2]), "code_bytes": int(g[3]),
                         "total_bytes": int(g[4]), "cap": int(g[5]), "under_cap": g[6] == "1"}
@@ -359,12 +372,40 @@ def run_checks(log: RunLog, time_limits: bool = True) -> list[Check]:
         f"score line {tag}", score_ok,
         f"submission {sub['what']} val_loss {sub['val_loss']:.8f} val_bpb {sub['val_bpb']:.8f}; "
         f"last line {log.last_line!r}"))
-    ttt_scored = any("ttt" in what for what in log.finals)
-    checks.append(Check(
-        f"ttt {tag}", log.ttt_enabled == ttt_scored,
-        f"TTT_ENABLED={log.settings.get('TTT_ENABLED', '0')}, ttt scoring paths: "
-        f"{[w for w in log.finals if 'ttt' in w] or 'none'}"))
+    checks.append(eval_path_check(log))
     return checks
+
+
+def declared_name(what: str) -> str:
+    """The eval_path a final_<what> line scores: the roundtrip is declared as such, scored under its format."""
+    return ROUNDTRIP_PATH if what.endswith("_roundtrip") else what
+
+
+def eval_path_check(log: RunLog) -> Check:
+    """Legality from the declared paths: each that adapts on val tokens is score-first; declared == scored."""
+    name = f"eval paths {log.name}"
+    if not log.eval_paths:
+        return Check(name, False, "no 'eval_path:' lines, so which scoring paths adapt on val tokens cannot be "
+                                  "read; the log predates declared evaluation paths: re-run with the current "
+                                  "train_gpt.py")
+    problems = []
+    unruled = [f"{n} (rule:{rule})" for n, rule in log.adapting_paths.items() if rule != SCORE_FIRST]
+    if unruled:
+        problems.append(f"adapts on val tokens without rule:{SCORE_FIRST}: {', '.join(unruled)}")
+    scored = {declared_name(w) for w in log.artifact_scores}
+    unscored = [n for n in log.eval_paths if n not in scored]
+    if unscored:
+        problems.append(f"declared but never scored (no final_<name> line): {', '.join(unscored)}")
+    undeclared = [f"final_{w}" for w in log.artifact_scores if declared_name(w) not in log.eval_paths]
+    if undeclared:
+        problems.append(f"scored on the artifact but not declared: {', '.join(undeclared)}")
+    declared = ", ".join(f"{n} adapts:{int(p['adapts'])} rule:{p['rule']}" for n, p in log.eval_paths.items())
+    return Check(name, not problems, "; ".join(problems + [f"declared {declared}"]))
+
+
+def score_first_ttt(log: RunLog) -> bool:
+    """A path adapted on val tokens, and the declarations hold: every adapting path score-first, all scored."""
+    return bool(log.adapting_paths) and eval_path_check(log).ok
 
 
 def compliance(logs: list[RunLog]) -> dict:
@@ -377,7 +418,8 @@ def compliance(logs: list[RunLog]) -> dict:
         "cap_bytes": CAP_BYTES,
         "max_train_time_ms": max(reported_train_time_ms(g) for g in logs),
         "max_eval_time_ms": max(reported_eval_time_ms(g) for g in logs),
-        "score_first_ttt": all(g.ttt_enabled for g in logs),  # the only TTT train_gpt.py implements
+        "score_first_ttt": all(score_first_ttt(g) for g in logs),
+        "adapting_eval_paths": sorted({n for g in logs for n in g.adapting_paths}),
         "num_seeds": len(logs),
         "fineweb_val": all(g.fineweb_val for g in logs),
         "smoke": any(g.smoke for g in logs),
@@ -392,6 +434,22 @@ def honest_record_problem(logs: list[RunLog]) -> str | None:
         if not g.fineweb_val:
             return f"{g.path} scored val data {g.val_pattern!r}, not the FineWeb val split ({FINEWEB_MARK}...)"
     return None
+
+
+def seed_summary(logs: list[RunLog]) -> dict:
+    """The seeds' submission scores: their means and sample stds (n - 1), the figures submission.json states."""
+    loss_mean, loss_std = mean_std([g.submission["val_loss"] for g in logs])
+    bpb_mean, bpb_std = mean_std([g.submission["val_bpb"] for g in logs])
+    return {"val_loss": loss_mean, "val_bpb": bpb_mean, "val_loss_std": loss_std, "val_bpb_std": bpb_std}
+
+
+def under_records_track(folder: Path, records_dir: Path) -> bool:
+    """Whether folder lies under records_dir/track_*: where only honest record runs may live."""
+    try:
+        rel = folder.resolve().relative_to(records_dir.resolve())
+    except ValueError:
+        return False
+    return bool(rel.parts) and rel.parts[0].startswith("track_")
 
 
 def config_mismatch(logs: list[RunLog]) -> str | None:
@@ -415,3 +473,19 @@ def common_env(logs: list[RunLog]) -> dict[str, str]:
     for g in logs[1:]:
         env = {k: v for k, v in env.items() if g.config_env.get(k) == v}
     return dict(sorted(env.items()))
+
+
+# -----------------------------
+# COMMAND LINE
+# -----------------------------
+
+def run_command(prog: str, action, errors: tuple[type[BaseException], ...]) -> int:
+    """The tools' exit contract: action() returns the line to print (exit 0); one of `errors` is bad input,
+    printed as one line `<prog>: error: ...` on stderr (exit 2)."""
+    try:
+        done = action()
+    except errors as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(done)
+    return 0

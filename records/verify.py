@@ -1,6 +1,7 @@
 """Check a record folder the way a reviewer does, and optionally re-run it.
 
     python3 records/verify.py records/track_10min_16mb/2026-04-01_Name --best-val-loss 2.0
+    python3 records/verify.py FOLDER --rule welch --previous-seeds records/track_10min_16mb/<previous>/submission.json
     python3 records/verify.py FOLDER --rerun --env DATA_PATH=/data/fineweb10B_sp1024 --env TOKENIZER_PATH=...
 
 Prints one line per check, PASS or FAIL (NOTE and SKIP lines inform), then a summary.
@@ -19,8 +20,8 @@ import time
 from pathlib import Path
 
 import logparse as lp
+import significance as sig
 from logparse import Check
-from significance import improvement_test, mean_std
 
 RECORDS_DIR = Path(__file__).resolve().parent
 REQUIRED_FIELDS = ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total",
@@ -64,19 +65,11 @@ def packed_size(script: Path) -> int:
     return len(module.pack_code(script.read_bytes()))
 
 
-def _is_under_records_track(folder: Path, records_dir: Path) -> bool:
-    try:
-        rel = folder.resolve().relative_to(records_dir.resolve())
-    except ValueError:
-        return False
-    return bool(rel.parts) and rel.parts[0].startswith("track_")
-
-
 # -----------------------------
 # FOLDER CHECKS
 # -----------------------------
 
-def verify_folder(folder: Path, rep: Report, best_val_loss: float | None = None, time_limits: bool = True,
+def verify_folder(folder: Path, rep: Report, significance: dict | None = None, time_limits: bool = True,
                   records_dir: Path | None = None) -> tuple[dict | None, list[lp.RunLog]]:
     """Run every check on the folder; return (submission, logs) for a re-run, or (None, []) when unreadable."""
     records_dir = records_dir or RECORDS_DIR
@@ -150,14 +143,12 @@ def verify_folder(folder: Path, rep: Report, best_val_loss: float | None = None,
         rep.add(f"scores {g.name}", not bad,
                 f"log val_loss {s['val_loss']:.8f} val_bpb {s['val_bpb']:.8f}; submission.json "
                 f"{r.get('val_loss')} / {r.get('val_bpb')}" + (f"; disagree: {', '.join(bad)}" if bad else ""))
-    losses = [g.submission["val_loss"] for g in logs]
-    loss_mean, loss_std = mean_std(losses)
-    bpb_mean, bpb_std = mean_std([g.submission["val_bpb"] for g in logs])
-    want = {"val_loss": loss_mean, "val_bpb": bpb_mean, "val_loss_std": loss_std, "val_bpb_std": bpb_std}
+    want = lp.seed_summary(logs)
     present = [k for k in want if k in sub or k in ("val_loss", "val_bpb")]  # the stds are optional
     bad = [k for k in present if not _close(sub.get(k), want[k], 1e-8)]
     rep.add("mean scores", not bad,
-            f"logs: val_loss {loss_mean:.8f} ± {loss_std:.8f}, val_bpb {bpb_mean:.8f} ± {bpb_std:.8f}; "
+            f"logs: val_loss {want['val_loss']:.8f} ± {want['val_loss_std']:.8f}, "
+            f"val_bpb {want['val_bpb']:.8f} ± {want['val_bpb_std']:.8f}; "
             f"submission.json val_loss {sub.get('val_loss')}, val_bpb {sub.get('val_bpb')}"
             + (f"; disagree: {', '.join(bad)}" if bad else ""))
 
@@ -182,7 +173,7 @@ def verify_folder(folder: Path, rep: Report, best_val_loss: float | None = None,
 
     # the record track: real FineWeb runs on the challenge's hardware
     problem = lp.honest_record_problem(logs)
-    if record_track or _is_under_records_track(folder, records_dir):
+    if record_track or lp.under_records_track(folder, records_dir):
         rep.add("data", problem is None, problem or f"FineWeb val ({logs[0].val_pattern}), no SMOKE")
     else:
         rep.add("data", True, (problem or "FineWeb val") + f"; fine for {sub.get('track')} outside records/")
@@ -192,28 +183,41 @@ def verify_folder(folder: Path, rep: Report, best_val_loss: float | None = None,
             + ("" if record_track else f" ({sub.get('track')}: any hardware)")
             + ("" if hardware_ok or not record_track else "; the record track runs on 8xH100"))
 
-    # significance against the previous record
-    stated_sig = sub.get("significance") or {}
-    best = best_val_loss if best_val_loss is not None else stated_sig.get("best_val_loss")
-    if best is None:
-        rep.note("SKIP", "significance: no --best-val-loss given and none recorded in submission.json")
-    elif len(logs) < 2:
-        rep.add("significance", False, f"one seed cannot show an improvement at p < {lp.SIGNIFICANCE_ALPHA}")
-    else:
-        test = improvement_test(losses, best, lp.MIN_IMPROVEMENT_NATS, lp.SIGNIFICANCE_ALPHA)
-        rep.note("INFO", f"significance: val_loss over {test['n']} seeds {[f'{x:.8f}' for x in losses]}")
-        rep.note("INFO", f"significance: mean {test['mean']:.8f}, std {test['std']:.8f} (n-1), "
-                         f"se {test['se']:.8f}; H0 mean >= {best:.8f} - {test['min_improvement']} = "
-                         f"{test['threshold']:.8f}")
-        rep.add("significance", test["significant"],
-                f"t = {test['t']:.4f}, df = {test['df']}, one-sided p = {test['p_value']:.6f} "
-                f"{'<' if test['significant'] else '>='} {lp.SIGNIFICANCE_ALPHA}")
-        if stated_sig and best_val_loss is None:
-            rep.add("recorded significance",
-                    _close(stated_sig.get("p_value"), test["p_value"], 1e-6)
-                    and stated_sig.get("significant") == test["significant"],
-                    f"submission.json p = {stated_sig.get('p_value')}, recomputed {test['p_value']:.8f}")
+    check_significance(rep, sub, logs, **(significance or {}))
     return sub, logs
+
+
+def check_significance(rep: Report, sub: dict, logs: list[lp.RunLog], rules: list[str] | None = None,
+                       best_val_loss: float | None = None, previous_bpbs: list[float] | None = None) -> None:
+    """One check per rule (default: each with an input, given here or recorded by freeze), then which pass."""
+    recorded = sub.get("significance") or {}
+    given = {"readme": best_val_loss, "welch": previous_bpbs}
+    stated = {"readme": recorded.get("readme", {}).get("best_val_loss"),
+              "welch": recorded.get("welch", {}).get("previous")}
+    rules = rules or [r for r in sig.RULES if given[r] is not None or stated[r] is not None]
+    if not rules:
+        rep.note("SKIP", "significance: no --best-val-loss or --previous-seeds given and none recorded in "
+                         "submission.json")
+        return
+    inputs = {r: stated[r] if given[r] is None else given[r] for r in sig.RULES}
+    losses = [g.submission["val_loss"] for g in logs]
+    bpbs = [g.submission["val_bpb"] for g in logs]
+    passed = {}
+    for rule in rules:
+        try:
+            result = sig.apply_rule(rule, losses, bpbs, inputs["readme"], inputs["welch"])
+        except ValueError as exc:
+            passed[rule] = rep.add(f"significance {rule}", False, str(exc))
+            continue
+        passed[rule] = rep.add(f"significance {rule}", result["significant"], sig.describe(result))
+        if given[rule] is None:  # the input freeze recorded: its p-value must be what the logs give
+            mine = recorded[rule]
+            same = (_close(mine.get("p_value"), result["p_value"], 1e-6)
+                    and mine.get("significant") == result["significant"])
+            rep.add(f"recorded significance {rule}", same,
+                    f"submission.json p = {mine.get('p_value')}, recomputed {result['p_value']:.8f}")
+    rep.note("INFO", "significance: " + "; ".join(f"{'passes' if ok else 'fails'} {rule}"
+                                                   for rule, ok in passed.items()))
 
 
 # -----------------------------
@@ -299,8 +303,14 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Check a record folder as a reviewer would.")
     ap.add_argument("folder")
+    ap.add_argument("--rule", action="append", choices=sorted(sig.RULES),
+                    help="a significance rule to apply (repeatable; default: every rule given its input); "
+                    + "; ".join(f"{k}: {v}" for k, v in sig.RULES.items()))
     ap.add_argument("--best-val-loss", type=float,
-                    help="the current best val_loss (nats): test an improvement of >= 0.005 at p < 0.01")
+                    help="the previous record's val_loss (nats), for the readme rule")
+    ap.add_argument("--previous-seeds", metavar="BPBS|FILE",
+                    help="the previous record's per-seed val_bpb, for the welch rule: 1.0611,1.0608,1.0613, "
+                         "a file of numbers, or its submission.json")
     ap.add_argument("--no-time-limits", action="store_true",
                     help="do not fail on the 600 s limits (long runs on the non-record track)")
     ap.add_argument("--rerun", action="store_true", help="also run the folder's train_gpt.py from inside it")
@@ -308,12 +318,13 @@ def main(argv=None) -> int:
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="with --rerun: an override to add, e.g. DATA_PATH=... (repeatable)")
     ap.add_argument("--nproc", type=int, help="with --rerun: processes (default: the recorded world_size)")
-    ap.add_argument("--tolerance", type=float, default=lp.MIN_IMPROVEMENT_NATS,
+    ap.add_argument("--tolerance", type=float, default=sig.README_MIN_IMPROVEMENT_NATS,
                     help="with --rerun: largest accepted |val_loss change| in nats (default 0.005)")
     args = ap.parse_args(argv)
     folder = Path(args.folder)
     try:
         extra_env = parse_env(args.env)
+        previous = sig.read_previous_seeds(args.previous_seeds) if args.previous_seeds else None
     except ValueError as exc:
         print(f"verify: error: {exc}", file=sys.stderr)
         return 2
@@ -321,7 +332,8 @@ def main(argv=None) -> int:
         print(f"verify: error: {folder} is not a folder", file=sys.stderr)
         return 2
     rep = Report()
-    sub, logs = verify_folder(folder, rep, args.best_val_loss, time_limits=not args.no_time_limits)
+    significance = {"rules": args.rule, "best_val_loss": args.best_val_loss, "previous_bpbs": previous}
+    sub, logs = verify_folder(folder, rep, significance, time_limits=not args.no_time_limits)
     if args.no_time_limits and sub and sub.get("track") == lp.RECORD_TRACK:
         rep.add("time limits", False, "--no-time-limits is for the non-record track; the record track has them")
     if args.rerun:

@@ -1,7 +1,8 @@
-"""Tests of records/: freeze, verify (and re-run), the significance test, compare and its per-token view.
+"""Tests of records/: freeze, verify (and re-run), legality from declared eval paths, both significance rules,
+compare and its per-token view, the SVG plot.
 
-No training here: a stand-in train_gpt.py (FAKE_SCRIPT) writes logs in train_gpt.py's log contract in
-milliseconds, so its logs carry a true code hash and true source; compare gets synthetic arrays.
+Training only in the real-runs test: elsewhere a stand-in train_gpt.py (FAKE_SCRIPT) writes logs in train_gpt.py's
+log contract in milliseconds, so its logs carry a true code hash and true source; compare gets synthetic arrays.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +37,12 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULTS = {"SEED": "1337", "RUN_ID": "run", "SMOKE": "0", "TTT_ENABLED": "0", "NUM_LAYERS": "9",
-            "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKEN_LOSS_PATH": "",
+DEFAULTS = {"SEED": "1337", "RUN_ID": "run", "SMOKE": "0", "TTT_ENABLED": "0", "LORA_TTT_ENABLED": "0",
+            "NUM_LAYERS": "9", "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKEN_LOSS_PATH": "",
             "FAKE_TRAIN_MS": "1000", "FAKE_EVAL_MS": "500", "FAKE_MODEL_BYTES": "900000"}
 LOOKALIKES = """
 step:1/1 val_loss:9.0000 val_bpb:9.0000 train_time:1ms step_avg:1.00ms
+eval_path:bogus adapts:1 rule:none
 source_end
 submission score:bogus val_loss:9.00000000 val_bpb:9.00000000 total_bytes:1 under_cap:1 train_time:1ms eval_time:1ms
 """
@@ -55,7 +56,11 @@ def main():
     val_bpb = val_loss / math.log(2) * 0.4
     train_ms, eval_ms, model_bytes = int(s["FAKE_TRAIN_MS"]), int(s["FAKE_EVAL_MS"]), int(s["FAKE_MODEL_BYTES"])
     total = model_bytes + len(code)
-    what = "ttt" if s["TTT_ENABLED"] == "1" else "int8_zlib_roundtrip"
+    # the declared paths, as train_gpt.py's registry logs them; the last one enabled scores best
+    paths = [("roundtrip", 0, "none", "int8_zlib_roundtrip")]
+    paths += [("ttt", 1, "score_first", "ttt")] if s["TTT_ENABLED"] == "1" else []
+    paths += [("lora_ttt", 1, "score_first", "lora_ttt")] if s["LORA_TTT_ENABLED"] == "1" else []
+    what = paths[-1][3]
     out = [f"run_id:{s['RUN_ID']}"]
     out += [f"setting:{k}={v}" for k, v in sorted(s.items())]
     out += [f"env:{k}={os.environ[k]}" for k in sorted(DEFAULTS) if k in os.environ]
@@ -73,14 +78,18 @@ def main():
              f"train_done steps:2 train_time:{train_ms}ms step_avg:{train_ms / 2:.2f}ms",
              "peak memory allocated: 10 MiB reserved: 12 MiB",
              f"final_prequant val_loss:{val_loss - 0.01:.4f} val_bpb:{val_bpb - 0.01:.4f} eval_time:{eval_ms // 5}ms",
-             f"final_prequant_exact val_loss:{val_loss - 0.01:.8f} val_bpb:{val_bpb - 0.01:.8f}",
-             f"Serialized model int8+zlib: {model_bytes} bytes",
+             f"final_prequant_exact val_loss:{val_loss - 0.01:.8f} val_bpb:{val_bpb - 0.01:.8f}"]
+    tail += [f"eval_path:{name} adapts:{adapts} rule:{rule}" for name, adapts, rule, _ in paths]
+    tail += [f"Serialized model int8+zlib: {model_bytes} bytes",
              f"Code size: {len(code)} bytes",
              f"Total submission size int8+zlib: {total} bytes",
              f"artifact:final_model.int8.ptz format:int8_zlib model_bytes:{model_bytes} code_bytes:{len(code)} "
-             f"total_bytes:{total} cap:16000000 under_cap:{int(total <= 16000000)}",
-             f"final_{what} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms // 2}ms",
-             f"final_{what}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}"]
+             f"total_bytes:{total} cap:16000000 under_cap:{int(total <= 16000000)}"]
+    for _, _, _, scored in paths:
+        best = scored == what
+        vl, vb, ms = (val_loss, val_bpb, eval_ms // 2) if best else (val_loss + 0.01, val_bpb + 0.01, eval_ms // 10)
+        tail += [f"final_{scored} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{ms}ms",
+                 f"final_{scored}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}"]
     if s["TOKEN_LOSS_PATH"]:
         tail.append(f"token_losses:{s['TOKEN_LOSS_PATH']} count:65535")
     tail += [f"submission score:{what} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} total_bytes:{total} "
@@ -105,8 +114,8 @@ def run_fake(workdir: Path, seed: int, **env) -> Path:
     if not script.exists():
         script.write_text(FAKE_SCRIPT)
     run_id = env.pop("RUN_ID", f"seed{seed}_{abs(hash(tuple(sorted(env.items())))) % 10**6}")
-    clean = {k: v for k, v in os.environ.items() if k not in ("SEED", "RUN_ID", "SMOKE", "NUM_LAYERS",
-                                                             "DATA_PATH", "TTT_ENABLED", "TOKEN_LOSS_PATH")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("SEED", "RUN_ID", "SMOKE", "NUM_LAYERS", "DATA_PATH",
+                                                             "TTT_ENABLED", "LORA_TTT_ENABLED", "TOKEN_LOSS_PATH")}
     clean.update({"SEED": str(seed), "RUN_ID": run_id, **{k: str(v) for k, v in env.items()}})
     subprocess.run([sys.executable, "train_gpt.py"], cwd=workdir, env=clean, check=True)
     return workdir / "logs" / f"{run_id}.txt"
@@ -153,11 +162,15 @@ def test_log_parser_reads_every_contract_field(tmp_path):
                                                                                "SEED": "5", "RUN_ID": log.run_id}
     assert log.source == script and log.code_sha256 == lp.sha256_bytes(script) and log.code_bytes == len(script)
     assert log.versions["torch"] == "2.13.0+cpu" and log.hardware == "cpu:2" and log.world_size == 1
-    assert log.fineweb_val and not log.smoke and log.ttt_enabled
+    assert log.fineweb_val and not log.smoke
+    assert log.eval_paths == {"roundtrip": {"adapts": False, "rule": "none"},
+                              "ttt": {"adapts": True, "rule": "score_first"}}  # not the lookalike in the source
+    assert log.adapting_paths == {"ttt": "score_first"} and log.artifact_scores == ["int8_zlib_roundtrip", "ttt"]
     assert [s["step"] for s in log.train_steps] == [1, 2] and log.val_steps[0]["val_bpb"] > 0
     assert log.train_done == {"steps": 2, "train_time_ms": 1000, "step_avg_ms": 500.0}
     assert log.submission["what"] == "ttt" and log.submission["val_loss"] == pytest.approx(2.005)
-    assert set(log.finals) == {"prequant", "ttt"} and log.token_losses == {"path": "x.npy", "count": 65535}
+    assert set(log.finals) == {"prequant", "int8_zlib_roundtrip", "ttt"}
+    assert log.token_losses == {"path": "x.npy", "count": 65535}
     assert log.artifact["total_bytes"] == 900000 + len(script)
     assert all(c.ok for c in lp.run_checks(log)), [c.line() for c in lp.run_checks(log) if not c.ok]
 
@@ -199,6 +212,66 @@ def test_log_parser_names_the_log_and_the_missing_line(tmp_path, dropped, named)
 
 
 # -----------------------------
+# EVALUATION PATHS: legality from the declared names
+# -----------------------------
+
+def eval_path_check(path: Path, edit=None):
+    """The log's eval-path check and its compliance flags, after edit(text) -> text plants a defect."""
+    if edit:
+        path.write_text(edit(path.read_text()))
+    log = lp.parse_log(path)
+    return lp.eval_path_check(log), lp.compliance([log])
+
+
+def test_eval_paths_declared_score_first_and_scored_pass(tmp_path):
+    check, flags = eval_path_check(run_fake(tmp_path, 1, TTT_ENABLED="1", LORA_TTT_ENABLED="1"))
+    assert check.ok and check.detail == ("declared roundtrip adapts:0 rule:none, ttt adapts:1 rule:score_first, "
+                                         "lora_ttt adapts:1 rule:score_first")
+    assert flags["score_first_ttt"] and flags["adapting_eval_paths"] == ["lora_ttt", "ttt"]
+    check, flags = eval_path_check(run_fake(tmp_path, 1))  # nothing adapts: legal, and no TTT to claim
+    assert check.ok and not flags["score_first_ttt"] and flags["adapting_eval_paths"] == []
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda t: t.replace("eval_path:ttt adapts:1 rule:score_first", "eval_path:ttt adapts:1 rule:none"),
+     "adapts on val tokens without rule:score_first: ttt (rule:none)"),
+    (lambda t: t.replace("eval_path:ttt adapts:1 rule:score_first\n", ""),
+     "scored on the artifact but not declared: final_ttt"),
+    (lambda t: t.replace("eval_path:roundtrip adapts:0 rule:none\n", ""),
+     "scored on the artifact but not declared: final_int8_zlib_roundtrip"),
+    (lambda t: t.replace("eval_path:ttt", "eval_path:sliding_window adapts:0 rule:none\neval_path:ttt", 1),
+     "declared but never scored (no final_<name> line): sliding_window"),
+])
+def test_eval_path_check_flags_each_defect(tmp_path, edit, problem):
+    check, flags = eval_path_check(run_fake(tmp_path, 1, TTT_ENABLED="1"), edit)
+    assert not check.ok and problem in check.detail
+    assert flags["score_first_ttt"] is False  # claimed only where the declarations hold
+
+
+def test_a_log_without_eval_path_lines_fails_and_says_what_is_missing(tmp_path):
+    drop = lambda t: "".join(ln for ln in t.splitlines(True) if not ln.startswith("eval_path:ttt"))  # noqa: E731
+    check, flags = eval_path_check(run_fake(tmp_path, 1, TTT_ENABLED="1"),
+                                   lambda t: drop(t).replace("eval_path:roundtrip adapts:0 rule:none\n", ""))
+    assert not check.ok and "no 'eval_path:' lines" in check.detail and "re-run" in check.detail
+    assert not flags["score_first_ttt"]
+
+
+def test_lora_only_ttt_passes_verify_and_is_recorded_score_first(tmp_path, capsys):
+    # the bug this guards: legality read from the substring "ttt" failed a run with only LORA_TTT_ENABLED=1
+    logs = [run_fake(tmp_path / "run", s, LORA_TTT_ENABLED="1", **SMOKE_ENV) for s in (1, 2, 3)]
+    assert do_freeze(logs, tmp_path / "lora", "--track", "non_record_16mb") == 0
+    sub = json.loads((tmp_path / "lora" / "submission.json").read_text())
+    assert sub["score_path"] == "lora_ttt" and sub["compliance"]["score_first_ttt"] is True
+    assert sub["compliance"]["adapting_eval_paths"] == ["lora_ttt"]
+    assert "- TTT: score-first (`lora_ttt`)" in (tmp_path / "lora" / "README.md").read_text()
+    capsys.readouterr()
+    code, out = run_verify(capsys, tmp_path / "lora")
+    assert code == 0 and not fail_lines(out), out
+    assert "PASS eval paths train_seed2.log: declared roundtrip adapts:0 rule:none, lora_ttt adapts:1 " \
+           "rule:score_first" in out
+
+
+# -----------------------------
 # FREEZE
 # -----------------------------
 
@@ -215,6 +288,7 @@ def test_freeze_then_verify_passes(frozen, frozen_template, capsys):
     assert sub["compliance"]["train_time_le_600s"] and sub["compliance"]["artifact_le_cap"]
     assert sub["compliance"]["num_seeds"] == 3 and sub["compliance"]["score_first_ttt"] is False
     readme = (frozen / "README.md").read_text()
+    assert "- TTT: none" in readme
     assert "DATA_PATH=./data/datasets/smoke_sp1024 SMOKE=1 SEED=2 python3 train_gpt.py" in readme
     capsys.readouterr()
     code, out = run_verify(capsys, frozen)
@@ -361,24 +435,95 @@ def test_improvement_test_matches_a_hand_computation():
     assert not sig.improvement_test([1.996, 1.9961, 1.9962], 2.0)["significant"]
 
 
+def test_welch_test_matches_a_hand_computation():
+    # new seeds' val_bpb 1.0600, 1.0610, 1.0590: mean 1.0600, deviations 0, +0.001, -0.001, s^2 = 2e-6/2 = 1e-6,
+    #   v1 = s^2/3 = 3.33333e-7.
+    # previous record's 1.0611, 1.0608, 1.0613: mean 1.06106667, deviations +0.0000333, -0.0002667, +0.0002333,
+    #   sum of squares 0.0111e-7 + 0.7111e-7 + 0.5444e-7 = 1.26667e-7, s^2 = 6.33333e-8, v2 = 2.11111e-8.
+    # se = sqrt(v1 + v2) = sqrt(3.54444e-7) = 5.95352e-4; t = (1.0600 - 1.06106667)/5.95352e-4 = -1.79166.
+    # Welch-Satterthwaite: df = (v1 + v2)^2 / (v1^2/2 + v2^2/2) = 1.256309e-13 / (5.55556e-14 + 2.22840e-16)
+    #   = 1.256309e-13 / 5.577840e-14 = 2.25232.
+    # p = P(T_2.25 <= -1.79166): between the closed forms at 3 df, 1/2 + (t/(sqrt3 (1 + t^2/3)) + atan(t/sqrt3))/pi
+    #   = 0.085552, and at 2 df, 1/2 + t/(2 sqrt(2 + t^2)) = 0.107532; scipy.stats.ttest_ind(new, previous,
+    #   equal_var=False, alternative="less") gives p = 0.1003682. Below 0.25: the welch rule passes.
+    r = sig.welch_test([1.0600, 1.0610, 1.0590], [1.0611, 1.0608, 1.0613])
+    assert r["se"] == pytest.approx(5.95352e-4, rel=1e-6) and r["t"] == pytest.approx(-1.79166, abs=1e-5)
+    assert r["df"] == pytest.approx(2.25232, abs=1e-5)
+    assert 0.085552 < r["p_value"] < 0.107532 and r["p_value"] == pytest.approx(0.1003682, abs=1e-7)
+    assert r["significant"] and r["alpha"] == 0.25
+    # equal sizes and spreads make df exactly 2(n - 1) = 4, where the CDF has a closed form,
+    # P(T_4 <= t) = 1/2 + (3/8) u (1 - t^2/(12 (1 + t^2/4))) with u = t/sqrt(1 + t^2/4):
+    # diff -0.001, se = sqrt(2 x 1e-6/3) = 8.16497e-4, t = -1.2247449, t^2 = 1.5, 1 + t^2/4 = 1.375,
+    # u = -1.2247449/1.1726039 = -1.0444659, 1 - 1.5/16.5 = 0.9090909, p = 0.5 - 0.375 x 1.0444659 x 0.9090909
+    #   = 0.5 - 0.3560679 = 0.1439321.
+    r = sig.welch_test([1.0590, 1.0600, 1.0610], [1.0600, 1.0610, 1.0620])
+    assert r["t"] == pytest.approx(-1.2247449, abs=1e-7) and r["df"] == pytest.approx(4.0, abs=1e-9)
+    assert r["p_value"] == pytest.approx(0.1439321, abs=1e-7)
+    # no improvement at all is never significant; one previous seed has no spread to test against
+    assert not sig.welch_test([1.07, 1.08], [1.06, 1.061])["significant"]
+    with pytest.raises(ValueError, match="at least 2 seeds on each side"):
+        sig.welch_test([1.0, 1.1], [1.05])
+
+
+def test_previous_seeds_come_as_a_list_a_text_file_or_a_submission_json(frozen, tmp_path):
+    assert sig.read_previous_seeds("1.0611,1.0608, 1.0613") == [1.0611, 1.0608, 1.0613]
+    (tmp_path / "seeds.txt").write_text("1.0611\n1.0608\n1.0613\n")
+    assert sig.read_previous_seeds(str(tmp_path / "seeds.txt")) == [1.0611, 1.0608, 1.0613]
+    sub = json.loads((frozen / "submission.json").read_text())
+    assert sig.read_previous_seeds(str(frozen / "submission.json")) == [r["val_bpb"] for r in sub["seed_results"]]
+    with pytest.raises(ValueError, match="not numbers"):
+        sig.read_previous_seeds("1.06,abc")
+
+
 def test_verify_prints_the_significance_numbers(frozen, capsys):
     # the stand-in's seeds 1, 2, 3 score 2.001, 2.002, 2.003: mean 2.002, s = 0.001, se = 0.00057735.
     # Against 2.012: t = (2.002 - 2.007)/0.00057735 = -8.6603, p = 1/2 - 8.6603/(2 sqrt(77)) = 0.006536.
     code, out = run_verify(capsys, frozen, "--best-val-loss", "2.012")
-    assert code == 0 and "PASS significance: t = -8.6603, df = 2, one-sided p = 0.006536 < 0.01" in out
-    assert "mean 2.00200000, std 0.00100000" in out
+    assert code == 0 and "PASS significance readme: t = -8.6603, df = 2, one-sided p = 0.006536 < 0.01 " \
+                         "(val_loss mean 2.00200000 of 3 seeds vs previous record 2.01200000 - 0.005)" in out
+    assert "INFO significance: passes readme" in out
     # Against 2.010: t = -5.1962, p = 1/2 - 5.1962/(2 sqrt(29)) = 0.017549 >= 0.01: not enough.
     code, out = run_verify(capsys, frozen, "--best-val-loss", "2.010")
-    assert code == 1 and "FAIL significance: t = -5.1962, df = 2, one-sided p = 0.017549 >= 0.01" in out
+    assert code == 1 and "FAIL significance readme: t = -5.1962, df = 2, one-sided p = 0.017549 >= 0.01" in out
 
 
-def test_freeze_records_the_significance_and_verify_rechecks_it(tmp_path, capsys):
+def test_verify_reports_which_rule_a_record_passes(frozen, capsys):
+    # val_bpb of the seeds: 1.15473311, 1.15531019, 1.15588727 against previous seeds 1.1556, 1.1560, 1.1558
+    # (mean 1.1558, s 0.0002): Welch t = -1.3891 with 2.47 df, p = 0.1383 < 0.25, while the readme rule against
+    # val_loss 2.010 fails (p = 0.017549 above)
+    both = ("--best-val-loss", "2.010", "--previous-seeds", "1.1556,1.1560,1.1558")
+    code, out = run_verify(capsys, frozen, *both)
+    assert code == 1 and "FAIL significance readme" in out
+    assert "PASS significance welch: t = -1.3891, df = 2.47, one-sided p = 0.138325 < 0.25" in out
+    assert "INFO significance: fails readme; passes welch" in out
+    code, out = run_verify(capsys, frozen, "--rule", "welch", *both)
+    assert code == 0 and "significance readme" not in out and "INFO significance: passes welch" in out
+    # the previous record's own submission.json; against itself nothing improves: t = 0, p = 1/2
+    code, out = run_verify(capsys, frozen, "--previous-seeds", str(frozen / "submission.json"))
+    assert code == 1 and "FAIL significance welch: t = 0.0000, df = 4.00, one-sided p = 0.500000 >= 0.25" in out
+    code, out = run_verify(capsys, frozen, "--rule", "welch")
+    assert code == 1 and "FAIL significance welch: the welch rule needs the previous record's seeds' val_bpb " \
+                         "(--previous-seeds)" in out
+    assert verify.main([str(frozen), "--previous-seeds", "1.15,x"]) == 2
+    assert "--previous-seeds '1.15,x': not numbers" in capsys.readouterr().err
+
+
+def test_freeze_records_both_rules_and_verify_rechecks_them(tmp_path, capsys):
     logs = [run_fake(tmp_path / "run", s, **SMOKE_ENV) for s in (1, 2, 3)]
-    assert do_freeze(logs, tmp_path / "rec", "--track", "non_record_16mb", "--best-val-loss", "2.012") == 0
+    assert do_freeze(logs, tmp_path / "rec", "--track", "non_record_16mb", "--best-val-loss", "2.012",
+                     "--previous-seeds", "1.1556,1.1560,1.1558") == 0
     stated = json.loads((tmp_path / "rec" / "submission.json").read_text())["significance"]
-    assert stated["p_value"] == pytest.approx(0.006536, abs=1e-6) and stated["significant"]
+    assert stated["readme"]["p_value"] == pytest.approx(0.006536, abs=1e-6) and stated["readme"]["significant"]
+    assert stated["welch"]["p_value"] == pytest.approx(0.138325, abs=1e-6)
+    assert stated["welch"]["previous"] == [1.1556, 1.1560, 1.1558]
+    readme = (tmp_path / "rec" / "README.md").read_text()
+    assert "Against the previous record: passes `readme`; passes `welch`." in readme
+    assert "- `welch` (the rule the maintainers applied in openai/parameter-golf #1902 and #2146: " in readme
     code, out = run_verify(capsys, tmp_path / "rec")
-    assert code == 0 and "PASS recorded significance" in out
+    assert code == 0 and "PASS recorded significance readme" in out and "PASS recorded significance welch" in out
+    # a rule named without its input is bad input for freeze
+    assert do_freeze(logs, tmp_path / "bad", "--track", "non_record_16mb", "--rule", "welch") == 2
+    assert "--previous-seeds" in capsys.readouterr().err
 
 
 # -----------------------------
@@ -520,14 +665,10 @@ def write_shard(path: Path, tokens) -> None:
     path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
 
 
-def test_compare_cli_counts_bytes_like_decoded_utf8(tmp_path, capsys):
-    # needs train_gpt.py's helpers and a real SentencePiece model; bytes must equal the decoded text's UTF-8
-    tg = pytest.importorskip("train_gpt", reason="train_gpt.py not written yet")
-    if not hasattr(tg, "count_target_bytes"):
-        pytest.skip("train_gpt.py has no count_target_bytes yet")
-    model = Path("/work/shared/bench/fineweb_8192_bpe.model")
-    if not model.is_file():
-        pytest.skip("no tokenizer model available")
+def test_compare_cli_counts_bytes_like_decoded_utf8(tiny_data, tmp_path, capsys):
+    # train_gpt.py's byte counting through a real SentencePiece model (the tiny one: accents, the dash and the
+    # lambda fall back to bytes); bytes must equal the decoded text's UTF-8
+    _, model = tiny_data
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(model))
     docs = ["Hello world, it is 2026.", "Caf\u00e9 na\u00efve \u2014 \u03bb-calculus (42 ways)!", "  spaced   out  "]
@@ -560,16 +701,44 @@ def test_compare_rejects_a_dump_longer_than_the_val_data(tmp_path):
 # PLOT
 # -----------------------------
 
-def test_plot_without_matplotlib_says_so(frozen, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
-    assert plot.main([str(frozen)]) == 2
-    assert "matplotlib is not installed" in capsys.readouterr().err
+def test_plot_ticks_are_round_and_cover_the_data():
+    assert plot.nice_ticks(4.0, 5.0) == [4.0, 4.2, 4.4, 4.6, 4.8, 5.0]
+    assert plot.nice_ticks(0, 137) == [0, 50, 100, 150]
+    assert plot.nice_ticks(1.1547, 1.1659) == [1.15, 1.155, 1.16, 1.165, 1.17]  # step 0.005 >= span/5
+    assert plot.nice_ticks(2, 2) == [1.4, 1.6, 1.8, 2.0, 2.2, 2.4, 2.6]  # one value: a unit span around it
 
 
-def test_plot_draws_the_seed_curves(frozen):
-    pytest.importorskip("matplotlib")
+def test_plot_draws_every_seed_into_an_svg(frozen, tmp_path):
+    import xml.etree.ElementTree as ET
+
     assert plot.main([str(frozen)]) == 0
-    assert (frozen / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    train, val = ET.parse(frozen / plot.PLOT_NAME).getroot().findall("s:g", ns)
+
+    def curves(g):
+        return {c.find("s:title", ns).text: [tuple(map(float, p.split(","))) for p in c.get("points").split()]
+                for c in g.findall("s:polyline", ns)}
+
+    box = train.find("s:rect", ns)
+    x0, y0 = float(box.get("x")), float(box.get("y"))
+    x1, y1 = x0 + float(box.get("width")), y0 + float(box.get("height"))
+    lines = curves(train)
+    assert sorted(lines) == ["seed 1", "seed 2", "seed 3"]
+    for pts in lines.values():  # steps 1, 2 at train_loss 5.0, 4.0: rightwards and down the screen
+        assert len(pts) == 2 and pts[0][0] < pts[1][0] and pts[0][1] < pts[1][1]
+        assert all(x0 <= x <= x1 and y0 <= y <= y1 for x, y in pts)
+    assert {"4", "5"} <= {t.text for t in train.findall("s:text", ns)}  # the y ticks span the losses
+    assert sorted(curves(val)) == ["seed 1", "seed 2", "seed 3"]
+    dots = {c.find("s:title", ns).text: float(c.get("cy")) for c in val.findall("s:circle", ns)}
+    assert list(dots) == ["seed 1 int8_zlib_roundtrip 1.15473311", "seed 2 int8_zlib_roundtrip 1.15531019",
+                          "seed 3 int8_zlib_roundtrip 1.15588727"]
+    assert list(dots.values()) == sorted(dots.values(), reverse=True)  # a better score sits lower
+    # freeze --plot draws the same file and links it from the README
+    logs = [frozen / f"train_seed{s}.log" for s in (1, 2, 3)]
+    assert do_freeze(logs, tmp_path / "plotted", "--track", "non_record_16mb", "--plot") == 0
+    assert (tmp_path / "plotted" / plot.PLOT_NAME).read_text() == (frozen / plot.PLOT_NAME).read_text()
+    readme = (tmp_path / "plotted" / "README.md").read_text()
+    assert f"![train and val curves of every seed]({plot.PLOT_NAME})" in readme
 
 
 # -----------------------------
