@@ -775,9 +775,15 @@ def test_size_estimate_is_the_export_of_the_configuration_and_grows_with_it():
 
     tiny = {"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
             "BIGRAM_BUCKETS": "64", "COMPRESSOR": "zlib"}
-    model_bytes, code_bytes, params = estimate_size.estimate(tg.Hyperparameters(tiny), steps=2, tokens=512)
-    assert code_bytes == len(tg.pack_code((REPO / "train_gpt.py").read_bytes()))
+    export, code_bytes, params = estimate_size.estimate(tg.Hyperparameters(tiny), steps=2, tokens=512)
+    assert code_bytes == len(tg.pack_code((REPO / "train_gpt.py").read_bytes())) and export.pruned == 0
+    # The run's own export: the artifact it returns loads into the configured model.
+    model, args = tg.model_from_artifact(export.blob, tg.torch.device("cpu"))
+    assert args.num_layers == 2 and sum(p.numel() for p in model.parameters()) / 1e6 == params
     bigger, _, more = estimate_size.estimate(tg.Hyperparameters({**tiny, "NUM_LAYERS": "4"}), steps=2, tokens=512)
-    assert more > params and bigger > model_bytes * 1.3, (model_bytes, bigger)
+    assert more > params and len(bigger.blob) > len(export.blob) * 1.3, (len(export.blob), len(bigger.blob))
     int8, _, _ = estimate_size.estimate(tg.Hyperparameters({**tiny, "NUM_LAYERS": "4", "QUANT": "int8"}), 2, 512)
-    assert int8 > bigger  # wider codes, more bytes
+    assert len(int8.blob) > len(bigger.blob)  # wider codes, more bytes
+    # Over the cap, the export prunes to fit, and the estimate reports it as over (exit 1).
+    over, _, _ = estimate_size.estimate(tg.Hyperparameters({**tiny, "SIZE_MARGIN_BYTES": str(16_000_000 - 60_000)}), 2, 512)
+    assert over.pruned > 0
