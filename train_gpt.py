@@ -386,13 +386,15 @@ def check_val_split(data_path: str, num_tokens: int) -> None:
     if manifest_path.is_file():
         try:
             m = json.loads(manifest_path.read_text(encoding="utf-8"))
-            variant, val_docs, shuffle_seed, val_tokens = m["variant"], m["val_docs"], m["shuffle_seed"], m["val_tokens"]
+            variant, val_docs, shuffle_seed = m["variant"], m["val_docs"], m["shuffle_seed"]
+            val_tokens, challenge = m["val_tokens"], m["challenge_docs"] or variant in CHALLENGE_VAL_TOKENS
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{manifest_path} is unreadable or incomplete ({e!r}); rebuild the data with data/build_shards.py")
+            raise ConfigError(f"{manifest_path} is unreadable or incomplete ({e!r}); rebuild the data with "
+                              "data/build_shards.py")
         if val_tokens != num_tokens:
             raise ConfigError(f"{manifest_path} records {val_tokens} val tokens but the val shards hold {num_tokens}: "
                               "the shards changed since the build; rebuild them with data/build_shards.py")
-        if (m.get("challenge_docs") or variant in CHALLENGE_VAL_TOKENS) and (val_docs, shuffle_seed) != (CHALLENGE_VAL_DOCS, None):
+        if challenge and (val_docs, shuffle_seed) != (CHALLENGE_VAL_DOCS, None):
             raise ConfigError(f"{manifest_path}: {variant} is built from the challenge's documents, but its val split is "
                               f"{val_docs} documents (shuffle seed {shuffle_seed}), not the first {CHALLENGE_VAL_DOCS}: "
                               "the other val documents are in training (issue #2127); rebuild with --val-docs 50000 "
@@ -400,9 +402,9 @@ def check_val_split(data_path: str, num_tokens: int) -> None:
         return
     expected = CHALLENGE_VAL_TOKENS.get(Path(data_path).name)
     if expected and not expected[0] <= num_tokens <= expected[1]:
-        raise ConfigError(f"DATA_PATH={data_path}: the val split has {num_tokens} tokens, but this published dataset's "
-                          f"(the first {CHALLENGE_VAL_DOCS} documents) has {expected[0]}-{expected[1]}: a build with fewer "
-                          "val documents puts the rest into training (issue #2127: CaseOps prep's --val-docs=10000); "
+        raise ConfigError(f"DATA_PATH={data_path}: the val split has {num_tokens} tokens, but the published one (the "
+                          f"first {CHALLENGE_VAL_DOCS} documents) has {expected[0]}-{expected[1]}: a build with fewer val "
+                          "documents puts the rest into training (issue #2127: CaseOps prep's --val-docs=10000); "
                           "download it with data/cached_challenge_fineweb.py or rebuild it with data/build_shards.py")
 
 

@@ -139,8 +139,9 @@ def plan_files(manifest: dict, variant: str, train_shards: int) -> tuple[list[st
     if train_shards > files_train:
         raise DownloadError(f"--train-shards {train_shards}: {name} has only {files_train} train shards")
     if stats.get("docs_val", CHALLENGE_VAL_DOCS) != CHALLENGE_VAL_DOCS:  # the export's stats, where it has them
-        raise DownloadError(f"{name}'s manifest says its val split is {stats['docs_val']} documents, not the challenge's "
-                            f"first {CHALLENGE_VAL_DOCS}: the rest would be in training (issue #2127); use another repo")
+        raise DownloadError(f"{name}'s manifest says its val split is {stats['docs_val']} documents, not the "
+                            f"challenge's first {CHALLENGE_VAL_DOCS}: the rest would be in training (issue #2127); "
+                            "use another repo")
     tokenizer_name = datasets[name].get("tokenizer_name")
     tokenizer = next((t for t in manifest.get("tokenizers", []) if t.get("name") == tokenizer_name), None)
     if tokenizer is None:
@@ -158,8 +159,8 @@ def expected_files(variant: str, train_shards: int) -> str:
     message; an unknown variant's files are only known from its manifest."""
     if variant not in KNOWN_VARIANTS:
         return f"fineweb10B_{variant}'s shards and tokenizer as that manifest lists them"
-    dataset = f"fineweb10B_{variant}"
-    presumed = {"datasets": [{"name": dataset, "tokenizer_name": "t", "stats": {"files_val": 1, "files_train": train_shards}}],
+    stats = {"files_val": 1, "files_train": train_shards}
+    presumed = {"datasets": [{"name": f"fineweb10B_{variant}", "tokenizer_name": "t", "stats": stats}],
                 "tokenizers": [{"name": "t", "model_path": KNOWN_VARIANTS[variant][1]}]}
     shards, others = plan_files(presumed, variant, train_shards)
     train = [rel for rel in shards if "/fineweb_train_" in rel]
