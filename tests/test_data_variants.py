@@ -186,6 +186,17 @@ def test_train_docs_never_repeat_a_val_doc(caseops_build):
     assert not {nfkc(build_shards.caseops_encode(d)) for d in b["docs"][:VAL_DOCS]} & set(train_docs)
 
 
+def test_caseops_parallel_encoding_matches_single_process(caseops_build, tmp_path, monkeypatch):
+    monkeypatch.setattr(build_shards, "ENCODE_BATCH_DOCS", 8)  # several val and train batches: the pool really runs
+    b = caseops_build
+    outputs = []
+    for workers in (1, 2):
+        summary = build_shards.build(b["docs"], tmp_path / f"w{workers}", b["tok"], val_docs=VAL_DOCS, caseops=True,
+                                     shard_tokens=700, workers=workers, log=quiet)
+        outputs.append([Path(f).read_bytes() for f in summary["files"]])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == len(list((tmp_path / "w1").glob("fineweb_*.bin")))
+
+
 def test_caseops_with_a_plain_tokenizer_exits_2(tmp_path, capsys):
     docs = tmp_path / "d.jsonl"
     docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in cased_docs(30)))
