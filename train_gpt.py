@@ -147,7 +147,7 @@ class Hyperparameters:
         get("BASELINE", False, _flag)  # applied with the presets above; read here so the log records it
         self.data_path = get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
-        self.val_files = os.path.join(self.data_path, "fineweb_val_*.bin")
+        self.val_files = os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")  # not the fineweb_val_bytes_* sidecar
         self.tokenizer_path = get("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
         self.run_id = get("RUN_ID", str(uuid.uuid4()))
         self.seed = get("SEED", 1337, int)
@@ -433,6 +433,61 @@ def load_validation_tokens(pattern: str, vocab_size: int | None = None, seq_len:
         raise ConfigError(f"val split {pattern} has {tokens.numel()} tokens, fewer than one window of {seq_len + 1} "
                           "(TRAIN_SEQ_LEN or EVAL_SEQ_LEN, +1): use a longer val split or shorter sequences")
     return tokens
+
+
+def load_val_byte_sidecar(data_path: str, num_tokens: int) -> Tensor | None:
+    """Per val token, the UTF-8 bytes of the original text it covers (BOS: 0), from the fineweb_val_bytes_*.bin
+    shards beside the val shards (CaseOps data ships them: its tokens spell a transformed text); None if absent."""
+    files = sorted(Path(data_path).glob("fineweb_val_bytes_*.bin"))
+    if not files:
+        return None
+    counts = torch.cat([load_data_shard(f) for f in files])
+    if counts.numel() != num_tokens:
+        raise ConfigError(f"DATA_PATH={data_path}: the val byte sidecar (fineweb_val_bytes_*.bin) has {counts.numel()} "
+                          f"counts for {num_tokens} val tokens: it belongs to other shards; fetch or build them together")
+    return counts.to(torch.int32)
+
+
+# The val split is the challenge's first 50,000 documents. Val token counts (BOS included) of the published
+# datasets, by folder name: public logs print the count less one, rounded down to a multiple of the eval length L,
+# so the true count lies in [logged + 1, logged + L].
+CHALLENGE_VAL_DOCS = 50_000
+CHALLENGE_VAL_TOKENS = {
+    "fineweb10B_sp1024": (62_021_633, 62_022_656),  # logged 62,021,632 at L=1024 (records from March 2026 on)
+    "fineweb10B_sp8192": (40_540_161, 40_542_208),  # logged 40,540,160 at L=2048 (the 1.0810 record)
+    # logged 47,851,520 at L=2048 (#1855); logs that keep the tail show 47,853,343 targets, i.e. 47,853,344 tokens
+    "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": (47_851_521, 47_853_568),
+}
+
+
+def check_val_split(data_path: str, num_tokens: int) -> None:
+    """Refuse a val split that is not the challenge's first 50,000 documents (the rest would be in training),
+    told cheaply: from the manifest.json data/build_shards.py writes beside its shards, else, for a published
+    dataset's folder, from its val token count."""
+    manifest_path = Path(data_path) / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            m = json.loads(manifest_path.read_text(encoding="utf-8"))
+            variant, val_docs, shuffle_seed = m["variant"], m["val_docs"], m["shuffle_seed"]
+            val_tokens, challenge = m["val_tokens"], m["challenge_docs"] or variant in CHALLENGE_VAL_TOKENS
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{manifest_path} is unreadable or incomplete ({e!r}); rebuild the data with "
+                              "data/build_shards.py")
+        if val_tokens != num_tokens:
+            raise ConfigError(f"{manifest_path} records {val_tokens} val tokens but the val shards hold {num_tokens}: "
+                              "the shards changed since the build; rebuild them with data/build_shards.py")
+        if challenge and (val_docs, shuffle_seed) != (CHALLENGE_VAL_DOCS, None):
+            raise ConfigError(f"{manifest_path}: {variant} is built from the challenge's documents, but its val split is "
+                              f"{val_docs} documents (shuffle seed {shuffle_seed}), not the first {CHALLENGE_VAL_DOCS}: "
+                              "the other val documents are in training (issue #2127); rebuild with --val-docs 50000 "
+                              "and no --shuffle-seed")
+        return
+    expected = CHALLENGE_VAL_TOKENS.get(Path(data_path).name)
+    if expected and not expected[0] <= num_tokens <= expected[1]:
+        raise ConfigError(f"DATA_PATH={data_path}: the val split has {num_tokens} tokens, but the published one (the "
+                          f"first {CHALLENGE_VAL_DOCS} documents) has {expected[0]}-{expected[1]}: a build with fewer val "
+                          "documents puts the rest into training (issue #2127: CaseOps prep's --val-docs=10000); "
+                          "download it with data/cached_challenge_fineweb.py or rebuild it with data/build_shards.py")
 
 
 class TokenStream:
@@ -1599,10 +1654,25 @@ def eval_batch(args: Hyperparameters, world_size: int, seq_len: int) -> int:
     return max(1, args.val_batch_size // (world_size * grad_accum(args, world_size) * seq_len))
 
 
+def val_byte_counter(args: Hyperparameters, sp: spm.SentencePieceProcessor, num_val_tokens: int, device: torch.device):
+    """What add_scores counts bytes with: the val byte sidecar (per token, bytes of the original text) when
+    DATA_PATH has one, else the tokenizer's tables, which would count CaseOps markers as text: refused."""
+    sidecar = load_val_byte_sidecar(args.data_path, num_val_tokens)
+    if sidecar is not None:
+        return sidecar.to(device)
+    if any(sp.piece_to_id(m) != sp.unk_id() for m in "\ue001\ue002\ue003\ue004"):
+        raise ConfigError(f"TOKENIZER_PATH={args.tokenizer_path} is a CaseOps tokenizer but DATA_PATH={args.data_path} "
+                          "has no val byte sidecar (fineweb_val_bytes_*.bin): bpb would count transformed text; "
+                          "fetch the data with data/cached_challenge_fineweb.py or build it with --caseops")
+    return build_sentencepiece_luts(sp, args.vocab_size, device)
+
+
 def add_scores(tok_loss, mask, x, y, idx, luts, totals, losses) -> None:
     # totals: (loss sum, byte sum) in float64; losses: per-target losses by target index, or None.
+    # luts: the tokenizer's byte tables, or a val byte sidecar (a tensor: bytes per val token, target = idx + 1).
     totals[0] += tok_loss[mask].double().sum()
-    totals[1] += count_target_bytes(x, y, luts)[mask].double().sum()
+    target_bytes = luts[idx[mask] + 1] if isinstance(luts, Tensor) else count_target_bytes(x, y, luts)[mask]
+    totals[1] += target_bytes.double().sum()
     if losses is not None:
         losses[idx[mask]] = tok_loss[mask]
 
@@ -2066,16 +2136,20 @@ def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
 @dataclass
 class ValData:
     tokens: Tensor  # the whole val split, int64 on the device
-    luts: tuple[Tensor, Tensor, Tensor]  # the tokenizer's byte tables (build_sentencepiece_luts)
+    luts: tuple[Tensor, Tensor, Tensor] | Tensor  # the tokenizer's byte tables, or the val byte sidecar
 
 
 def load_val_data(run: Run) -> ValData:
+    """The whole val split, checked to be the challenge's, and what its bytes are counted with."""
     args = run.args
     ensure_smoke_data(args, run.master)
-    luts = build_sentencepiece_luts(load_tokenizer(args), args.vocab_size, run.device)
+    sp = load_tokenizer(args)
     seq_len = max(args.train_seq_len, args.eval_seq_len)
     tokens = load_validation_tokens(args.val_files, args.vocab_size, seq_len).to(run.device, torch.int64)
+    check_val_split(args.data_path, tokens.numel())
+    luts = val_byte_counter(args, sp, tokens.numel(), run.device)
     run.log(f"val_loader:shards pattern={args.val_files} tokens:{tokens.numel()}")
+    run.log(f"val_bytes:{'sidecar' if isinstance(luts, Tensor) else 'tokenizer_tables'}")
     return ValData(tokens, luts)
 
 

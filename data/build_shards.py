@@ -5,7 +5,12 @@ Usage:
       --out-dir data/datasets/blogs_sp1024 --train-tokenizer data/tokenizers/blogs_1024_bpe.model --vocab-size 1024
   python3 data/build_shards.py --embedded --out-dir data/datasets/smoke_sp1024 \
       --train-tokenizer data/tokenizers/smoke_1024_bpe.model --vocab-size 1024
+  python3 data/build_shards.py --docs data/docs_selected.jsonl --val-docs 50000 --caseops \
+      --out-dir data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved \
+      --tokenizer data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
 Documents keep the order of --docs (folders sorted), so the first file can serve as the val split.
+A manifest.json beside the shards records the split; train_gpt.py refuses a challenge build whose val split
+is not the challenge's first 50,000 documents.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 import argparse
 import ast
 import gzip
+import hashlib
 import itertools
 import json
 import lzma
 import multiprocessing
 import os
 import random
+import re
 import sys
 import sysconfig
 import time
@@ -75,7 +82,8 @@ def shard_problem(path) -> str | None:
 
 
 class ShardWriter:
-    """Cuts one split's token stream into fineweb_<split>_%06d.bin files; documents may straddle two shards."""
+    """Cuts one split's token stream into fineweb_<split>_%06d.bin files; documents may straddle two shards.
+    split "val_bytes" is the val byte sidecar: fed in step with "val", it is cut at the same places."""
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int, log):
         self.out_dir, self.split, self.shard_tokens, self.log = out_dir, split, shard_tokens, log
@@ -233,6 +241,68 @@ def embedded_documents() -> list[str]:
 
 
 # -----------------------------
+# CASEOPS
+# -----------------------------
+# The lossless case transform of the CaseOps records (lossless_caps_caseops_v1, openai/parameter-golf #1729,
+# #1855): over each run of ASCII letters, a lowercase word stays, an ALLCAPS word (2+ letters) becomes ALLCAPS +
+# lowercase, a Titlecase word TITLE + lowercase, any other word TITLE (if its first letter is a capital) and
+# CAPNEXT before each later capital, all lowercased; a literal marker character is escaped as ESC + itself.
+# The markers are private-use characters that the CaseOps tokenizer holds as user-defined pieces.
+
+CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+CASEOPS_MARKERS = (CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC)
+CASEOPS_UNIT = re.compile("[A-Za-z]+|[\ue001-\ue004]")
+CASEOPS_MARKER = re.compile("[\ue001-\ue004]")
+
+
+def _caseops_unit(match: re.Match) -> str:
+    word = match.group()
+    if word in CASEOPS_MARKERS:
+        return CASEOPS_ESC + word
+    if word.islower():
+        return word
+    lower = word.lower()
+    if len(word) >= 2 and word.isupper():
+        return CASEOPS_ALLCAPS + lower
+    if word[0].isupper() and word[1:].islower():
+        return CASEOPS_TITLE + lower
+    head = CASEOPS_TITLE + lower[0] if word[0].isupper() else lower[0]  # "iPhone", "OpenAI", a lone "A"
+    return head + "".join(CASEOPS_CAPNEXT + c.lower() if c.isupper() else c for c in word[1:])
+
+
+def caseops_encode(text: str) -> str:
+    return CASEOPS_UNIT.sub(_caseops_unit, text)
+
+
+def original_bytes_per_char(encoded: str) -> np.ndarray:
+    """For each character of a CaseOps-encoded text, the UTF-8 bytes of the original text it stands for:
+    markers 0 (an escaped marker character is text: its own 3 bytes), every other character its own length
+    (lowercasing an ASCII letter keeps its 1 byte)."""
+    codepoints = np.frombuffer(encoded.encode("utf-32-le"), dtype="<u4")
+    weights = 1 + (codepoints >= 0x80).astype(np.int64) + (codepoints >= 0x800) + (codepoints >= 0x10000)
+    escaped = -1
+    for m in CASEOPS_MARKER.finditer(encoded):
+        if m.start() == escaped:  # the literal after ESC
+            continue
+        weights[m.start()] = 0
+        if m.group() == CASEOPS_ESC:
+            escaped = m.start() + 1
+    return weights
+
+
+def caseops_tokens_and_bytes(sp, doc: str) -> tuple[list[int], np.ndarray]:
+    """A document's CaseOps tokens and, per token, the bytes of the original document it covers (they sum to
+    the document's UTF-8 length): what the val byte sidecar records, so bpb counts the untransformed text."""
+    encoded = caseops_encode(doc)
+    mapping = sp.encode_as_offset_mapping(encoded)  # per token: (start, end) in characters of `encoded`
+    cumulative = np.concatenate([[0], np.cumsum(original_bytes_per_char(encoded))])
+    ends = np.array([end for _, end in mapping["offsets"]], dtype=np.int64)
+    if ends.size:
+        ends[-1] = len(encoded)  # characters the normalizer dropped at the end still belong to the document
+    return mapping["ids"], np.diff(cumulative[ends], prepend=0)
+
+
+# -----------------------------
 # TOKENIZER
 # -----------------------------
 
@@ -269,18 +339,21 @@ def check_tokenizer_args(tokenizer_path, train_tokenizer: bool, vocab_size) -> N
         raise UsageError(f"--tokenizer {path}: no such file; pass an existing .model or use --train-tokenizer")
 
 
-def train_sentencepiece(docs: list[str], model_path: Path, vocab_size: int, max_bytes: int, workers: int, log) -> None:
+def train_sentencepiece(docs: list[str], model_path: Path, vocab_size: int, max_bytes: int, workers: int, log,
+                        caseops: bool = False) -> None:
     sample, sample_bytes = [], 0
     for doc in docs:  # at least one document, then up to max_bytes
-        sample.append(doc)
-        sample_bytes += len(doc.encode())
+        sample.append(caseops_encode(doc) if caseops else doc)
+        sample_bytes += len(sample[-1].encode())
         if sample_bytes >= max_bytes:
             break
-    log(f"tokenizer_train docs:{len(sample)} bytes:{sample_bytes} vocab_size:{vocab_size} path:{model_path}")
+    log(f"tokenizer_train docs:{len(sample)} bytes:{sample_bytes} vocab_size:{vocab_size} caseops:{int(caseops)} "
+        f"path:{model_path}")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         spm.SentencePieceTrainer.train(
             **SENTENCEPIECE_SETTINGS,
+            user_defined_symbols=list(CASEOPS_MARKERS) if caseops else [],  # one piece per marker, like #1729's
             sentence_iterator=iter(sample),
             model_prefix=str(model_path.with_suffix("")),
             vocab_size=vocab_size,
@@ -292,7 +365,7 @@ def train_sentencepiece(docs: list[str], model_path: Path, vocab_size: int, max_
         raise UsageError(f"--vocab-size {vocab_size}: sentencepiece cannot train ({str(exc).splitlines()[0]})")
 
 
-def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
+def load_tokenizer(path: Path, caseops: bool = False) -> spm.SentencePieceProcessor:
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as exc:
@@ -301,19 +374,30 @@ def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
         raise UsageError(f"--tokenizer {path}: vocab {sp.vocab_size()} > {MAX_VOCAB} does not fit uint16 shards")
     if sp.bos_id() != BOS_ID:
         raise UsageError(f"--tokenizer {path}: bos_id {sp.bos_id()}, shards need {BOS_ID}; use --train-tokenizer")
+    if caseops and sp.unk_id() in map(sp.piece_to_id, CASEOPS_MARKERS):
+        raise UsageError(f"--tokenizer {path}: no pieces for the CaseOps markers U+E001-U+E004; use the CaseOps "
+                         "tokenizer (fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model) or --train-tokenizer")
     return sp
 
 
-def encode_docs(sp, docs: list[str]) -> np.ndarray:
-    """BOS before each document, then its tokens, all concatenated (built flat: no array per document)."""
-    ids = sp.encode(docs)
+def encode_docs(sp, docs: list[str], caseops: bool = False, with_bytes: bool = False):
+    """BOS before each document, then its tokens, all concatenated (built flat: no array per document), and
+    with_bytes (CaseOps only): each token's bytes of the original document, BOS 0, else None."""
+    if with_bytes:
+        ids, doc_bytes = zip(*(caseops_tokens_and_bytes(sp, doc) for doc in docs))
+    else:
+        ids = sp.encode([caseops_encode(doc) for doc in docs] if caseops else docs)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
     tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
     is_bos = np.zeros(tokens.size, dtype=bool)
     is_bos[np.cumsum(lengths) - lengths] = True
     tokens[is_bos] = BOS_ID
     tokens[~is_bos] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16, count=tokens.size - len(ids))
-    return tokens
+    if not with_bytes:
+        return tokens, None
+    counts = np.zeros(tokens.size, dtype=np.int64)
+    counts[~is_bos] = np.concatenate(doc_bytes)
+    return tokens, counts
 
 
 _worker_sp = None  # each pool process loads the model once
@@ -324,14 +408,15 @@ def _load_worker_tokenizer(model_path: str) -> None:
     _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
 
 
-def _encode_in_worker(docs: list[str]) -> np.ndarray:
-    return encode_docs(_worker_sp, docs)
+def _encode_in_worker(job: tuple) -> tuple:
+    return encode_docs(_worker_sp, *job)
 
 
-def encode_batches(sp, model_path: Path, batches: list[list[str]], workers: int):
-    """encode_docs over batches, in order; processes, because sentencepiece's num_threads barely helps."""
+def encode_batches(sp, model_path: Path, batches: list[tuple], workers: int):
+    """encode_docs over batches of (docs, caseops, with_bytes), in order; processes, because sentencepiece's
+    num_threads barely helps."""
     if workers == 1 or len(batches) == 1:
-        yield from (encode_docs(sp, batch) for batch in batches)
+        yield from (encode_docs(sp, *batch) for batch in batches)
         return
     ctx = multiprocessing.get_context("spawn")  # fork is unsafe once the caller (e.g. train_gpt.py) runs threads
     with ctx.Pool(min(workers, len(batches)), _load_worker_tokenizer, (str(model_path),)) as pool:
@@ -343,6 +428,9 @@ def encode_batches(sp, model_path: Path, batches: list[list[str]], workers: int)
 # -----------------------------
 
 
+MANIFEST_NAME = "manifest.json"  # beside the shards; train_gpt.py reads it
+
+
 def build(
     docs: list[str],
     out_dir,
@@ -351,12 +439,18 @@ def build(
     vocab_size=None,
     train_tokenizer=False,
     val_docs,
+    caseops=False,
+    variant=None,
+    challenge_docs=False,
+    shuffle_seed=None,
     shard_tokens=100_000_000,
     tokenizer_train_bytes=DEFAULT_TOKENIZER_TRAIN_BYTES,
     workers=None,
     log=print,
 ) -> dict:
-    """Val = docs[:val_docs], train = the rest; a trained tokenizer sees train docs only (no val leakage)."""
+    """Val = docs[:val_docs], train = the rest less exact copies of a val document; a trained tokenizer sees
+    train docs only (no val leakage). caseops: CaseOps-encode the text and write the val byte sidecar.
+    Writes manifest.json beside the shards: variant (default: the folder's name), tokenizer hash, split."""
     t0 = time.perf_counter()
     out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
     workers = workers or os.cpu_count() or 1
@@ -365,10 +459,16 @@ def build(
     check_tokenizer_args(tokenizer_path, train_tokenizer, vocab_size)
     if not 0 < val_docs < len(docs):
         raise UsageError(f"--val-docs {val_docs}: need 1 <= val-docs < {len(docs)} (the document count)")
-    val, train = docs[:val_docs], docs[val_docs:]
+    val = docs[:val_docs]
+    val_texts = set(val)
+    train = [doc for doc in docs[val_docs:] if doc not in val_texts]  # a repeated val document is val, not train
+    if len(train) < len(docs) - val_docs:
+        log(f"dropped_train_docs:{len(docs) - val_docs - len(train)} (exact copies of val documents)")
+    if not train:
+        raise UsageError(f"--val-docs {val_docs}: no train documents are left; use more documents")
     if train_tokenizer:
-        train_sentencepiece(train, tokenizer_path, vocab_size, tokenizer_train_bytes, workers, log)
-    sp = load_tokenizer(tokenizer_path)
+        train_sentencepiece(train, tokenizer_path, vocab_size, tokenizer_train_bytes, workers, log, caseops)
+    sp = load_tokenizer(tokenizer_path, caseops)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = sorted(out_dir.glob("fineweb_train_*.bin")) + sorted(out_dir.glob("fineweb_val_*.bin"))
@@ -376,20 +476,24 @@ def build(
         path.unlink()
     if stale:
         log(f"removed_stale_shards:{len(stale)} out_dir:{out_dir}")
-    writers = {split: ShardWriter(out_dir, split, shard_tokens, log) for split in ("val", "train")}
+    splits = ("val", "train") + (("val_bytes",) if caseops else ())
+    writers = {split: ShardWriter(out_dir, split, shard_tokens, log) for split in splits}
     # batches never straddle the val/train boundary, so one pool serves both splits
     batches = [
         (split, part[i : i + ENCODE_BATCH_DOCS])
         for split, part in (("val", val), ("train", train))
         for i in range(0, len(part), ENCODE_BATCH_DOCS)
     ]
-    encoded = encode_batches(sp, tokenizer_path, [batch for _, batch in batches], workers)
+    jobs = [(batch, caseops, caseops and split == "val") for split, batch in batches]
+    encoded = encode_batches(sp, tokenizer_path, jobs, workers)
     docs_done = 0
-    for n, ((split, batch), tokens) in enumerate(zip(batches, encoded, strict=True), 1):
+    for n, ((split, batch), (tokens, counts)) in enumerate(zip(batches, encoded, strict=True), 1):
         writers[split].add(tokens)
+        if counts is not None:
+            writers["val_bytes"].add(counts)
         docs_done += len(batch)
         if n % PROGRESS_EVERY_BATCHES == 0 or n == len(batches) or batches[n][0] != split:
-            log(f"encode split:{split} docs:{docs_done}/{len(docs)} tokens:{writers[split].tokens} "
+            log(f"encode split:{split} docs:{docs_done}/{len(val) + len(train)} tokens:{writers[split].tokens} "
                 f"time:{int(1000 * (time.perf_counter() - t0))}ms")
     for writer in writers.values():
         writer.close()
@@ -399,16 +503,35 @@ def build(
         "val_docs": len(val),
         "train_tokens": writers["train"].tokens,
         "val_tokens": writers["val"].tokens,
-        "text_bytes": sum(len(doc.encode()) for doc in docs),
+        "text_bytes": sum(len(doc.encode()) for doc in itertools.chain(val, train)),
         "vocab_size": sp.vocab_size(),
         "tokenizer": str(tokenizer_path),
-        "files": writers["val"].files + writers["train"].files,
+        "files": [f for writer in writers.values() for f in writer.files],
     }
+    manifest = {
+        "variant": variant or out_dir.resolve().name,
+        "caseops": caseops,
+        "challenge_docs": challenge_docs,
+        "tokenizer": tokenizer_path.name,
+        "tokenizer_sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
+        "vocab_size": sp.vocab_size(),
+        "shuffle_seed": shuffle_seed,
+        "val_docs": len(val),
+        "val_tokens": writers["val"].tokens,
+        "val_shards": len(writers["val"].files),
+        "val_bytes_shards": len(writers["val_bytes"].files) if caseops else 0,
+        "train_docs": len(train),
+        "train_docs_dropped_as_val_copies": len(docs) - val_docs - len(train),
+        "train_tokens": writers["train"].tokens,
+        "train_shards": len(writers["train"].files),
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     log(
         f"summary train_docs:{summary['train_docs']} val_docs:{summary['val_docs']} "
         f"train_tokens:{summary['train_tokens']} val_tokens:{summary['val_tokens']} text_bytes:{summary['text_bytes']} "
         f"tokenizer:{tokenizer_path} vocab_size:{summary['vocab_size']} train_files:{len(writers['train'].files)} "
-        f"val_files:{len(writers['val'].files)} out_dir:{out_dir} time:{int(1000 * (time.perf_counter() - t0))}ms"
+        f"val_files:{len(writers['val'].files)} caseops:{int(caseops)} out_dir:{out_dir} "
+        f"time:{int(1000 * (time.perf_counter() - t0))}ms"
     )
     return summary
 
@@ -431,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-docs", type=int, help=f"the first N docs are val (--embedded: {EMBEDDED_VAL_DOCS})")
     p.add_argument("--shuffle-seed", type=int, help=f"shuffle before the split (--embedded: {EMBEDDED_SHUFFLE_SEED})")
     p.add_argument("--max-docs", type=int, help="read at most N documents")
+    p.add_argument("--caseops", action="store_true",
+                   help="CaseOps-encode the text (needs a tokenizer with its markers) and write the val byte sidecar")
+    p.add_argument("--variant", help="name recorded in manifest.json (default: the --out-dir folder's name)")
     p.add_argument("--txt-docs", default="blank", choices=("file", "blank", "line"),
                    help=".txt: one doc per file/para/line")
     p.add_argument("--text-field", default="text", help=".jsonl: field holding the text")
@@ -454,6 +580,8 @@ def main(argv=None) -> dict:
                 raise UsageError("--docs needs --val-docs N (the first N documents become the val split)")
             docs = read_documents(args.docs, txt_docs=args.txt_docs, text_field=args.text_field, max_docs=args.max_docs)
             shuffle_seed, val_docs = args.shuffle_seed, args.val_docs
+        # the challenge's documents come as docs_selected.jsonl (cached_challenge_fineweb.py --with-docs)
+        challenge_docs = any(Path(path).name.startswith("docs_selected.") for path in args.docs or ())
         print(f"read docs:{len(docs)} shuffle_seed:{shuffle_seed}", flush=True)
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(docs)
@@ -464,6 +592,10 @@ def main(argv=None) -> dict:
             vocab_size=args.vocab_size,
             train_tokenizer=bool(args.train_tokenizer),
             val_docs=val_docs,
+            caseops=args.caseops,
+            variant=args.variant,
+            challenge_docs=challenge_docs,
+            shuffle_seed=shuffle_seed,
             shard_tokens=args.shard_tokens,
             tokenizer_train_bytes=args.tokenizer_train_bytes,
             workers=args.workers,
