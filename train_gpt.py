@@ -207,7 +207,6 @@ class Hyperparameters:
         self.muon_row_norm = get("MUON_ROW_NORM", True, _flag)
         self.muon_post_ns_row_norm = get("MUON_POST_NS_ROW_NORM", False, _flag)
         self.normuon_beta2 = get("NORMUON_BETA2", 0.0, float)
-        self.muon_batched = get("MUON_BATCHED", False, _flag)
         self.muon_wd = get("MUON_WD", 0.04, float)
         self.adam_wd = get("ADAM_WD", 0.0, float)
         self.cautious_wd = get("CAUTIOUS_WD", False, _flag)
@@ -989,89 +988,146 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7, coeffs
 
 
 def rescale_rows_keeping_norm(g: Tensor, second_moment: Tensor) -> Tensor:
-    # Divide each row (or column) by its RMS estimate, then restore the matrix's Frobenius norm (NorMuon); fp32.
+    # Divide each row (or column) by its RMS estimate, then restore each matrix's Frobenius norm (NorMuon); fp32.
     g = g.float()
     h = g * second_moment.clamp_min(1e-10).rsqrt()
-    return h * (g.norm() / h.norm().clamp_min(1e-10))
+    return h * (g.norm(dim=(-2, -1), keepdim=True) / h.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon: orthogonalized Nesterov momentum. Same-shape matrices are split into one contiguous chunk per rank;
-    each rank orthogonalizes its chunk and one all-gather shares the updates. MUON_BATCHED=1: one batched
-    Newton-Schulz per shape and, over several ranks, gradients reduce-scattered here rather than all-reduced by DDP.
+    """Muon: orthogonalized Nesterov momentum, one batched Newton-Schulz per group of same-shape matrices.
+    Over several ranks a shape group is split into one contiguous chunk per rank: reduce_grads() launches one
+    asynchronous reduce-scatter per group (DDP leaves these gradients alone: ddp_without_matrices), so a rank
+    receives the mean gradients of its own chunk only; step() orthogonalizes its chunk, group by group, and launches
+    an asynchronous all-gather of the updates, which travels while the next groups compute.
     Options: MuonEq-R (row_norm), post-NS row normalization, NorMuon (normuon_beta2 > 0)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs: str = "quintic",
-                 row_norm: bool = False, post_ns_row_norm: bool = False, normuon_beta2: float = 0.0, batched: bool = False):
+                 row_norm: bool = False, post_ns_row_norm: bool = False, normuon_beta2: float = 0.0, compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=coeffs, row_norm=row_norm,
-                                      post_ns_row_norm=post_ns_row_norm, normuon_beta2=normuon_beta2, batched=batched))
+                                      post_ns_row_norm=post_ns_row_norm, normuon_beta2=normuon_beta2))
+        # Compiled: one graph per matrix shape, built in the warm-up steps (the other arguments are constants).
+        self.newton_schulz = torch.compile(zeropower_via_newtonschulz5, dynamic=False, fullgraph=True) if compile \
+            else zeropower_via_newtonschulz5
+        self._reduced: list[tuple[object, Tensor]] | None = None  # (collective handle, gradient shard) per shape group
 
-    def _direction(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
-        """The orthogonalized g of matrix p, after the optional post-NS normalizations, scaled for its shape."""
-        if group["post_ns_row_norm"]:  # seed 002's "NorMuon": a stateless equal-RMS rescale of the rows
-            g = rescale_rows_keeping_norm(g, g.float().square().mean(-1, keepdim=True))
-        if group["normuon_beta2"] > 0:  # modded-nanogpt's NorMuon: per-neuron second moment along the longer side
-            v = g.float().square().mean(-1 if g.size(0) >= g.size(1) else 0, keepdim=True)
-            v_ema = self.state[p].setdefault("second_moment", torch.zeros_like(v))
-            v_ema.lerp_(v, 1 - group["normuon_beta2"])
-            g = rescale_rows_keeping_norm(g, v_ema)
-        return g * max(1, g.size(0) / g.size(1)) ** 0.5
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+    def _shape_groups(self):
+        """(param group, its matrices of one shape, matrices per rank), in the same order on every rank."""
+        world_size = dist.get_world_size() if distributed_now() else 1
         for group in self.param_groups:
-            if not group["params"]:
-                continue
             by_shape: dict[torch.Size, list[Tensor]] = {}
             for p in group["params"]:
                 by_shape.setdefault(p.shape, []).append(p)
-            chunks = [(ps, -(-len(ps) // world_size)) for ps in by_shape.values()]
-            segment = sum(per_rank * ps[0].numel() for ps, per_rank in chunks)  # one rank's share of the updates
-            dtype = torch.bfloat16 if group["params"][0].is_cuda else torch.float32
-            mine = torch.zeros(segment, device=group["params"][0].device, dtype=dtype)
-            offset = 0
-            for ps, per_rank in chunks:
-                n = ps[0].numel()
-                own = ps[rank * per_rank : (rank + 1) * per_rank]
-                grads = [p.grad for p in own]
-                if distributed and group["batched"]:
-                    # DDP left these gradients alone (main): one reduce-scatter per shape gives each rank the mean
-                    # gradients of just its own chunk, instead of an all-reduce of every gradient.
-                    full = torch.zeros(world_size * per_rank, *ps[0].shape, device=ps[0].device, dtype=ps[0].grad.dtype)
-                    full[: len(ps)] = torch.stack([p.grad for p in ps])
-                    mean = torch.empty_like(full[:per_rank])
-                    dist.reduce_scatter_tensor(mean, full)
-                    grads = list(mean.div_(world_size)[: len(own)])
-                todo = [(j, p, g) for j, (p, g) in enumerate(zip(own, grads)) if g is not None]
-                if todo:
-                    momentum = []
-                    for _, p, g in todo:
-                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
-                        buf.mul_(group["momentum"]).add_(g)
-                        momentum.append(g.add(buf, alpha=group["momentum"]))
-                    G = torch.stack(momentum)
-                    if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
-                        G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                    ns = (group["backend_steps"], 1e-7, group["coeffs"])
-                    O = zeropower_via_newtonschulz5(G, *ns) if group["batched"] else \
-                        torch.stack([zeropower_via_newtonschulz5(g, *ns) for g in G])
-                    for (j, p, _), o in zip(todo, O):
-                        mine[offset + j * n : offset + (j + 1) * n] = self._direction(p, o, group).reshape(-1)
-                offset += per_rank * n
-            flat = mine
-            if distributed:
-                flat = torch.empty(world_size * segment, device=mine.device, dtype=dtype)
-                dist.all_gather_into_tensor(flat, mine)
-            offset = 0
-            for ps, per_rank in chunks:
-                n = ps[0].numel()
-                for i, p in enumerate(ps):
-                    start = (i // per_rank) * segment + offset + (i % per_rank) * n
-                    p.add_(flat[start : start + n].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += per_rank * n
+            for ps in by_shape.values():
+                yield group, ps, -(-len(ps) // world_size)
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        """Launch the reduction of each shape group's gradients (asynchronous over several ranks). A matrix without a
+        gradient counts as a zero gradient. On one rank the "shard" is the whole group, stacked."""
+        distributed = distributed_now()
+        world_size = dist.get_world_size() if distributed else 1
+        self._reduced = []
+        for _, ps, per_rank in self._shape_groups():
+            grads = torch.stack([torch.zeros_like(p) if p.grad is None else p.grad for p in ps])
+            if not distributed:
+                self._reduced.append((None, grads))
+                continue
+            full = grads.new_zeros(world_size * per_rank, *ps[0].shape)  # padded to whole chunks: zeros stay zeros
+            full[: len(ps)] = grads / world_size  # a sum of means: gloo has no ReduceOp.AVG
+            shard = grads.new_empty(per_rank, *ps[0].shape)
+            self._reduced.append((dist.reduce_scatter_tensor(shard, full, async_op=True), shard))
+
+    def reduced_grads(self) -> list[Tensor]:
+        """This rank's shards of the mean matrix gradients, one per shape group, once reduced (reduce_grads() first).
+        step() reads them as they are then: scaling them in place (clipping) scales the step's gradients."""
+        for handle, _ in self._reduced:
+            if handle is not None:
+                handle.wait()
+        # Waited once only: gloo's wait() copies the result into the shard again, which would undo a clip.
+        self._reduced = [(None, shard) for _, shard in self._reduced]
+        return [shard for _, shard in self._reduced]
+
+    def _direction(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
+        """The orthogonalized g (one matrix or a stack) after the optional post-NS normalizations, scaled for its
+        shape; NorMuon's state lives with p."""
+        if group["post_ns_row_norm"]:  # seed 002's "NorMuon": a stateless equal-RMS rescale of the rows
+            g = rescale_rows_keeping_norm(g, g.float().square().mean(-1, keepdim=True))
+        if group["normuon_beta2"] > 0:  # modded-nanogpt's NorMuon: per-neuron second moment along the longer side
+            v = g.float().square().mean(-1 if g.size(-2) >= g.size(-1) else -2, keepdim=True)
+            v_ema = self.state[p].setdefault("second_moment", torch.zeros_like(v))
+            v_ema.lerp_(v, 1 - group["normuon_beta2"])
+            g = rescale_rows_keeping_norm(g, v_ema)
+        return g * max(1, g.size(-2) / g.size(-1)) ** 0.5
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._reduced is None:
+            self.reduce_grads()
+        shards, self._reduced = self.reduced_grads(), None
+        distributed, gathers = distributed_now(), []
+        for (group, ps, per_rank), g in zip(self._shape_groups(), shards):
+            # This rank's chunk of the group keeps its stacked momentum (and NorMuon) state with the group's first matrix.
+            buf = self.state[ps[0]].setdefault("momentum_buffer", torch.zeros_like(g))
+            buf.mul_(group["momentum"]).add_(g)
+            G = g.add(buf, alpha=group["momentum"])
+            if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
+                G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            O = self.newton_schulz(G, group["backend_steps"], 1e-7, group["coeffs"])
+            update = self._direction(ps[0], O, group).to(torch.bfloat16 if g.is_cuda else torch.float32)
+            if not distributed:
+                gathers.append((None, update, ps, group))
+                continue
+            full = update.new_empty(dist.get_world_size() * per_rank, *update.shape[1:])
+            gathers.append((dist.all_gather_into_tensor(full, update, async_op=True), full, ps, group))
+        for handle, full, ps, group in gathers:
+            if handle is not None:
+                handle.wait()
+            for p, u in zip(ps, full):
+                p.add_(u.to(p.dtype), alpha=-group["lr"])
+
+
+@torch.no_grad()
+def clip_grad_norm_global(grads: list[Tensor], shards: list[Tensor], max_norm: float) -> Tensor:
+    """clip_grad_norm_ over gradients spread across ranks: `grads` are the same on every rank (DDP's means), `shards`
+    are this rank's disjoint parts of the rest (Muon's reduced matrix gradients). All are scaled in place by
+    min(1, max_norm / (norm + 1e-6)) with the norm of all of them together; returns that norm (no host sync)."""
+    def square_sum(ts):
+        return sum((torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in ts), torch.zeros((), device=device))
+
+    device = (grads or shards)[0].device
+    total = square_sum(shards)
+    if distributed_now():
+        dist.all_reduce(total)
+    norm = (total + square_sum(grads)).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for t in grads + shards:
+        t.mul_(scale.to(t.dtype))
+    return norm
+
+
+def step_optimizers(optimizers: list[torch.optim.Optimizer], muon: Muon, grad_clip_norm: float) -> Tensor | None:
+    """Every optimizer's step. Muon's gradient reductions are launched first, so they travel while the clipping norm
+    and Adam's steps compute; the clip, if on, sees the global norm (all parameters, every rank's data), which is
+    returned (None without clipping)."""
+    muon.reduce_grads()
+    norm = None
+    if grad_clip_norm > 0:
+        others = [p.grad for opt in optimizers if opt is not muon for g in opt.param_groups for p in g["params"]
+                  if p.grad is not None]
+        norm = clip_grad_norm_global(others, muon.reduced_grads(), grad_clip_norm)
+    for opt in optimizers:
+        if opt is not muon:
+            opt.step()
+    muon.step()
+    return norm
+
+
+def ddp_without_matrices(model: nn.Module, base_model: nn.Module, device: torch.device) -> DDP:
+    # DDP all-reduces every gradient but the Muon matrices', which Muon reduce-scatters itself (Muon.reduce_grads).
+    matrices = {id(p) for p in base_model.param_groups()["matrix"]}
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if id(p) in matrices])
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def add_weight_decay(opt: torch.optim.Optimizer, wd: float, cautious: bool) -> None:
@@ -1109,7 +1165,7 @@ def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torc
 
     muon = Muon(groups["matrix"], lr=lrs["matrix"], momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
                 coeffs=args.muon_ns_coeffs, row_norm=args.muon_row_norm, post_ns_row_norm=args.muon_post_ns_row_norm,
-                normuon_beta2=args.normuon_beta2, batched=args.muon_batched)
+                normuon_beta2=args.normuon_beta2, compile=args.compile)
     add_weight_decay(muon, 0.0 if isinstance(model, NGPT) else args.muon_wd, args.cautious_wd)  # nGPT: on the sphere
     for g in muon.param_groups:
         g["base_lr"] = lrs["matrix"]
@@ -2033,15 +2089,8 @@ def main() -> None:
         configure_qat(base_model, args)
     model = torch.compile(base_model, dynamic=False, fullgraph=True) if args.compile else base_model
     if distributed:
-        if args.muon_batched:  # Muon reduce-scatters the matrices' gradients itself, so DDP leaves them alone
-            if args.grad_clip_norm > 0:
-                raise ConfigError("GRAD_CLIP_NORM with MUON_BATCHED=1 on several processes would clip unreduced "
-                                  "matrix gradients; set one of them to 0")
-            matrices = {id(p) for p in base_model.param_groups()["matrix"]}
-            names = [n for n, p in model.named_parameters() if id(p) in matrices]
-            DDP._set_params_and_buffers_to_ignore_for_model(model, names)
-            log0(f"muon:reduce_scatter matrices:{len(names)}")
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = ddp_without_matrices(model, base_model, device)
+        log0(f"muon:reduce_scatter matrices:{len(base_model.param_groups()['matrix'])}")
     optimizers, muon = build_optimizers(args, base_model)
     log0(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
 
@@ -2053,7 +2102,7 @@ def main() -> None:
             if distributed:
                 model.require_backward_grad_sync = micro == grad_accum_steps - 1
             x, y = train_loader.next_batch(args.train_batch_tokens, args.train_seq_len, grad_accum_steps)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 loss = model(x, y).mean()
             train_loss += loss.detach()
             (loss / grad_accum_steps).backward()
@@ -2063,10 +2112,7 @@ def main() -> None:
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_scale
-        if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
+        step_optimizers(optimizers, muon, args.grad_clip_norm)
         base_model.after_optimizer_step()
         return train_loss / grad_accum_steps
 
