@@ -727,10 +727,11 @@ class GPT(nn.Module):
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
             x = block(x, x0, doc_ids, value_embed)
             if i == self.recur_last:
-                # Compiled: torch.cond keeps both paths in the graph. Eager: a plain branch (eager cond retraces per call).
+                # Compiled: torch.cond keeps both paths in the graph. Eager: a plain branch (eager cond retraces per call)
+                # on the buffer's Python mirror, as reading a GPU buffer would wait for the GPU on every forward.
                 if torch.compiler.is_compiling():
                     x = torch.cond(self.recur_active, recur, lambda x: x.clone(), (x,))
-                elif self.recur_active:
+                elif self._recur_on:
                     x = recur(x)
             if j < 0:
                 skips.append(x)
