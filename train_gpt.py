@@ -1080,7 +1080,8 @@ class Muon(torch.optim.Optimizer):
                 gathers.append((None, update, ps, group))
                 continue
             full = update.new_empty(dist.get_world_size() * per_rank, *update.shape[1:])
-            gathers.append((dist.all_gather_into_tensor(full, update, async_op=True), full, ps, group))
+            # contiguous(): a tall matrix's update is a transposed view; NCCL refuses non-contiguous tensors.
+            gathers.append((dist.all_gather_into_tensor(full, update.contiguous(), async_op=True), full, ps, group))
         for handle, full, ps, group in gathers:
             if handle is not None:
                 handle.wait()
@@ -1093,10 +1094,11 @@ def clip_grad_norm_global(grads: list[Tensor], shards: list[Tensor], max_norm: f
     """clip_grad_norm_ over gradients spread across ranks: `grads` are the same on every rank (DDP's means), `shards`
     are this rank's disjoint parts of the rest (Muon's reduced matrix gradients). All are scaled in place by
     min(1, max_norm / (norm + 1e-6)) with the norm of all of them together; returns that norm (no host sync)."""
+    device = (grads or shards)[0].device
+
     def square_sum(ts):
         return sum((torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in ts), torch.zeros((), device=device))
 
-    device = (grads or shards)[0].device
     total = square_sum(shards)
     if distributed_now():
         dist.all_reduce(total)
