@@ -82,7 +82,7 @@ def _flag(raw: str) -> bool:
 # the other model's explicitly is an error.
 MODEL_ONLY_SETTINGS = {
     "gpt": frozenset("MLP_ACT NORM_PCT_DROPOUT VALUE_EMBED_LAYERS LN_SCALE ORTHO_INIT PARALLEL_RESID_FROM SKIP_GATE "
-                     "SMEAR_GATE RECUR_LAYERS RECUR_LOOPS RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP TIED_EMBED_INIT_STD "
+                     "SMEAR_GATE RECUR_LAYERS RECUR_LOOPS RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP TIED_EMBED_INIT_STD XSA_LAST_N "
                      "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_WD".split()),
     "ngpt": frozenset("NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT NGPT_NORM_EMBED NGPT_OPAQUE_NORM "
                       "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR".split()),
@@ -207,8 +207,8 @@ class Hyperparameters:
         self.qk_gain_init = get("QK_GAIN_INIT", 5.0, float)
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, float)
 
-        # Architecture options (README "Architecture options"); defaults: the record stack. nGPT reads the attention
-        # ones (ROPE_DIMS, XSA_LAST_N, ATTN_GATE_DIMS) and BigramHash; the others are GPT's.
+        # Architecture options (README "Architecture options"); defaults: the record stack. nGPT reads ROPE_DIMS,
+        # ATTN_GATE_DIMS and BigramHash; the others are GPT's.
         self.mlp_act = get("MLP_ACT", "leaky2")
         self.norm_pct_dropout = get("NORM_PCT_DROPOUT", 0.0, float)
         self.rope_dims = get("ROPE_DIMS", 16, int)
@@ -259,7 +259,6 @@ class Hyperparameters:
         self.muon_row_norm = get("MUON_ROW_NORM", True, _flag)
         self.muon_post_ns_row_norm = get("MUON_POST_NS_ROW_NORM", False, _flag)
         self.normuon_beta2 = get("NORMUON_BETA2", 0.0, float)
-        self.muon_batched = get("MUON_BATCHED", False, _flag)
         self.muon_wd = get("MUON_WD", 0.04, float)
         self.adam_wd = get("ADAM_WD", 0.0, float)
         self.cautious_wd = get("CAUTIOUS_WD", False, _flag)
@@ -331,9 +330,6 @@ class Hyperparameters:
         if self.train_batch_tokens % batch_unit:
             raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size "
                               f"({self.world_size}) x grad_accum_steps x TRAIN_SEQ_LEN = {batch_unit}")
-        if self.muon_batched and self.world_size > 1 and self.grad_clip_norm > 0:
-            raise ConfigError("GRAD_CLIP_NORM with MUON_BATCHED=1 on several processes would clip unreduced "
-                              "matrix gradients; set one of them to 0")
         if self.max_wallclock_seconds > 0 and self.gptq and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time within "
                               f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}; lower it or raise the cap")
@@ -808,6 +804,12 @@ class GPT(nn.Module):
         self.recur_first, self.recur_last, self.recur_loops = args.recur_first, args.recur_last, args.recur_loops
         if self.recur_last >= 0:
             self.register_buffer("recur_active", torch.tensor(args.recur_start_frac <= 0))
+            self._recur_on = args.recur_start_frac <= 0  # the buffer's Python mirror, for the eager forward
+            self.register_load_state_dict_post_hook(lambda m, _: m.set_recurrence(bool(m.recur_active)))
+
+    def set_recurrence(self, on: bool) -> None:
+        self.recur_active.fill_(on)
+        self._recur_on = on
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
         doc_ids = input_ids if isolate_docs else None
@@ -839,10 +841,11 @@ class GPT(nn.Module):
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
             x = block(x, x0, doc_ids, value_embed)
             if i == self.recur_last:
-                # Compiled: torch.cond keeps both paths in the graph. Eager: a plain branch (eager cond retraces per call).
+                # Compiled: torch.cond keeps both paths in the graph. Eager: a plain branch (eager cond retraces per call)
+                # on the buffer's Python mirror, as reading a GPU buffer would wait for the GPU on every forward.
                 if torch.compiler.is_compiling():
                     x = torch.cond(self.recur_active, recur, lambda x: x.clone(), (x,))
-                elif self.recur_active:
+                elif self._recur_on:
                     x = recur(x)
             if j < 0:
                 skips.append(x)
@@ -925,6 +928,9 @@ class NGPTAttention(CausalSelfAttention):
         for m in (self.c_q, self.c_k, self.c_v):
             m._sphere_dim = 1
         self.proj._sphere_dim = 0
+        self.proj._zero_init = False  # a zero matrix has no direction on the sphere (openai/parameter-golf #1108)
+        # No XSA: it zeroes the first token's output (it attends to itself only), which the block then normalizes.
+        self.xsa = False
         self.norm = sphere_normalize if args.ngpt_opaque_norm else plain_normalize
         # s_qk multiplies q only: q.k then carries it once, as the paper's s_qk on both q and k carries it
         # squared, and grouped k heads need no copy. Stored as 1/sqrt(d), used times sqrt(d) (the paper's).
@@ -1112,89 +1118,148 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7, coeffs
 
 
 def rescale_rows_keeping_norm(g: Tensor, second_moment: Tensor) -> Tensor:
-    # Divide each row (or column) by its RMS estimate, then restore the matrix's Frobenius norm (NorMuon); fp32.
+    # Divide each row (or column) by its RMS estimate, then restore each matrix's Frobenius norm (NorMuon); fp32.
     g = g.float()
     h = g * second_moment.clamp_min(1e-10).rsqrt()
-    return h * (g.norm() / h.norm().clamp_min(1e-10))
+    return h * (g.norm(dim=(-2, -1), keepdim=True) / h.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon: orthogonalized Nesterov momentum. Same-shape matrices are split into one contiguous chunk per rank;
-    each rank orthogonalizes its chunk and one all-gather shares the updates. MUON_BATCHED=1: one batched
-    Newton-Schulz per shape and, over several ranks, gradients reduce-scattered here rather than all-reduced by DDP.
+    """Muon: orthogonalized Nesterov momentum, one batched Newton-Schulz per group of same-shape matrices.
+    Over several ranks a shape group is split into one contiguous chunk per rank: reduce_grads() launches one
+    asynchronous reduce-scatter per group (DDP leaves these gradients alone: ddp_without_matrices), so a rank
+    receives the mean gradients of its own chunk only; step() orthogonalizes its chunk, group by group, and launches
+    an asynchronous all-gather of the updates, which travels while the next groups compute.
     Options: MuonEq-R (row_norm), post-NS row normalization, NorMuon (normuon_beta2 > 0)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs: str = "quintic",
-                 row_norm: bool = False, post_ns_row_norm: bool = False, normuon_beta2: float = 0.0, batched: bool = False):
+                 row_norm: bool = False, post_ns_row_norm: bool = False, normuon_beta2: float = 0.0, compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=coeffs, row_norm=row_norm,
-                                      post_ns_row_norm=post_ns_row_norm, normuon_beta2=normuon_beta2, batched=batched))
+                                      post_ns_row_norm=post_ns_row_norm, normuon_beta2=normuon_beta2))
+        # Compiled: one graph per matrix shape, built in the warm-up steps (the other arguments are constants).
+        self.newton_schulz = torch.compile(zeropower_via_newtonschulz5, dynamic=False, fullgraph=True) if compile \
+            else zeropower_via_newtonschulz5
+        self._reduced: list[tuple[object, Tensor]] | None = None  # (collective handle, gradient shard) per shape group
 
-    def _direction(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
-        """The orthogonalized g of matrix p, after the optional post-NS normalizations, scaled for its shape."""
-        if group["post_ns_row_norm"]:  # #1520's "NorMuon": a stateless equal-RMS rescale of the rows
-            g = rescale_rows_keeping_norm(g, g.float().square().mean(-1, keepdim=True))
-        if group["normuon_beta2"] > 0:  # modded-nanogpt's NorMuon: per-neuron second moment along the longer side
-            v = g.float().square().mean(-1 if g.size(0) >= g.size(1) else 0, keepdim=True)
-            v_ema = self.state[p].setdefault("second_moment", torch.zeros_like(v))
-            v_ema.lerp_(v, 1 - group["normuon_beta2"])
-            g = rescale_rows_keeping_norm(g, v_ema)
-        return g * max(1, g.size(0) / g.size(1)) ** 0.5
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+    def _shape_groups(self):
+        """(param group, its matrices of one shape, matrices per rank), in the same order on every rank."""
+        world_size = dist.get_world_size() if distributed_now() else 1
         for group in self.param_groups:
-            if not group["params"]:
-                continue
             by_shape: dict[torch.Size, list[Tensor]] = {}
             for p in group["params"]:
                 by_shape.setdefault(p.shape, []).append(p)
-            chunks = [(ps, -(-len(ps) // world_size)) for ps in by_shape.values()]
-            segment = sum(per_rank * ps[0].numel() for ps, per_rank in chunks)  # one rank's share of the updates
-            dtype = torch.bfloat16 if group["params"][0].is_cuda else torch.float32
-            mine = torch.zeros(segment, device=group["params"][0].device, dtype=dtype)
-            offset = 0
-            for ps, per_rank in chunks:
-                n = ps[0].numel()
-                own = ps[rank * per_rank : (rank + 1) * per_rank]
-                grads = [p.grad for p in own]
-                if distributed and group["batched"]:
-                    # DDP left these gradients alone (main): one reduce-scatter per shape gives each rank the mean
-                    # gradients of just its own chunk, instead of an all-reduce of every gradient.
-                    full = torch.zeros(world_size * per_rank, *ps[0].shape, device=ps[0].device, dtype=ps[0].grad.dtype)
-                    full[: len(ps)] = torch.stack([p.grad for p in ps])
-                    mean = torch.empty_like(full[:per_rank])
-                    dist.reduce_scatter_tensor(mean, full)
-                    grads = list(mean.div_(world_size)[: len(own)])
-                todo = [(j, p, g) for j, (p, g) in enumerate(zip(own, grads)) if g is not None]
-                if todo:
-                    momentum = []
-                    for _, p, g in todo:
-                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
-                        buf.mul_(group["momentum"]).add_(g)
-                        momentum.append(g.add(buf, alpha=group["momentum"]))
-                    G = torch.stack(momentum)
-                    if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
-                        G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                    ns = (group["backend_steps"], 1e-7, group["coeffs"])
-                    O = zeropower_via_newtonschulz5(G, *ns) if group["batched"] else \
-                        torch.stack([zeropower_via_newtonschulz5(g, *ns) for g in G])
-                    for (j, p, _), o in zip(todo, O):
-                        mine[offset + j * n : offset + (j + 1) * n] = self._direction(p, o, group).reshape(-1)
-                offset += per_rank * n
-            flat = mine
-            if distributed:
-                flat = torch.empty(world_size * segment, device=mine.device, dtype=dtype)
-                dist.all_gather_into_tensor(flat, mine)
-            offset = 0
-            for ps, per_rank in chunks:
-                n = ps[0].numel()
-                for i, p in enumerate(ps):
-                    start = (i // per_rank) * segment + offset + (i % per_rank) * n
-                    p.add_(flat[start : start + n].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += per_rank * n
+            for ps in by_shape.values():
+                yield group, ps, -(-len(ps) // world_size)
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        """Launch the reduction of each shape group's gradients (asynchronous over several ranks). A matrix without a
+        gradient counts as a zero gradient. On one rank the "shard" is the whole group, stacked."""
+        distributed = distributed_now()
+        world_size = dist.get_world_size() if distributed else 1
+        self._reduced = []
+        for _, ps, per_rank in self._shape_groups():
+            grads = torch.stack([torch.zeros_like(p) if p.grad is None else p.grad for p in ps])
+            if not distributed:
+                self._reduced.append((None, grads))
+                continue
+            full = grads.new_zeros(world_size * per_rank, *ps[0].shape)  # padded to whole chunks: zeros stay zeros
+            full[: len(ps)] = grads / world_size  # a sum of means: gloo has no ReduceOp.AVG
+            shard = grads.new_empty(per_rank, *ps[0].shape)
+            self._reduced.append((dist.reduce_scatter_tensor(shard, full, async_op=True), shard))
+
+    def reduced_grads(self) -> list[Tensor]:
+        """This rank's shards of the mean matrix gradients, one per shape group, once reduced (reduce_grads() first).
+        step() reads them as they are then: scaling them in place (clipping) scales the step's gradients."""
+        for handle, _ in self._reduced:
+            if handle is not None:
+                handle.wait()
+        # Waited once only: gloo's wait() copies the result into the shard again, which would undo a clip.
+        self._reduced = [(None, shard) for _, shard in self._reduced]
+        return [shard for _, shard in self._reduced]
+
+    def _direction(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
+        """The orthogonalized g (one matrix or a stack) after the optional post-NS normalizations, scaled for its
+        shape; NorMuon's state lives with p."""
+        if group["post_ns_row_norm"]:  # #1520's "NorMuon": a stateless equal-RMS rescale of the rows
+            g = rescale_rows_keeping_norm(g, g.float().square().mean(-1, keepdim=True))
+        if group["normuon_beta2"] > 0:  # modded-nanogpt's NorMuon: per-neuron second moment along the longer side
+            v = g.float().square().mean(-1 if g.size(-2) >= g.size(-1) else -2, keepdim=True)
+            v_ema = self.state[p].setdefault("second_moment", torch.zeros_like(v))
+            v_ema.lerp_(v, 1 - group["normuon_beta2"])
+            g = rescale_rows_keeping_norm(g, v_ema)
+        return g * max(1, g.size(-2) / g.size(-1)) ** 0.5
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._reduced is None:
+            self.reduce_grads()
+        shards, self._reduced = self.reduced_grads(), None
+        distributed, gathers = distributed_now(), []
+        for (group, ps, per_rank), g in zip(self._shape_groups(), shards):
+            # This rank's chunk of the group keeps its stacked momentum (and NorMuon) state with the group's first matrix.
+            buf = self.state[ps[0]].setdefault("momentum_buffer", torch.zeros_like(g))
+            buf.mul_(group["momentum"]).add_(g)
+            G = g.add(buf, alpha=group["momentum"])
+            if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
+                G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            O = self.newton_schulz(G, group["backend_steps"], 1e-7, group["coeffs"])
+            update = self._direction(ps[0], O, group).to(torch.bfloat16 if g.is_cuda else torch.float32)
+            if not distributed:
+                gathers.append((None, update, ps, group))
+                continue
+            full = update.new_empty(dist.get_world_size() * per_rank, *update.shape[1:])
+            # contiguous(): a tall matrix's update is a transposed view; NCCL refuses non-contiguous tensors.
+            gathers.append((dist.all_gather_into_tensor(full, update.contiguous(), async_op=True), full, ps, group))
+        for handle, full, ps, group in gathers:
+            if handle is not None:
+                handle.wait()
+            for p, u in zip(ps, full):
+                p.add_(u.to(p.dtype), alpha=-group["lr"])
+
+
+@torch.no_grad()
+def clip_grad_norm_global(grads: list[Tensor], shards: list[Tensor], max_norm: float) -> Tensor:
+    """clip_grad_norm_ over gradients spread across ranks: `grads` are the same on every rank (DDP's means), `shards`
+    are this rank's disjoint parts of the rest (Muon's reduced matrix gradients). All are scaled in place by
+    min(1, max_norm / (norm + 1e-6)) with the norm of all of them together; returns that norm (no host sync)."""
+    device = (grads or shards)[0].device
+
+    def square_sum(ts):
+        return sum((torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in ts), torch.zeros((), device=device))
+
+    total = square_sum(shards)
+    if distributed_now():
+        dist.all_reduce(total)
+    norm = (total + square_sum(grads)).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for t in grads + shards:
+        t.mul_(scale.to(t.dtype))
+    return norm
+
+
+def step_optimizers(optimizers: list[torch.optim.Optimizer], muon: Muon, grad_clip_norm: float) -> Tensor | None:
+    """Every optimizer's step. Muon's gradient reductions are launched first, so they travel while the clipping norm
+    and Adam's steps compute; the clip, if on, sees the global norm (all parameters, every rank's data), which is
+    returned (None without clipping)."""
+    muon.reduce_grads()
+    norm = None
+    if grad_clip_norm > 0:
+        others = [p.grad for opt in optimizers if opt is not muon for g in opt.param_groups for p in g["params"]
+                  if p.grad is not None]
+        norm = clip_grad_norm_global(others, muon.reduced_grads(), grad_clip_norm)
+    for opt in optimizers:
+        if opt is not muon:
+            opt.step()
+    muon.step()
+    return norm
+
+
+def ddp_without_matrices(model: nn.Module, base_model: nn.Module, device: torch.device) -> DDP:
+    # DDP all-reduces every gradient but the Muon matrices', which Muon reduce-scatters itself (Muon.reduce_grads).
+    matrices = {id(p) for p in base_model.param_groups()["matrix"]}
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if id(p) in matrices])
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def add_weight_decay(opt: torch.optim.Optimizer, wd: float, cautious: bool) -> None:
@@ -1232,7 +1297,7 @@ def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torc
 
     muon = Muon(groups["matrix"], lr=lrs["matrix"], momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
                 coeffs=args.muon_ns_coeffs, row_norm=args.muon_row_norm, post_ns_row_norm=args.muon_post_ns_row_norm,
-                normuon_beta2=args.normuon_beta2, batched=args.muon_batched)
+                normuon_beta2=args.normuon_beta2, compile=args.compile)
     add_weight_decay(muon, wds["matrix"], args.cautious_wd)
     for g in muon.param_groups:
         g["base_lr"] = lrs["matrix"]
@@ -2180,12 +2245,8 @@ def build_training(run: Run) -> Training:
         configure_qat(base_model, args)
     model = compiled(base_model, args)
     if run.distributed:
-        if args.muon_batched:  # Muon reduce-scatters the matrices' gradients itself, so DDP leaves them alone
-            matrices = {id(p) for p in base_model.param_groups()["matrix"]}
-            names = [n for n, p in model.named_parameters() if id(p) in matrices]
-            DDP._set_params_and_buffers_to_ignore_for_model(model, names)
-            run.log(f"muon:reduce_scatter matrices:{len(names)}")
-        model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
+        model = ddp_without_matrices(model, base_model, run.device)
+        run.log(f"muon:reduce_scatter matrices:{len(base_model.param_groups()['matrix'])}")
     optimizers, muon = build_optimizers(args, base_model)
     run.log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     ema = WeightEMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
@@ -2211,10 +2272,7 @@ def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tenso
     for opt in t.optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
-    if args.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(t.base_model.parameters(), args.grad_clip_norm)
-    for opt in t.optimizers:
-        opt.step()
+    step_optimizers(t.optimizers, t.muon, args.grad_clip_norm)
     t.base_model.after_optimizer_step()
     return train_loss / accum
 
@@ -2283,7 +2341,7 @@ def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
         run.log(f"qat:on step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
                 f"quant:{args.quant_attn}/{args.quant_mlp}")
     if args.recur_last >= 0 and "recurrence" not in t.switched and frac >= args.recur_start_frac:
-        t.base_model.recur_active.fill_(True)
+        t.base_model.set_recurrence(True)
         t.switched["recurrence"] = clock.step
         run.log(f"recurrence:on step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
                 f"layers:{args.recur_first}-{args.recur_last} loops:{args.recur_loops}")

@@ -54,7 +54,6 @@ BAD_SETTINGS = [
     ({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS"),
     ({"LORA_TTT_ENABLED": "1", "LORA_CHUNK_TOKENS": "4096"}, "LORA_CHUNK_TOKENS"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"), ({"MAX_WALLCLOCK_SECONDS": "4"}, "GPTQ_RESERVE_SECONDS"),
-    ({"MUON_BATCHED": "1", "WORLD_SIZE": "2"}, "GRAD_CLIP_NORM"),
     # out of range: negative counts, zero sizes, fractions outside [0, 1], open bounds
     ({"ITERATIONS": "-5"}, "ITERATIONS"), ({"ITERATIONS": "0"}, "ITERATIONS"), ({"TRAIN_BATCH_TOKENS": "0"}, "TRAIN_BATCH_TOKENS"),
     ({"NUM_LAYERS": "0"}, "NUM_LAYERS"), ({"WARMUP_STEPS": "-1"}, "WARMUP_STEPS"), ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),

@@ -217,13 +217,13 @@ def test_ranks_agree_on_the_training_time(tmp_path):
 # -----------------------------
 
 
-STACK = {"MUON_NS_COEFFS": "polar_express", "MUON_ROW_NORM": "1", "NORMUON_BETA2": "0.9", "MUON_BATCHED": "1",
-         "MUON_WD": "0.04", "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled",
-         "GRAD_CLIP_NORM": "0"}  # batched Muon on several processes reduces its gradients itself: no global clip
+STACK = {"MUON_NS_COEFFS": "polar_express", "MUON_ROW_NORM": "1", "NORMUON_BETA2": "0.9", "MUON_WD": "0.04",
+         "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled", "GRAD_CLIP_NORM": "0.3"}
+
 
 def test_torchrun_two_processes_with_the_option_stack_match_one(tiny_data, tmp_path):
     env = data_env(tiny_data, SEED="1", ITERATIONS="8", **STACK)
-    run_train(tmp_path, {**env, "RUN_ID": "one", "MUON_BATCHED": "0"})
+    run_train(tmp_path, {**env, "RUN_ID": "one"})
     run_train(tmp_path, {**env, "RUN_ID": "two"}, nproc=2)
     one, two = ((tmp_path / "logs" / f"{r}.txt").read_text() for r in ("one", "two"))
     assert "world_size:2 grad_accum_steps:4" in two and re.search(r"^muon:reduce_scatter matrices:\d+", two, re.M)

@@ -209,7 +209,7 @@ def test_recurrence_switch_is_a_buffer_that_runs_the_loop():
     model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
     before = model(x, y)
     assert len(calls) == 1 and not model.recur_active
-    model.recur_active.fill_(True)  # what the training loop does at RECUR_START_FRAC (tests/test_main.py)
+    model.set_recurrence(True)  # what the training loop does at RECUR_START_FRAC (tests/test_main.py)
     calls.clear()
     after = model(x, y)
     assert len(calls) == 3 and not torch.allclose(after, before)
@@ -223,14 +223,14 @@ def test_recurrence_switch_reaches_a_compiled_graph_without_recompiling():
         compiled(x, y)
         before = compiled(x, y)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        model.recur_active.fill_(True)
+        model.set_recurrence(True)
         after = compiled(x, y)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
         assert not torch.allclose(after, before) and torch.allclose(after, model(x, y), atol=1e-5)
 
 def test_artifact_keeps_the_recurrence_switch():
     model = recurrent_model()
-    model.recur_active.fill_(True)
+    model.set_recurrence(True)
     args = tiny_args(NUM_LAYERS=2, RECUR_LAYERS="0-1", RECUR_START_FRAC=0.3)
     blob = tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), args), args.settings, "zlib")
     fresh, _ = tg.model_from_artifact(blob, CPU)

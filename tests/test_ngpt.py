@@ -121,10 +121,12 @@ def test_bigram_hash_feeds_ngpt_off_the_sphere_and_changes_its_output(tiny_data)
         assert not torch.allclose(out, model(x, x))
 
 
-def test_attention_options_apply_per_layer_as_in_gpt():
-    model = tg.build_model(tg.Hyperparameters({**TINY, "NUM_LAYERS": "4", "XSA_LAST_N": "1", "ATTN_GATE_DIMS": "8"}), CPU)
-    assert [b.attn.xsa for b in model.blocks] == [False, False, False, True]  # the last XSA_LAST_N layers
-    assert all(b.attn.attn_gate.shape == (2, 8) for b in model.blocks)  # every layer, as in GPT
+def test_attention_takes_the_gate_on_every_layer_and_no_xsa_and_no_zero_projection():
+    model = tg.build_model(tg.Hyperparameters({**TINY, "NUM_LAYERS": "4", "ATTN_GATE_DIMS": "8"}), CPU)
+    assert all(b.attn.attn_gate.shape == (2, 8) and not b.attn.xsa for b in model.blocks)  # as GPT's gate; no XSA
+    assert all((b.attn.proj.weight.norm(dim=0) - 1).abs().max() < 1e-5 for b in model.blocks)  # unit columns, not 0
+    with pytest.raises(tg.ConfigError, match="XSA_LAST_N"):
+        tg.Hyperparameters({**TINY, "XSA_LAST_N": "2"})
 
 
 def test_attention_uses_softmax_scale_sqrt_head_dim_once():
