@@ -1,0 +1,154 @@
+"""PLAN: FLOPs against a hand count, memory against a real CPU run, and the problem lines with the exit status."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_ENV
+
+import train_gpt as tg
+
+# The starter's block (relu^2, no XSA/bigram/smear extras) at toy size: every matmul is easy to count by hand.
+PLAIN = {**TINY_ENV, "BASELINE": "1", "EVAL_STRIDE": "0", "MAX_WALLCLOCK_SECONDS": "600"}
+
+
+_counts = {}
+
+
+def count(env, batch, torch_rules):
+    """count_train_step, once per configuration: each trace takes seconds on this CPU."""
+    key = (tuple(sorted(env.items())), batch, torch_rules)
+    if key not in _counts:
+        _counts[key] = tg.count_train_step(tg.Hyperparameters(env), batch, torch_rules)
+    return _counts[key]
+
+
+def test_flops_match_a_hand_count():
+    args = tg.Hyperparameters(PLAIN)
+    T, D, L, V = args.train_seq_len, args.model_dim, args.num_layers, args.vocab_size
+    c = count(PLAIN, 2, "2.14")
+    kv = args.num_kv_heads * D // args.num_heads
+    hidden = args.mlp_mult * D
+    per_layer = D * D + 2 * D * kv + D * D + 2 * D * hidden  # c_q, c_k + c_v, proj, fc + mlp proj
+    # Forward 2 FLOPs per weight per token, backward twice that; the tied head is a matmul too, the lookup is not.
+    assert c["matmul_token"] == 6 * (L * per_layer + V * D)
+    # Causal attention: QK^T and PV over the T/2 visible keys on average at 2 FLOPs per MAC; the flash backward
+    # recomputes the scores, five such matmuls to the forward's two.
+    assert c["attention_token"] == 3.5 * L * 4 * T * D / 2
+    assert c["forward_token"] == 2 * (L * per_layer + V * D) + L * 4 * T * D / 2
+
+
+def real_cpu_layout_step(args):
+    """Bytes of weights and optimizer state of a real model in the CUDA dtype layout after one real optimizer step."""
+    torch.manual_seed(0)
+    model = tg.cuda_layout(tg.MODELS[args.model](args))
+    optimizers, _ = tg.build_optimizers(args, model)
+    x = torch.randint(0, args.vocab_size, (2, args.train_seq_len))
+    model(x, x).float().mean().backward()
+    for opt in optimizers:
+        opt.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for o in optimizers for s in o.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    return weights, state
+
+
+def eager_saved_bytes(args, batch):
+    """Bytes autograd saves for the backward in a real eager fp32 CPU forward (distinct storages)."""
+    torch.manual_seed(0)
+    model = tg.MODELS[args.model](args)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, args.vocab_size, (batch, args.train_seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, x).mean()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("env", [PLAIN, {**TINY_ENV}], ids=["starter", "stack"])
+def test_memory_of_a_tiny_model_matches_a_real_cpu_run(env):
+    args = tg.Hyperparameters(env)
+    c1, c2 = (count(env, b, "2.14") for b in (1, 2))
+    weights, state = real_cpu_layout_step(args)
+    assert c1["weights"] == c1["grads"] == weights
+    assert c1["optimizer"] == state
+    # Activations are affine in the batch: the part that does not grow is the bf16 copies of the matmul weights
+    # (matrices and the tied head), which the compiled backward keeps; the rest stays under what eager fp32 saves
+    # and above the bf16 inputs every block's matmuls must keep (q/k/v/proj/fc/mlp-proj inputs, attention out).
+    tokens, D = 2 * args.train_seq_len, args.model_dim
+    casts = 2 * (c1["groups"]["matrix"] + args.vocab_size * D)
+    assert 2 * c1["activations"] - c2["activations"] == pytest.approx(casts, rel=0.05)
+    floor = args.num_layers * tokens * 2 * (4 * D + args.mlp_mult * D)
+    assert floor < c2["activations"] < eager_saved_bytes(args, 2)
+
+
+def test_old_torch_rules_save_less_than_fp32_rmsnorm():
+    # torch >= 2.12 runs RMSNorm in fp32 under autocast: the residual stream the backward keeps doubles in size.
+    assert count(PLAIN, 2, "2.9")["activations"] < count(PLAIN, 2, "2.14")["activations"]
+
+
+def test_code_bits_follow_the_grid():
+    # int8 with k=10 has a finer grid than int6 with k=12.85: more bits per code, and fewer than the container.
+    assert 3 < tg.code_bits(6, 12.85) < tg.code_bits(8, 10.0) < 8
+
+
+def plan_problems(env, code_bytes=40_000):
+    args = tg.Hyperparameters(env)
+    return tg.make_plan(args, args.plan_world_size, args.plan_gpu, code_bytes)["problems"]
+
+
+def test_a_fitting_tiny_plan_has_no_problem():
+    assert plan_problems(PLAIN) == []
+
+
+@pytest.mark.parametrize("extra, problem", [
+    ({"VOCAB_SIZE": "65536", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "QUANT_EMBED": "fp16"}, "over_cap"),
+    ({"TRAIN_BATCH_TOKENS": str(8 * 2**22), "VOCAB_SIZE": "8192", "TRAIN_SEQ_LEN": "1024"}, "over_memory"),
+    ({"TTT_ENABLED": "1", "TTT_EPOCHS": "100000", "TTT_CHUNK_TOKENS": "64"}, "eval_over_time"),
+    ({"WARMDOWN_FRAC": "0", "WARMDOWN_ITERS": "1000000"}, "warmdown_too_long"),
+])
+def test_problem_lines_fire(extra, problem):
+    found = plan_problems({**PLAIN, **extra})
+    assert len(found) == 1 and found[0].startswith(problem), found
+
+
+def run_plan(extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SMOKE")}
+    env.update(PLAIN, PLAN="1", OMP_NUM_THREADS="1", **extra)
+    return subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_plan_command_exits_zero_and_prints_key_value_lines():
+    proc = run_plan({})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for key in ("plan params matrix:", "plan bytes model:", "plan flops per_token:", "plan memory_per_gpu weights:",
+                "plan time ms_step:", "plan eval plain_x3:", "plan model_point:starter", "| peak MiB per GPU |"):
+        assert key in out
+    assert "plan_done problems:0" in out and "problem:" not in out.replace("problems:", "")
+
+
+def test_plan_command_exits_nonzero_with_one_line_per_problem():
+    proc = run_plan({"TTT_ENABLED": "1", "TTT_EPOCHS": "100000", "TTT_CHUNK_TOKENS": "64", "WARMDOWN_FRAC": "0",
+                     "WARMDOWN_ITERS": "1000000"})
+    assert proc.returncode == 1
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("problem:")]
+    assert [l.split()[0] for l in lines] == ["problem:eval_over_time", "problem:warmdown_too_long"]
+
+
+def test_a_run_logs_its_plan_and_checks_it_at_train_done(tiny_run):
+    _, log, _ = tiny_run
+    lines = log.splitlines()
+    assert lines.index("plan_done problems:0") < next(i for i, l in enumerate(lines) if l.startswith("train_done"))
+    check = next(l for l in lines if l.startswith("plan_check "))
+    assert re.fullmatch(r"plan_check ms_step:[\d.]+ predicted:[\d.]+ peak:n/a predicted:\d+MiB target:1xH100", check)
