@@ -2206,11 +2206,12 @@ def count_train_step(args: Hyperparameters, micro_batch: int, torch_version: str
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         model = model.to("cuda")
-        if getattr(model, "recur_last", -1) >= 0:  # plan the looped steps, the costlier ones, as a constant branch
-            del model._buffers["recur_active"]
-            model.recur_active = True
+        if getattr(model, "recur_last", -1) >= 0:  # plan the looped steps, the costlier ones
+            model.set_recurrence(True)
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-        optimizers, _ = build_optimizers(args, model)
+        eager = copy.copy(args)
+        eager.compile = False  # the plan counts optimizer state, not kernels: no torch.compile inside a fake mode
+        optimizers, _ = build_optimizers(eager, model)
         for p in params.values():
             p.grad = torch.zeros_like(p)
         for opt in optimizers:
