@@ -2396,9 +2396,9 @@ def log_run_plan(run: Run, val_tokens: int) -> dict | None:
 # -----------------------------
 # MAIN
 # -----------------------------
-# main() runs the phases in order, each a function of what the previous ones returned:
-# setup_run -> load_val_data -> build_training -> warm_up_training -> train -> finish_training -> export_artifact
-# -> score_stages -> write_artifact -> score_artifact.
+# main() runs the phases in order, each a function of what the previous ones returned: read_settings -> setup_run
+# -> load_val_data -> (CUDA) log_run_plan -> build_training -> warm_up_training -> train -> finish_training ->
+# export_artifact -> score_stages -> write_artifact -> score_artifact.
 
 
 @dataclass
@@ -2454,9 +2454,8 @@ def read_settings() -> Hyperparameters:
     return Hyperparameters({**settings_env(stored), **os.environ})
 
 
-def setup_run() -> Run:
-    """Settings (every rule checked first), device, process group, log file, the log's header, seeds."""
-    args = read_settings()
+def setup_run(args: Hyperparameters) -> Run:
+    """Device, process group, log file, the log's header (the settings first), seeds."""
     code = Path(__file__).resolve().read_bytes()
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -2883,13 +2882,14 @@ def main() -> None:
     args = read_settings()
     if args.plan:  # PLAN=1: predict the run (README "Plan a run"), train nothing
         raise SystemExit(print_plan(args))
-    run = setup_run()
+    run = setup_run(args)
     data = load_val_data(run)
     if run.args.score_artifact:  # scoring an artifact alone: no training, the artifact's settings
         run.log(f"score_artifact:{run.args.score_artifact} (no training; settings from the artifact)")
         score_artifact(run, data, Path(run.args.score_artifact), train_ms=0.0, eval_t0=time.perf_counter())
     else:
-        run.plan = log_run_plan(run, data.tokens.numel())
+        if run.device.type == "cuda":  # a plan projects GPU runs; on a CPU it would cost seconds for nothing
+            run.plan = log_run_plan(run, data.tokens.numel())
         t = build_training(run)
         warm_up_training(run, t)
         clock = train(run, data, t)

@@ -61,6 +61,7 @@ def packed_size(script: Path) -> int:
 
     spec = importlib.util.spec_from_file_location("frozen_train_gpt", script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)  # importing train_gpt.py runs nothing
     return len(module.pack_code(script.read_bytes()))
 

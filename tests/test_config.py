@@ -91,7 +91,7 @@ def test_each_model_reads_and_logs_only_its_own_settings():
     assert tg.MODEL_ONLY_SETTINGS["gpt"] <= gpt and tg.MODEL_ONLY_SETTINGS["ngpt"] <= ngpt
     # Presets may set the other model's settings: only an explicit one is refused.
     args = tg.Hyperparameters({"MODEL": "ngpt", "BASELINE": "1", "SMOKE": "1"})
-    assert args.xsa_last_n == 0 and "SMEAR_GATE" not in args.settings
+    assert args.mlp_mult == 2 and args.num_layers == 4 and "SMEAR_GATE" not in args.settings
 
 
 def test_config_errors_come_before_any_data_is_read(tmp_path):
