@@ -254,7 +254,7 @@ def test_ngpt_run_trains_exports_and_scores_its_roundtrip(tiny_data, tmp_path):
     pre = float(re.search(r"^final_prequant_exact val_loss:\S+ val_bpb:(\S+)", log, re.M).group(1))
     post = float(re.search(r"^final_\w+_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log, re.M).group(1))
     assert abs(post - pre) < 0.02
-    model, _ = tg.model_from_artifact((tmp_path / "final_model.int6.ptz").read_bytes(), CPU)
+    model, _ = tg.model_from_artifact((tmp_path / "final_model.int6.pgolf").read_bytes(), CPU)
     assert all((m.weight.norm(dim=m._sphere_dim) - 1).abs().max() < 1e-5 for _, m in sphere_modules(model))
 
 
