@@ -83,7 +83,7 @@ def main():
     tail += [f"Serialized model int8+zlib: {model_bytes} bytes",
              f"Code size: {len(code)} bytes",
              f"Total submission size int8+zlib: {total} bytes",
-             f"artifact:final_model.int8.ptz format:int8_zlib model_bytes:{model_bytes} code_bytes:{len(code)} "
+             f"artifact:final_model.int8.pgolf format:int8_zlib model_bytes:{model_bytes} code_bytes:{len(code)} "
              f"total_bytes:{total} cap:16000000 under_cap:{int(total <= 16000000)}"]
     for _, _, _, scored in paths:
         best = scored == what
