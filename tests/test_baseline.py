@@ -31,13 +31,17 @@ def pair(starter, seed=0, **env):
     """(starter's GPT, our GPT under BASELINE=1, our Hyperparameters), each built from the same seed."""
     args = tg.Hyperparameters({"BASELINE": "1", **SHAPE, **env})
     torch.manual_seed(seed)
-    theirs = starter.GPT(vocab_size=args.vocab_size, num_layers=args.num_layers, model_dim=args.model_dim,
-                         num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, mlp_mult=args.mlp_mult,
-                         tie_embeddings=args.tie_embeddings, tied_embed_init_std=args.tied_embed_init_std,
-                         logit_softcap=args.logit_softcap, rope_base=args.rope_base, qk_gain_init=args.qk_gain_init)
+    theirs = starter_gpt(starter, args)
     torch.manual_seed(seed)
     ours = tg.build_model(args, CPU)
     return theirs, ours, args
+
+
+def starter_gpt(starter, args):
+    return starter.GPT(vocab_size=args.vocab_size, num_layers=args.num_layers, model_dim=args.model_dim,
+                       num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, mlp_mult=args.mlp_mult,
+                       tie_embeddings=args.tie_embeddings, tied_embed_init_std=args.tied_embed_init_std,
+                       logit_softcap=args.logit_softcap, rope_base=args.rope_base, qk_gain_init=args.qk_gain_init)
 
 
 def trained_like(model, seed=1):
@@ -121,14 +125,17 @@ def test_init_loss_gradients_and_a_muon_step_are_the_starters_in_fp32(starter, m
 
     # One Muon step. The starter orthogonalizes in bf16 everywhere, ours in bf16 on CUDA and fp32 on a CPU: here
     # ours calls the starter's Newton-Schulz, so the step around it (momentum, Nesterov, shape scale, lr) is compared.
-    monkeypatch.setattr(tg, "zeropower_via_newtonschulz5", lambda G, steps, eps, coeffs: starter.zeropower_via_newtonschulz5(G, steps, eps))
+    monkeypatch.setattr(tg, "zeropower_via_newtonschulz5",
+                        lambda G, steps, eps, coeffs: starter.zeropower_via_newtonschulz5(G, steps, eps))
     _, muon = tg.build_optimizers(args, ours)
+    # The starter's main() gives Muon the block matrices that are not control tensors.
+    their_names = [f"blocks.{n}" for n, p in theirs.blocks.named_parameters()
+                   if p.ndim == 2 and not any(pat in n for pat in starter.CONTROL_TENSOR_NAME_PATTERNS)]
     names = {id(p): n for n, p in ours.named_parameters()}
-    matrices = [p for n, p in theirs.blocks.named_parameters()
-                if p.ndim == 2 and not any(pat in n for pat in starter.CONTROL_TENSOR_NAME_PATTERNS)]
-    assert sorted(names[id(p)] for p in muon.param_groups[0]["params"]) == \
-        sorted(f"blocks.{n}" for n, p in theirs.blocks.named_parameters() if any(p is q for q in matrices))
-    their_muon = starter.Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps)
+    assert [names[id(p)] for p in muon.param_groups[0]["params"]] == their_names
+    their_params = dict(theirs.named_parameters())
+    their_muon = starter.Muon([their_params[n] for n in their_names], lr=args.matrix_lr, momentum=args.muon_momentum,
+                              backend_steps=args.muon_backend_steps)
     muon.step(), their_muon.step()
     after = dict(ours.named_parameters())
     assert all(torch.equal(p, after[n]) for n, p in theirs.named_parameters())
@@ -154,7 +161,8 @@ def test_bf16_forward_is_the_starters_and_each_precision_setting_matters(starter
                 m.float()
         starter.restore_low_dim_params_to_fp32(theirs)
         tg.to_bf16_layout(ours, args)
-        assert {k: v.dtype for k, v in theirs.state_dict().items()} == {k: v.dtype for k, v in ours.state_dict().items()}
+        dtypes = {k: v.dtype for k, v in ours.state_dict().items()}
+        assert {k: v.dtype for k, v in theirs.state_dict().items()} == dtypes
         inv_freq = ours.blocks[0].attn.rotary.inv_freq
         assert inv_freq.dtype == (torch.float32 if args.rope_fp32 else torch.bfloat16)
         with torch.no_grad():
@@ -199,8 +207,9 @@ def test_a_starter_artifact_loads_with_the_runs_settings_only(starter):
     assert fresh_args is args and all(torch.equal(v, theirs[k]) for k, v in fresh.state_dict().items())
     with pytest.raises(tg.ConfigError, match="carries no settings"):
         tg.model_from_artifact(blob, CPU, "final_model.int8.ptz")
+    wider = tg.Hyperparameters({**SHAPE, "BASELINE": "1", "MLP_MULT": "3"})
     with pytest.raises(tg.ConfigError, match="BASELINE=1"):
-        tg.model_from_artifact(blob, CPU, "final_model.int8.ptz", tg.Hyperparameters({**SHAPE, "BASELINE": "1", "MLP_MULT": "3"}))
+        tg.model_from_artifact(blob, CPU, "final_model.int8.ptz", wider)
     with pytest.raises(tg.ConfigError, match="not the starter"):
         tg.unpack_artifact(zlib.compress(b"not a torch archive", 9))
 
@@ -211,23 +220,21 @@ def test_baseline_run_writes_the_starters_artifact_and_scores_it_alone(starter, 
     run_train(tmp_path, env)
     log = (tmp_path / "logs" / "base.txt").read_text()
     code = len((ROOT / "train_gpt.py").read_bytes())
-    assert "counted:plain" in log and re.search(rf"^artifact:final_model\.int8\.ptz format:int8_zlib .*code_bytes:{code} ", log, re.M)
+    assert "counted:plain" in log
+    assert re.search(rf"^artifact:final_model\.int8\.ptz format:int8_zlib .*code_bytes:{code} ", log, re.M)
     roundtrip = re.search(r"^final_int8_zlib_roundtrip_exact .*$", log, re.M).group(0)
     # The starter's own loader reads the artifact into its model.
     blob = (tmp_path / "final_model.int8.ptz").read_bytes()
     obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu")
     assert obj["__quant_format__"] == "int8_clean_per_row_v1" and "tok_emb.weight" in obj["quantized"]
-    args = tg.Hyperparameters({**TINY_ENV, **env})
-    theirs = starter.GPT(vocab_size=args.vocab_size, num_layers=args.num_layers, model_dim=args.model_dim,
-                         num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, mlp_mult=args.mlp_mult,
-                         tie_embeddings=True, tied_embed_init_std=args.tied_embed_init_std,
-                         logit_softcap=args.logit_softcap, rope_base=args.rope_base, qk_gain_init=args.qk_gain_init)
-    theirs.load_state_dict(starter.dequantize_state_dict_int8(obj), strict=True)
+    theirs = starter_gpt(starter, tg.Hyperparameters({**TINY_ENV, **env}))
+    theirs.load_state_dict(starter.dequantize_state_dict_int8(obj))  # strict: every tensor, every shape
     # Scored alone, with the settings from the env: the same line.
     alone = tmp_path / "alone"
     alone.mkdir()
     run_train(alone, {**env, "RUN_ID": "alone", "SCORE_ARTIFACT": str(tmp_path / "final_model.int8.ptz")})
     assert roundtrip in (alone / "logs" / "alone.txt").read_text()
-    wrong = run_train(alone, {**env, "MODEL_DIM": "64", "SCORE_ARTIFACT": str(tmp_path / "final_model.int8.ptz")}, check=False)
+    wrong = run_train(alone, {**env, "MODEL_DIM": "64", "SCORE_ARTIFACT": str(tmp_path / "final_model.int8.ptz")},
+                      check=False)
     assert wrong.returncode == 2 and "BASELINE=1" in wrong.stderr
 
