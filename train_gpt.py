@@ -13,6 +13,7 @@ import difflib
 import fnmatch
 import glob
 import hashlib
+import io
 import itertools
 import json
 import lzma
