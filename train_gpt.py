@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------
@@ -327,17 +328,16 @@ class Hyperparameters:
         if self.export_format not in EXPORT_FORMATS:
             raise ConfigError(f"EXPORT_FORMAT={self.export_format!r} is unknown; choose one of {list(EXPORT_FORMATS)}")
         int8 = {self.quant, self.quant_attn, self.quant_mlp, self.quant_embed} == {"int8"}
-        if self.export_format == "starter" and (not int8 or self.compressor != "zlib" or self.gptq or self.lowrank_rank
+        if self.export_format == "starter" and (not int8 or self.compressor != "zlib" or self.lowrank_rank
                                                 or self.qat_start < 1):
             raise ConfigError("EXPORT_FORMAT=starter is the starter's int8 + zlib export: set QUANT=int8 (QUANT_ATTN, "
-                              "QUANT_MLP, QUANT_EMBED too), COMPRESSOR=zlib, GPTQ=0, LOWRANK_RANK=0, QAT_START=1 "
-                              "(BASELINE=1 does)")
+                              "QUANT_MLP, QUANT_EMBED too), COMPRESSOR=zlib, LOWRANK_RANK=0, QAT_START=1 (BASELINE=1 does)")
         backends = self.sdp_backends.split(",")
         if not set(backends) <= set(SDP_BACKENDS):
             raise ConfigError(f"SDP_BACKENDS={self.sdp_backends!r}: give a comma-separated subset of {','.join(SDP_BACKENDS)}")
-        if (self.eval_isolate_docs or self.gptq) and not {"mem_efficient", "math"} & set(backends):
-            raise ConfigError(f"EVAL_ISOLATE_DOCS=1 (masked attention) and GPTQ=1 (an fp32 calibration forward) need a "
-                              f"kernel flash lacks: add mem_efficient or math to SDP_BACKENDS={self.sdp_backends!r}")
+        if self.eval_isolate_docs and not {"mem_efficient", "math"} & set(backends):
+            raise ConfigError(f"EVAL_ISOLATE_DOCS=1 needs a masked-attention kernel: add mem_efficient or math to "
+                              f"SDP_BACKENDS={self.sdp_backends!r}")
         head_dim = self.model_dim // self.num_heads
         if self.model_dim % self.num_heads or head_dim % 2:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
@@ -1457,7 +1457,9 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
                 h.addmm_(x.T, x)
             return func(*args, **(kwargs or {}))
 
-    with torch.no_grad(), Capture():
+    # fp32 attention: flash has no fp32 kernel, so the others are allowed here whatever SDP_BACKENDS says.
+    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.no_grad(), Capture(), sdpa_kernel(kernels):
         for x, y in batches:
             model(x, y)
     return hessians
@@ -1490,7 +1492,7 @@ def gptq(w: Tensor, scale: Tensor, qmax: int, H: Tensor, damp: float, block: int
 def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
     """Quantized matrices -> {"q": int8 codes, "scale": fp16 per row (+ "lr_a", "lr_b": fp16 low-rank correction)};
     float tensors -> {"w"}: fp32 for control tensors, fp16 otherwise. GPTQ where a Hessian is given."""
-    if args.export_format == "starter":
+    if args.export_format == "starter":  # round to nearest, as the starter: Hessians (GPTQ=1) go unused
         return quantize_starter_int8(state_dict)
     plan, out, errors = quant_plan(args), {}, {}
     for name, t in state_dict.items():
