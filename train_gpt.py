@@ -14,11 +14,13 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import io
 import itertools
 import json
 import lzma
 import math
 import os
+import pickle
 import platform
 import random
 import re
@@ -39,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------
@@ -67,6 +70,7 @@ BASELINE_PRESET = {
     "PARALLEL_RESID_FROM": "-1", "SKIP_GATE": "0", "SMEAR_GATE": "0", "BIGRAM_BUCKETS": "0", "QK_GAIN_INIT": "1.5",
     "TRAIN_BATCH_TOKENS": "524288", "TRAIN_SEQ_LEN": "1024", "EMA_DECAY": "0", "MUON_WD": "0", "MUON_ROW_NORM": "0",
     "WARMDOWN_FRAC": "0", "GRAD_CLIP_NORM": "0", "QUANT": "int8", "GPTQ": "0", "COMPRESSOR": "zlib", "EVAL_STRIDE": "0",
+    "EXPORT_FORMAT": "starter", "CODE_PACK": "0", "SOFTCAP_FP32": "0", "ROPE_FP32": "0", "SDP_BACKENDS": "flash",
 }
 
 
@@ -84,7 +88,8 @@ def _flag(raw: str) -> bool:
 # the other model's explicitly is an error.
 MODEL_ONLY_SETTINGS = {
     "gpt": frozenset("MLP_ACT NORM_PCT_DROPOUT VALUE_EMBED_LAYERS LN_SCALE ORTHO_INIT PARALLEL_RESID_FROM SKIP_GATE "
-                     "SMEAR_GATE RECUR_LAYERS RECUR_LOOPS RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP TIED_EMBED_INIT_STD XSA_LAST_N "
+                     "SMEAR_GATE RECUR_LAYERS RECUR_LOOPS RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP SOFTCAP_FP32 "
+                     "TIED_EMBED_INIT_STD XSA_LAST_N "
                      "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_WD".split()),
     "ngpt": frozenset("NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT NGPT_NORM_EMBED NGPT_OPAQUE_NORM "
                       "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR".split()),
@@ -171,6 +176,7 @@ class Hyperparameters:
         self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0, float)
         self.grad_accum_steps = get("GRAD_ACCUM_STEPS", 0, int)  # 0: 8 // world_size, as the starter
         self.compile = get("COMPILE", torch.cuda.is_available(), _flag)
+        self.sdp_backends = get("SDP_BACKENDS", "flash,mem_efficient,math")
 
     def _read_evaluation(self, get) -> None:
         # Validation cadence and batch size; validation always covers the whole val split.
@@ -212,6 +218,8 @@ class Hyperparameters:
         self.tie_embeddings = get("TIE_EMBEDDINGS", True, _flag)
         self.rope_base = get("ROPE_BASE", 10000.0, float)
         self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, float)
+        self.softcap_fp32 = get("SOFTCAP_FP32", True, _flag)
+        self.rope_fp32 = get("ROPE_FP32", True, _flag)
         self.qk_gain_init = get("QK_GAIN_INIT", 5.0, float)
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, float)
 
@@ -278,6 +286,7 @@ class Hyperparameters:
     def _read_export(self, get) -> None:
         # Export: precision per tensor class (.attn. matrices, other block matrices, embedding/head), SDClip k,
         # late QAT, GPTQ calibrated inside the training budget, compression, counted code and the size cap.
+        self.export_format = get("EXPORT_FORMAT", "pgolf")
         self.quant = get("QUANT", "int6")
         self.quant_attn = get("QUANT_ATTN", self.quant)
         self.quant_mlp = get("QUANT_MLP", self.quant)
@@ -298,7 +307,8 @@ class Hyperparameters:
         self.byte_shuffle = get("BYTE_SHUFFLE", True, _flag)
         self.code_pack = get("CODE_PACK", True, _flag)
         self.size_margin_bytes = get("SIZE_MARGIN_BYTES", 0, int)
-        self.artifact_path = get("ARTIFACT_PATH", f"final_model.{self.quant}.pgolf")
+        suffix = "ptz" if self.export_format == "starter" else "pgolf"  # .ptz: the starter's name for its file
+        self.artifact_path = get("ARTIFACT_PATH", f"final_model.{self.quant}.{suffix}")
         self.score_artifact = get("SCORE_ARTIFACT", "")
 
 
@@ -322,6 +332,19 @@ class Hyperparameters:
         if self.compressor not in [*available_compressors(), "best"]:
             raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli); "
                               f"choose best or one of {available_compressors()}")
+        if self.export_format not in EXPORT_FORMATS:
+            raise ConfigError(f"EXPORT_FORMAT={self.export_format!r} is unknown; choose one of {list(EXPORT_FORMATS)}")
+        int8 = {self.quant, self.quant_attn, self.quant_mlp, self.quant_embed} == {"int8"}
+        if self.export_format == "starter" and (not int8 or self.compressor != "zlib" or self.lowrank_rank
+                                                or self.qat_start < 1):
+            raise ConfigError("EXPORT_FORMAT=starter is the starter's int8 + zlib export: set QUANT=int8 (QUANT_ATTN, "
+                              "QUANT_MLP, QUANT_EMBED too), COMPRESSOR=zlib, LOWRANK_RANK=0, QAT_START=1 (BASELINE=1 does)")
+        backends = self.sdp_backends.split(",")
+        if not set(backends) <= set(SDP_BACKENDS):
+            raise ConfigError(f"SDP_BACKENDS={self.sdp_backends!r}: give a comma-separated subset of {','.join(SDP_BACKENDS)}")
+        if self.eval_isolate_docs and not {"mem_efficient", "math"} & set(backends):
+            raise ConfigError(f"EVAL_ISOLATE_DOCS=1 needs a masked-attention kernel: add mem_efficient or math to "
+                              f"SDP_BACKENDS={self.sdp_backends!r}")
         head_dim = self.model_dim // self.num_heads
         if self.model_dim % self.num_heads or head_dim % 2:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
@@ -619,9 +642,20 @@ class Rotary(nn.Module):
             # NTK-aware scaling for a context `factor` x the trained one: base -> base * factor^(d/(d-2)) keeps the
             # highest frequency and slows the lowest by factor, so its angles stay in the trained range.
             d = 2 * inv_freq.numel()
-            inv_freq = inv_freq * (seq_len / self.train_seq_len) ** (-torch.arange(0, d, 2, device=device) / (d - 2))
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+            scale = (seq_len / self.train_seq_len) ** (-torch.arange(0, d, 2, device=device) / (d - 2))
+            inv_freq = (inv_freq * scale).to(self.inv_freq.dtype)
+        # Positions and angles in inv_freq's dtype, as the starter: fp32, or bf16 with ROPE_FP32=0 (cuda_layout).
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=inv_freq.dtype), inv_freq)
         return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
+
+
+SDP_BACKENDS = ("flash", "mem_efficient", "math", "cudnn")
+
+
+def enable_sdp_backends(names: str) -> None:
+    """SDP_BACKENDS: the CUDA attention kernels PyTorch may choose from, the others switched off."""
+    for backend in SDP_BACKENDS:
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend in names.split(","))
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, input_ids: Tensor | None = None, scale: float | None = None) -> Tensor:
@@ -781,7 +815,7 @@ class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         dim = args.model_dim
-        self.logit_softcap = args.logit_softcap
+        self.logit_softcap, self.softcap_fp32 = args.logit_softcap, args.softcap_fp32
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         attach_bigram(self, args)
         # SmearGate: per-dim mix with the previous token's embedding, sigmoid(3) ~ 0.95 keeps mostly the current one.
@@ -861,8 +895,10 @@ class GPT(nn.Module):
                 skips.append(x)
         x = F.rms_norm(x, (x.size(-1),))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
-        logits = self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
-        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+        if self.softcap_fp32:  # SOFTCAP_FP32=0: the starter's, tanh in the logits' dtype (bf16 under autocast)
+            logits = logits.float()
+        logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """matrix -> Muon; embed, head, scalar -> Adam with their own learning rates."""
@@ -1063,14 +1099,16 @@ MODELS = {"gpt": GPT, "ngpt": NGPT}
 def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
     model = MODELS[args.model](args)
     if device.type == "cuda":
-        cuda_layout(model)
+        cuda_layout(model, args)
     # The move comes last, after the dtypes: the plan (PLAN=1) moves a model built on the meta device onto fake
     # CUDA tensors in one step, since a fake tensor cannot be converted again.
     return model.to(device)
 
 
-def cuda_layout(model: nn.Module) -> nn.Module:
-    # The starter's precision layout: bf16 body, fp32 linear weights and control tensors.
+def cuda_layout(model: nn.Module, args: Hyperparameters) -> nn.Module:
+    """The starter's precision layout on CUDA: bf16 body, fp32 linear weights and control tensors. Its .bfloat16()
+    also rounds RoPE's inv_freq buffers, and so positions and angles, to bf16 (kept with ROPE_FP32=0)."""
+    inv_freqs = {m: m.inv_freq for m in model.modules() if isinstance(m, Rotary)}
     model.bfloat16()
     for name, p in model.named_parameters():
         if isinstance(p, nn.Parameter) and (p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS)):
@@ -1078,6 +1116,9 @@ def cuda_layout(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, CastedLinear):
             m.float()
+    if args.rope_fp32:
+        for m, inv_freq in inv_freqs.items():
+            m.inv_freq = inv_freq
     return model
 
 
@@ -1383,11 +1424,19 @@ class WeightEMA:
 # smallest of the compressors -> if over the cap, zero the smallest weights until it fits.
 # Artifact = MAGIC + compressor name + compressed(payload); payload = 4-byte manifest length + JSON manifest
 # (format version, settings, tensor table, byte shuffle) + raw tensor bytes. It loads with the requirements alone.
+# EXPORT_FORMAT=starter (BASELINE=1) is the challenge starter's export instead, byte for byte: float tensors of at
+# most 65,536 values kept (fp16; control tensors fp32), larger matrices int8 per row, clipped at the 99.99984th
+# percentile of |w| with a grid step of at least 1/127, in its dict layout, torch.save, zlib level 9; no settings.
 
 ARTIFACT_MAGIC = b"PGOLF1"
 ARTIFACT_VERSION = 2
+EXPORT_FORMATS = ("pgolf", "starter")
 QUANT_BITS = {"int5": 5, "int6": 6, "int7": 7, "int8": 8, "fp16": 16}
 KEEP_FLOAT_MAX_NUMEL = 4096  # tiny matrices: too few bytes to be worth any error
+STARTER_KEEP_FLOAT_MAX_NUMEL = 65_536
+STARTER_CLIP_Q = 99.99984 / 100
+STARTER_QUANT_FORMAT = "int8_clean_per_row_v1"
+STARTER_MAGIC = b"\x78\xda"  # the starter's container has no header: this is how a level-9 zlib stream starts
 
 
 def _zstd():
@@ -1486,7 +1535,9 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
                 h.addmm_(x.T, x)
             return func(*args, **(kwargs or {}))
 
-    with torch.no_grad(), Capture():
+    # fp32 attention: flash has no fp32 kernel, so the others are allowed here whatever SDP_BACKENDS says.
+    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.no_grad(), Capture(), sdpa_kernel(kernels):
         for x, y in batches:
             model(x, y)
     return hessians
@@ -1519,6 +1570,8 @@ def gptq(w: Tensor, scale: Tensor, qmax: int, H: Tensor, damp: float, block: int
 def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
     """Quantized matrices -> {"q": int8 codes, "scale": fp16 per row (+ "lr_a", "lr_b": fp16 low-rank correction)};
     float tensors -> {"w"}: fp32 for control tensors, fp16 otherwise. GPTQ where a Hessian is given."""
+    if args.export_format == "starter":  # round to nearest, as the starter: Hessians (GPTQ=1) go unused
+        return quantize_starter_int8(state_dict)
     plan, out, errors = quant_plan(args), {}, {}
     for name, t in state_dict.items():
         t = t.detach()
@@ -1545,6 +1598,31 @@ def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, he
     return out
 
 
+def quantize_starter_int8(state_dict: dict[str, Tensor]) -> dict[str, dict]:
+    """The starter's int8 (EXPORT_FORMAT=starter), in quantize_state_dict's layout."""
+    out = {}
+    for name, t in state_dict.items():
+        t = t.detach().cpu().contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if not t.is_floating_point():
+            out[name] = {"w": t, "dtype": dtype}
+        elif t.numel() <= STARTER_KEEP_FLOAT_MAX_NUMEL:
+            if any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):  # kept and restored as fp32
+                out[name] = {"w": t.float(), "dtype": "float32"}
+            else:
+                out[name] = {"w": t.half() if t.dtype in (torch.float32, torch.bfloat16) else t, "dtype": dtype}
+        elif t.ndim == 2:
+            w = t.float()
+            clip = torch.quantile(w.abs(), STARTER_CLIP_Q, dim=1)[:, None]
+            scale = (clip / 127).clamp_min(1 / 127)
+            q = (w.clamp(-clip, clip) / scale).round().clamp(-127, 127)
+            out[name] = {"q": q.to(torch.int8), "scale": scale[:, 0].half(), "dtype": dtype}
+        else:
+            raise ConfigError(f"EXPORT_FORMAT=starter: {name} is a {t.ndim}-D float tensor of over 65,536 values, which "
+                              "the starter quantizes per tensor and this script does not; use EXPORT_FORMAT=pgolf")
+    return out
+
+
 def dequantize_state_dict(qsd: dict[str, dict]) -> dict[str, Tensor]:
     out = {}
     for name, e in qsd.items():
@@ -1557,10 +1635,13 @@ def dequantize_state_dict(qsd: dict[str, dict]) -> dict[str, Tensor]:
     return out
 
 
-def pack_artifact(qsd: dict[str, dict], settings: dict, compressor: str, shuffle: bool = True) -> bytes:
+def pack_artifact(qsd: dict[str, dict], settings: dict, compressor: str, shuffle: bool = True,
+                  export_format: str = "pgolf") -> bytes:
     """Serialize and compress; COMPRESSOR=best compresses with every available compressor (in parallel threads)
     and keeps the smallest. Codes are laid out first, then multi-byte tensors, byte-shuffled if asked (all first
-    bytes, then all second bytes, ...), which compresses fp16 better."""
+    bytes, then all second bytes, ...), which compresses fp16 better. EXPORT_FORMAT=starter: the starter's container."""
+    if export_format == "starter":
+        return pack_starter(qsd)
     parts = sorted(((n, p, t) for n, e in qsd.items() for p, t in e.items() if p != "dtype"), key=lambda x: x[2].element_size())
     table, chunks, offset = [], [], 0
     for name, part, t in parts:
@@ -1578,7 +1659,47 @@ def pack_artifact(qsd: dict[str, dict], settings: dict, compressor: str, shuffle
         return min(blobs, key=len)
 
 
+def pack_starter(qsd: dict[str, dict]) -> bytes:
+    """The starter's container: its dict layout (the same keys, in the same order, so torch.save writes the same
+    bytes), zlib level 9."""
+    obj = {"__quant_format__": STARTER_QUANT_FORMAT, "quantized": {}, "scales": {}, "dtypes": {}, "passthrough": {}}
+    qmeta, orig_dtypes = {}, {}
+    for name, e in qsd.items():
+        if "q" in e:
+            obj["quantized"][name], obj["scales"][name], obj["dtypes"][name] = e["q"], e["scale"], e["dtype"]
+            qmeta[name] = {"scheme": "per_row", "axis": 0}
+        else:
+            obj["passthrough"][name] = e["w"]
+            if e["w"].dtype != getattr(torch, e["dtype"]):
+                orig_dtypes[name] = e["dtype"]
+    if qmeta:
+        obj["qmeta"] = qmeta
+    if orig_dtypes:
+        obj["passthrough_orig_dtypes"] = orig_dtypes
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return zlib.compress(buf.getvalue(), 9)
+
+
+def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
+    try:
+        obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=True)
+        starter = isinstance(obj, dict) and obj.get("__quant_format__") == STARTER_QUANT_FORMAT
+    except (zlib.error, RuntimeError, pickle.UnpicklingError):
+        starter = False
+    if not starter:
+        raise ConfigError(f"{source}: a zlib stream but not the starter's int8 export ({STARTER_QUANT_FORMAT}); give a "
+                          "file written by train_gpt.py or the starter")
+    orig_dtypes = obj.get("passthrough_orig_dtypes", {})
+    qsd = {name: {"q": q, "scale": obj["scales"][name], "dtype": obj["dtypes"][name]} for name, q in obj["quantized"].items()}
+    for name, w in obj["passthrough"].items():
+        qsd[name] = {"w": w, "dtype": orig_dtypes.get(name, str(w.dtype).removeprefix("torch."))}
+    return qsd
+
+
 def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
+    if blob.startswith(STARTER_MAGIC):
+        return "zlib"
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic); give a file written by train_gpt.py")
     compressor = blob[len(ARTIFACT_MAGIC) + 1 : len(ARTIFACT_MAGIC) + 1 + blob[len(ARTIFACT_MAGIC)]].decode()
@@ -1588,9 +1709,12 @@ def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
     return compressor
 
 
-def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict]:
-    """Inverse of pack_artifact: (quantized state dict, settings the model was built with)."""
+def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict | None]:
+    """Inverse of pack_artifact: (quantized state dict, settings the model was built with; None for the starter's
+    container, which carries none)."""
     compressor = artifact_compressor(blob, source)
+    if blob.startswith(STARTER_MAGIC):
+        return unpack_starter(blob, source), None
     payload = COMPRESSORS[compressor][1](blob[len(ARTIFACT_MAGIC) + 1 + len(compressor) :])
     mlen = int.from_bytes(payload[:4], "little")
     manifest = json.loads(payload[4 : 4 + mlen])
@@ -1606,11 +1730,12 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     return qsd, manifest["settings"]
 
 
-def prune_to_fit(qsd: dict[str, dict], settings: dict, compressor: str, shuffle: bool, max_bytes: int):
+def prune_to_fit(qsd: dict[str, dict], settings: dict, compressor: str, shuffle: bool, max_bytes: int,
+                 export_format: str = "pgolf"):
     """The cap remedy: zero the smallest-magnitude quantized weights (|code| x row scale), fewest first, until the
     artifact has at most max_bytes. Returns (qsd, blob, weights zeroed); the blob may still be over if even
     zeroing every code does not fit."""
-    blob = pack_artifact(qsd, settings, compressor, shuffle)
+    blob = pack_artifact(qsd, settings, compressor, shuffle, export_format)
     names = [n for n, e in qsd.items() if "q" in e]
     if len(blob) <= max_bytes or not names:
         return qsd, blob, 0
@@ -1629,7 +1754,7 @@ def prune_to_fit(qsd: dict[str, dict], settings: dict, compressor: str, shuffle:
             q = qsd[n]["q"]
             out[n] = {**qsd[n], "q": q * keep[offset : offset + q.numel()].view_as(q)}
             offset += q.numel()
-        blob = pack_artifact(out, settings, compressor, shuffle)
+        blob = pack_artifact(out, settings, compressor, shuffle, export_format)
     return out, blob, pruned
 
 
@@ -1637,12 +1762,21 @@ def settings_env(settings: dict) -> dict[str, str]:
     return {k: str(int(v) if isinstance(v, bool) else v) for k, v in settings.items()}
 
 
-def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifact") -> tuple[nn.Module, Hyperparameters]:
-    """A fresh model built from the settings stored in the artifact, loaded with its dequantized weights."""
+def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifact",
+                        args: Hyperparameters | None = None) -> tuple[nn.Module, Hyperparameters]:
+    """A fresh model built from the settings stored in the artifact, loaded with its dequantized weights. The
+    starter's container stores no settings: its model is the one `args` (this run's settings) describes."""
     qsd, settings = unpack_artifact(blob, source)
-    args = Hyperparameters(settings_env(settings))
+    if settings is not None:
+        args = Hyperparameters(settings_env(settings))
+    elif args is None:
+        raise ConfigError(f"{source}: a starter artifact carries no settings; score it with the run's (SCORE_ARTIFACT)")
     model = build_model(args, device)
-    model.load_state_dict(dequantize_state_dict(qsd), strict=True)
+    try:
+        model.load_state_dict(dequantize_state_dict(qsd), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{source}: its tensors do not fit the model these settings build (for a starter artifact, "
+                          f"set the env vars it was trained with, e.g. BASELINE=1): {str(e).splitlines()[-1].strip()}") from e
     model.after_load()
     return model, args
 
@@ -2198,7 +2332,7 @@ def count_train_step(args: Hyperparameters, micro_batch: int, torch_version: str
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):  # built on meta, allocating nothing, then moved once onto fake CUDA
-        model = cuda_layout(MODELS[args.model](args))
+        model = cuda_layout(MODELS[args.model](args), args)
     if args.qat_start < 1:  # as main does: the fake-quantization ops are in every step's graph
         configure_qat(model, args)
     groups = {k: sum(p.numel() for p in ps) for k, ps in model.param_groups().items()}
@@ -2450,7 +2584,7 @@ def read_settings() -> Hyperparameters:
     if not path.is_file():
         raise ConfigError(f"SCORE_ARTIFACT={path} does not exist; give the path of an artifact file")
     _, stored = unpack_artifact(path.read_bytes(), str(path))
-    stored = {k: v for k, v in stored.items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")}
+    stored = {k: v for k, v in (stored or {}).items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")}
     return Hyperparameters({**settings_env(stored), **os.environ})
 
 
@@ -2465,10 +2599,8 @@ def setup_run(args: Hyperparameters) -> Run:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        from torch.backends.cuda import enable_cudnn_sdp, enable_flash_sdp, enable_math_sdp, enable_mem_efficient_sdp
-
-        # Flash attention serves the plain causal path; masked (document-isolated) attention needs the others.
-        enable_cudnn_sdp(False), enable_flash_sdp(True), enable_mem_efficient_sdp(True), enable_math_sdp(True)
+        # Flash attention serves the plain causal path; masked (document-isolated) attention needs mem_efficient or math.
+        enable_sdp_backends(args.sdp_backends)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
@@ -2793,7 +2925,8 @@ def export_artifact(args: Hyperparameters, state_dict: dict[str, Tensor], hessia
         f"lowrank_tensors:{sum('lr_a' in e for e in qsd.values())} time:{1000.0 * (time.perf_counter() - q0):.0f}ms")
     max_model_bytes = SIZE_CAP_BYTES - args.size_margin_bytes - code_bytes
     c0 = time.perf_counter()
-    fitted, blob, pruned = prune_to_fit(qsd, args.settings, args.compressor, args.byte_shuffle, max_model_bytes)
+    fitted, blob, pruned = prune_to_fit(qsd, args.settings, args.compressor, args.byte_shuffle, max_model_bytes,
+                                        args.export_format)
     log(f"compress:{artifact_compressor(blob)} setting:{args.compressor} model_bytes:{len(blob)} "
         f"time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
     if pruned:
@@ -2852,7 +2985,7 @@ def score_artifact(run: Run, data: ValData, path: Path, train_ms: float, eval_t0
     blob = path.read_bytes()
     fmt, total_bytes = log_artifact_size(run, path, blob)
     under_cap = total_bytes <= SIZE_CAP_BYTES
-    fresh, _ = model_from_artifact(blob, run.device, str(path))
+    fresh, _ = model_from_artifact(blob, run.device, str(path), run.args)
     if args.compile:  # every path compiles its own shapes
         torch._dynamo.config.recompile_limit = 64
     paths = {name: p for name, p in EVAL_PATHS.items() if p.enabled(args)}
@@ -2885,7 +3018,7 @@ def main() -> None:
     run = setup_run(args)
     data = load_val_data(run)
     if run.args.score_artifact:  # scoring an artifact alone: no training, the artifact's settings
-        run.log(f"score_artifact:{run.args.score_artifact} (no training; settings from the artifact)")
+        run.log(f"score_artifact:{run.args.score_artifact} (no training; settings from the artifact, a starter one's from the env)")
         score_artifact(run, data, Path(run.args.score_artifact), train_ms=0.0, eval_t0=time.perf_counter())
     else:
         if run.device.type == "cuda":  # a plan projects GPU runs; on a CPU it would cost seconds for nothing

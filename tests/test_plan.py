@@ -46,7 +46,7 @@ def test_flops_match_a_hand_count():
 def real_cpu_layout_step(args):
     """Bytes of weights and optimizer state of a real model in the CUDA dtype layout after one real optimizer step."""
     torch.manual_seed(0)
-    model = tg.cuda_layout(tg.MODELS[args.model](args))
+    model = tg.cuda_layout(tg.MODELS[args.model](args), args)
     optimizers, _ = tg.build_optimizers(args, model)
     x = torch.randint(0, args.vocab_size, (2, args.train_seq_len))
     model(x, x).float().mean().backward()
