@@ -24,6 +24,8 @@ import pickle
 import platform
 import random
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -94,17 +96,22 @@ MODEL_ONLY_SETTINGS = {
     "ngpt": frozenset("NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT NGPT_NORM_EMBED NGPT_OPAQUE_NORM "
                       "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR".split()),
 }
+# Settings a resumed run may change (README "Checkpoints and resume"): where things are, what is logged, the cap.
+# The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
+CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
+RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
+                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS".split())
 # The range of every numeric setting but SEED, as an interval; validate() checks them with the other rules.
 SETTING_RANGES = {
     "[1, inf)": "VAL_BATCH_SIZE TTT_CHUNK_TOKENS TTT_EPOCHS LORA_RANK LORA_CHUNK_TOKENS LORA_SLOTS ITERATIONS "
                 "TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_DIM "
-                "MUON_BACKEND_STEPS GPTQ_CALIB_BATCHES GPTQ_BLOCK PLAN_WORLD_SIZE",
+                "MUON_BACKEND_STEPS GPTQ_CALIB_BATCHES GPTQ_BLOCK PLAN_WORLD_SIZE CHECKPOINT_KEEP",
     "[2, inf)": "VOCAB_SIZE RECUR_LOOPS",
     "[0, inf)": "VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
                 "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
                 "ATTN_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
                 "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD "
-                "GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES",
+                "GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES CHECKPOINT_EVERY_SECONDS",
     "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT ADAM_EPS "
                 "SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
     "[0, 1)": "TTT_MOMENTUM NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 NORMUON_BETA2 EMA_DECAY",
@@ -177,6 +184,12 @@ class Hyperparameters:
         self.grad_accum_steps = get("GRAD_ACCUM_STEPS", 0, int)  # 0: 8 // world_size, as the starter
         self.compile = get("COMPILE", torch.cuda.is_available(), _flag)
         self.sdp_backends = get("SDP_BACKENDS", "flash,mem_efficient,math")
+
+        # Checkpoints and resume (README "Checkpoints and resume"); they never change what a run computes.
+        self.checkpoint_every_seconds = get("CHECKPOINT_EVERY_SECONDS", 0.0, float)  # of training time; 0: off
+        self.checkpoint_dir = get("CHECKPOINT_DIR", f"checkpoints/{self.run_id}")
+        self.checkpoint_keep = get("CHECKPOINT_KEEP", 2, int)
+        self.resume = get("RESUME", "")  # a checkpoint's path, or auto: the newest in CHECKPOINT_DIR
 
     def _read_evaluation(self, get) -> None:
         # Validation cadence and batch size; validation always covers the whole val split.
@@ -367,10 +380,15 @@ class Hyperparameters:
         if self.ttt_enabled and self.ttt_chunk_tokens % self.eval_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of "
                               f"EVAL_SEQ_LEN={self.eval_seq_len} (the chunk is trained on as whole sequences)")
+        if self.resume and self.score_artifact:
+            raise ConfigError("RESUME continues a training run and SCORE_ARTIFACT trains nothing: unset one of them")
         if self.lora_ttt_enabled and self.lora_chunk_tokens > self.eval_seq_len:
             raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         if not re.match(r"\d+\.\d+", self.plan_torch):
             raise ConfigError(f"PLAN_TORCH={self.plan_torch!r} must be a torch version such as 2.9")
+
+    def artifact_settings(self) -> dict[str, object]:
+        return {k: v for k, v in self.settings.items() if k not in CHECKPOINT_SETTINGS}
 
     def _recur_span(self) -> tuple[int, int]:
         # RECUR_LAYERS "first-last" -> (first, last); (-1, -1) when off.
@@ -559,28 +577,41 @@ class DistributedTokenLoader:
         y = local[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def state_dict(self) -> dict:
+        return {"file_idx": self.stream.file_idx, "pos": self.stream.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.file_idx, self.stream.pos = state["file_idx"], state["pos"]
+        self.stream.tokens = load_data_shard(self.files[self.stream.file_idx], self.stream.vocab_size)
+
 
 class ShuffledTokenLoader:
     # Each shard in turn, at a random phase, cut into (seq_len + 1)-token sequences read in a random order;
     # every draw is seeded by (SEED, pass, shard), so all ranks agree and each call deals them disjoint sequences.
+    # The position (pass, shard, sequences dealt from it) is all a checkpoint needs to continue the same order.
     def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device: torch.device, seed: int):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.files, self.vocab_size, self.seed = shard_files(pattern, "train"), vocab_size, seed
+        self.position = (0, 0, 0)  # (epoch, shard, index into the shard's order) of the next sequence
         self.sequences = None
 
     def _sequences(self, seq_len: int):
-        for epoch in itertools.count():
-            dealt = 0
-            for i, file in enumerate(self.files):
-                rng = torch.Generator().manual_seed(hash((self.seed, epoch, i)) & (2**63 - 1))
-                tokens = load_data_shard(file, self.vocab_size)
-                phase = int(torch.randint(seq_len, (1,), generator=rng))
-                count = max((tokens.numel() - phase - 1) // seq_len, 0)
-                dealt += count
-                for j in torch.randperm(count, generator=rng).tolist():
-                    yield tokens[phase + j * seq_len : phase + (j + 1) * seq_len + 1]
-            if not dealt:
+        empty = 0  # shards in a row without a whole sequence: a full pass of them would loop forever
+        while True:
+            epoch, shard, start = self.position
+            rng = torch.Generator().manual_seed(hash((self.seed, epoch, shard)) & (2**63 - 1))
+            tokens = load_data_shard(self.files[shard], self.vocab_size)
+            phase = int(torch.randint(seq_len, (1,), generator=rng))
+            count = max((tokens.numel() - phase - 1) // seq_len, 0)
+            empty = 0 if count else empty + 1
+            if empty == len(self.files):
                 raise ConfigError(f"train shards hold no sequence of TRAIN_SEQ_LEN+1={seq_len + 1} tokens; use more data")
+            order = torch.randperm(count, generator=rng).tolist()
+            for index in range(start, count):
+                self.position = (epoch, shard, index + 1)
+                j = order[index]
+                yield tokens[phase + j * seq_len : phase + (j + 1) * seq_len + 1]
+            self.position = (epoch + (shard + 1) // len(self.files), (shard + 1) % len(self.files), 0)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         self.sequences = self.sequences or self._sequences(seq_len)
@@ -588,6 +619,12 @@ class ShuffledTokenLoader:
         batch = [next(self.sequences) for _ in range(per_rank * self.world_size)]
         local = torch.stack(batch[self.rank * per_rank : (self.rank + 1) * per_rank]).to(dtype=torch.int64)
         return local[:, :-1].to(self.device, non_blocking=True), local[:, 1:].to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"position": list(self.position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.sequences = tuple(state["position"]), None
 
 
 # TRAIN_LOADER=<name> -> loader(args, rank, world_size, device).
@@ -2688,6 +2725,8 @@ class Training:
     loader: object
     ema: WeightEMA | None
     switched: dict[str, int] = field(default_factory=dict)
+    resume: tuple[Path, dict] | None = None  # RESUME's checkpoint (path, state), read and checked, until restored
+    last_checkpoint: Path | None = None  # the newest checkpoint this run wrote
 
 
 def make_train_loader(run: Run):
@@ -2696,6 +2735,7 @@ def make_train_loader(run: Run):
 
 def build_training(run: Run) -> Training:
     args = run.args
+    resume = read_checkpoint(run) if args.resume else None  # a bad checkpoint is refused before anything is built
     loader = make_train_loader(run)
     run.log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(loader.files)}")
     base_model = build_model(args, run.device)
@@ -2708,7 +2748,7 @@ def build_training(run: Run) -> Training:
     optimizers, muon = build_optimizers(args, base_model)
     run.log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     ema = WeightEMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
-    return Training(base_model, model, optimizers, muon, loader, ema)
+    return Training(base_model, model, optimizers, muon, loader, ema, resume=resume)
 
 
 def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tensor:
@@ -2753,15 +2793,24 @@ def warm_up_training(run: Run, t: Training) -> None:
     t.loader = make_train_loader(run)
 
 
+# Without a per-step agreement of the clock (MAX_WALLCLOCK_SECONDS and CHECKPOINT_EVERY_SECONDS both 0), ranks
+# agree on a stop signal every this many steps: no new per-step host-device sync.
+STOP_CHECK_STEPS = 10
+
+
 class TrainClock:
-    """The one source of training progress: steps taken and milliseconds trained (validation pauses excluded), the
-    same on every rank. It drives the LR schedule, Muon momentum, QAT, depth recurrence and the stop."""
+    """The one source of training progress: steps taken and milliseconds trained (validation and checkpoint pauses
+    excluded), the same on every rank. It drives the LR schedule, Muon momentum, QAT, depth recurrence, checkpoints
+    and the stop, and carries a stop signal received by any rank to all of them."""
 
     def __init__(self, run: Run):
         self.run, self.budget_ms = run, train_budget_ms(run.args)
+        # Time decides something on every step (the stop, a checkpoint's cadence): ranks must agree on it each step.
+        self.agreed = self.budget_ms is not None or run.args.checkpoint_every_seconds > 0
         self.step = 0
         self.ms = 0.0  # training time at the last tick, agreed by all ranks: what progress reads
         self.banked_ms = 0.0  # training time up to the last pause
+        self.stop_signal = 0  # a SIGTERM or SIGINT every rank now knows of (its number), 0 if none
         self._t0 = 0.0
 
     def start(self) -> None:
@@ -2772,15 +2821,19 @@ class TrainClock:
         sync(self.run.device)
         self.banked_ms += 1000.0 * (time.perf_counter() - self._t0)
 
-    def tick(self) -> None:
-        """A step is done: count it and read the time, agreed across ranks (their max) when time can stop the run."""
+    def tick(self, signal_received: int = 0) -> None:
+        """A step is done: count it and read the time, agreed across ranks (their max) when time decides something;
+        a signal this rank received (its number) is agreed in the same all-reduce."""
         self.step += 1
         ms = self.banked_ms + 1000.0 * (time.perf_counter() - self._t0)
-        if self.run.distributed and self.budget_ms is not None:
-            reading = torch.tensor(ms, device=self.run.device, dtype=torch.float64)
-            dist.all_reduce(reading, op=dist.ReduceOp.MAX)
-            ms = reading.item()
-        self.ms = ms
+        stop = signal_received
+        if self.run.distributed:
+            stop = 0  # acted on only once every rank knows
+            if self.agreed or self.step % STOP_CHECK_STEPS == 0:
+                reading = torch.tensor([ms, signal_received], device=self.run.device, dtype=torch.float64)
+                dist.all_reduce(reading, op=dist.ReduceOp.MAX)
+                ms, stop = reading.tolist()
+        self.ms, self.stop_signal = ms, int(stop)
 
     def fraction(self) -> float:
         """How much of training is done: of ITERATIONS, or of the time budget, whichever is further."""
@@ -2805,6 +2858,212 @@ def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
                 f"layers:{args.recur_first}-{args.recur_last} loops:{args.recur_loops}")
 
 
+# Checkpoints (README "Checkpoints and resume"): one file per checkpoint, written by rank 0 with every rank's own
+# part gathered into it; a header line with a sha256 of the rest catches truncation and corruption.
+CHECKPOINT_MAGIC = b"PGOLF-CHECKPOINT-1\n"
+EXIT_DIVERGED = 3  # a stop on a signal exits 128 + the signal's number (SIGINT 130, SIGTERM 143); ConfigError 2
+
+
+class RunStopped(Exception):
+    """Training stopped before its artifact, on purpose and already logged (a signal, a diverged loss)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class StopSignals:
+    """While training: the first SIGTERM or SIGINT asks for a checkpoint and a stop at the next step boundary; a
+    second one, a second or more later, exits at once. (Ctrl-C under torchrun reaches the ranks twice within
+    milliseconds: from the terminal and forwarded by torchrun.)"""
+
+    def __init__(self):
+        self.received, self._first, self._previous = 0, 0.0, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received and time.monotonic() - self._first >= 1.0:
+            os._exit(128 + signum)
+        if not self.received:
+            self.received, self._first = signum, time.monotonic()
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _cpu(tree):
+    # A CPU copy of every tensor in a nest of dicts, lists and tuples (model and optimizer states).
+    return torch.utils._pytree.tree_map(lambda x: x.detach().cpu().clone() if isinstance(x, Tensor) else x, tree)
+
+
+def rng_state(device: torch.device) -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def code_sha256(run: Run) -> str:
+    # Of the plain source: the plain and the packed copy of one script are the same code.
+    return hashlib.sha256(plain_code(run.code)).hexdigest()
+
+
+def to_bytes(state) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def from_bytes(raw) -> dict:
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
+def training_state(run: Run, t: Training, clock: TrainClock) -> dict | None:
+    """The complete training state at a step boundary, on rank 0 (None elsewhere): what the ranks share once, and
+    each rank's own part: its RNG streams and optimizer states (Muon keeps each rank's share of the momentum)."""
+    part = {"rng": rng_state(run.device), "optimizers": _cpu([opt.state_dict() for opt in t.optimizers])}
+    parts = [to_bytes(part)]  # gathered serialized: gather_object's own unpickling of tensors fails in torch 2.14
+    if run.distributed:
+        parts = [None] * run.world_size if run.master else None
+        dist.gather_object(to_bytes(part), parts, dst=0)
+    if not run.master:
+        return None
+    parts = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in parts]
+    return {"code_sha256": code_sha256(run), "settings": dict(run.args.settings), "world_size": run.world_size,
+            "step": clock.step, "train_ms": clock.banked_ms, "switched": dict(t.switched),
+            "model": _cpu(t.base_model.state_dict()), "loader": t.loader.state_dict(), "ranks": parts,
+            "ema": None if t.ema is None else {"updates": t.ema.updates, "average": _cpu(t.ema.average)}}
+
+
+def write_checkpoint(run: Run, t: Training, clock: TrainClock) -> Path:
+    """Write the training state atomically (temporary file, fsync, rename) and keep the newest CHECKPOINT_KEEP.
+    Weights gone non-finite are a divergence: the last good checkpoint is never replaced by a bad one."""
+    args, c0 = run.args, time.perf_counter()
+    finite = torch.stack([torch.isfinite(p).all() for p in t.base_model.parameters()]).all().item()
+    check_finite(run, t, "non-finite weights", 0.0 if finite else math.nan, clock.step)
+    state = training_state(run, t, clock)
+    path = Path(args.checkpoint_dir) / f"step_{clock.step:07d}.pt"
+    if run.master:
+        payload = to_bytes(state)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)  # the rename itself durable
+        os.close(folder)
+        for old in sorted(path.parent.glob("step_*.pt"))[: -args.checkpoint_keep]:
+            old.unlink()
+        run.log(f"checkpoint:{path} step:{clock.step} bytes:{path.stat().st_size} "
+                f"time:{1000.0 * (time.perf_counter() - c0):.0f}ms (not in train_time)")
+    if run.distributed:
+        dist.barrier()  # no rank goes on (or exits) before the checkpoint is on disk
+    t.last_checkpoint = path
+    return path
+
+
+def checkpoint_path(args: Hyperparameters) -> Path:
+    if args.resume != "auto":
+        return Path(args.resume)
+    found = sorted(Path(args.checkpoint_dir).glob("step_*.pt"))
+    if not found:
+        raise ConfigError(f"RESUME=auto: no checkpoint (step_*.pt) in CHECKPOINT_DIR={args.checkpoint_dir}; set "
+                          "RUN_ID or CHECKPOINT_DIR to the interrupted run's, or RESUME to a checkpoint file")
+    return found[-1]
+
+
+def read_checkpoint(run: Run) -> tuple[Path, dict]:
+    """RESUME's checkpoint, whole and written by this code with the settings and world size of this run."""
+    path = checkpoint_path(run.args)
+    if not path.is_file():
+        raise ConfigError(f"RESUME={path}: no such checkpoint file; give a step_*.pt file or RESUME=auto")
+    raw, n = path.read_bytes(), len(CHECKPOINT_MAGIC)
+    if not raw.startswith(CHECKPOINT_MAGIC):
+        raise ConfigError(f"RESUME={path}: not a train_gpt.py checkpoint (no {CHECKPOINT_MAGIC[:-1].decode()} header)")
+    if hashlib.sha256(raw[n + 65 :]).hexdigest().encode() != raw[n : n + 64]:
+        raise ConfigError(f"RESUME={path}: truncated or corrupt ({len(raw)} bytes, checksum mismatch); "
+                          "resume from another checkpoint")
+    state = from_bytes(raw[n + 65 :])
+    mine, theirs = run.args.settings, state["settings"]
+    differ = [f"{k}={mine.get(k, '(unset)')} (checkpoint: {theirs.get(k, '(unset)')})"
+              for k in sorted(set(mine) | set(theirs)) if k not in RESUME_MAY_DIFFER and mine.get(k) != theirs.get(k)]
+    if state["world_size"] != run.world_size:
+        differ.append(f"world_size {run.world_size} (checkpoint: {state['world_size']})")
+    if state["code_sha256"] != code_sha256(run):
+        differ.append(f"code sha256 {code_sha256(run)[:12]} (checkpoint: {state['code_sha256'][:12]})")
+    if differ:
+        raise ConfigError(f"RESUME={path}: this run would compute differently: {'; '.join(differ)}; resume with "
+                          "the checkpoint's settings, code and world size")
+    return path, state
+
+
+def restore_training(run: Run, t: Training, clock: TrainClock) -> None:
+    """Put RESUME's state in place of the fresh one (after warm-up, which compiles and is undone anyway)."""
+    path, state = t.resume
+    part = from_bytes(state["ranks"][run.rank].numpy().tobytes())
+    t.base_model.load_state_dict(state["model"])
+    for opt, opt_state in zip(t.optimizers, part["optimizers"]):
+        opt.load_state_dict(opt_state)
+    if t.ema is not None:
+        t.ema.updates = state["ema"]["updates"]
+        for average, saved in zip(t.ema.average, state["ema"]["average"]):
+            average.copy_(saved)
+    t.loader.load_state_dict(state["loader"])
+    t.switched = dict(state["switched"])
+    if "qat" in t.switched:
+        set_qat(t.base_model, True)
+    set_rng_state(part["rng"], run.device)
+    clock.step, clock.banked_ms = state["step"], state["train_ms"]
+    clock.ms = clock.banked_ms
+    t.resume = None
+    switched = ",".join(f"{k}@{v}" for k, v in t.switched.items()) or "none"
+    run.log(f"resumed:{path} step:{clock.step} train_time:{clock.banked_ms:.0f}ms switched:{switched}")
+
+
+def resume_command(run: Run, path: Path) -> str:
+    """The command that continues this run: its explicit settings, its RUN_ID, RESUME=<the checkpoint>."""
+    env = {"RESUME": str(path.resolve()), "RUN_ID": run.args.run_id}
+    env.update({k: os.environ[k] for k in sorted(run.args.settings) if k in os.environ and k != "RESUME"})
+    launch = f"torchrun --standalone --nproc_per_node={run.world_size}" if run.distributed else shlex.quote(sys.executable)
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + f" {launch} {shlex.quote(sys.argv[0])}"
+
+
+def check_finite(run: Run, t: Training, what: str, value: float, step: int) -> None:
+    """A non-finite loss (agreed: an all-reduced value) stops the run before any checkpoint or artifact."""
+    if math.isfinite(value):
+        return
+    lrs = " ".join(f"{k}:{v:g}" for k, v in t.base_model.learning_rates(run.args).items())
+    message = (f"diverged: {what} at step:{step}: the learning rates are likely too high ({lrs}); last good "
+               f"checkpoint:{t.last_checkpoint or 'none'}; no artifact written")
+    run.log(message)
+    raise RunStopped(EXIT_DIVERGED, message)
+
+
+def global_loss(run: Run, train_loss: Tensor) -> float:
+    if run.distributed:  # the global batch's loss, not rank 0's share
+        dist.all_reduce(train_loss)
+        train_loss /= run.world_size
+    return train_loss.item()
+
+
 def validation(run: Run, data: ValData, model: nn.Module, clock: TrainClock) -> tuple[float, float]:
     """The whole val split scored by the training model, while the clock is paused; logs the step's line."""
     args = run.args
@@ -2816,27 +3075,46 @@ def validation(run: Run, data: ValData, model: nn.Module, clock: TrainClock) -> 
 
 
 def train(run: Run, data: ValData, t: Training) -> TrainClock:
-    """The timed loop: steps until ITERATIONS or the time budget, validating every VAL_LOSS_EVERY steps."""
+    """The timed loop: steps until ITERATIONS or the time budget, validating every VAL_LOSS_EVERY steps,
+    checkpointing every CHECKPOINT_EVERY_SECONDS of training time and on a stop signal."""
     args = run.args
     clock = TrainClock(run)
-    clock.start()
-    while not clock.done():
-        apply_switches(run, t, clock)
-        if args.val_loss_every > 0 and clock.step % args.val_loss_every == 0:
-            clock.pause()
-            validation(run, data, t.model, clock)
-            clock.start()
-        train_loss = train_step(run, t, lr_multiplier(args, clock.step, clock.ms), muon_momentum(args, clock.step))
-        if t.ema is not None:
-            t.ema.update()
-        clock.tick()
-        # Logging steps are the only ones that read the loss back from the device.
-        if args.train_log_every > 0 and (clock.step <= 10 or clock.step % args.train_log_every == 0 or clock.done()):
-            if run.distributed:  # the global batch's loss, not rank 0's share
-                dist.all_reduce(train_loss)
-                train_loss /= run.world_size
-            run.log(f"step:{clock.step}/{args.iterations} train_loss:{train_loss.item():.4f} "
-                    f"train_time:{clock.ms:.0f}ms step_avg:{clock.ms / clock.step:.2f}ms")
+    if t.resume is not None:
+        restore_training(run, t, clock)
+    checkpoint_ms = clock.banked_ms  # training time at the last checkpoint
+    with StopSignals() as signals:
+        clock.start()
+        while not clock.done():
+            apply_switches(run, t, clock)
+            if args.val_loss_every > 0 and clock.step % args.val_loss_every == 0:
+                clock.pause()
+                validation(run, data, t.model, clock)
+                clock.start()
+            train_loss = train_step(run, t, lr_multiplier(args, clock.step, clock.ms), muon_momentum(args, clock.step))
+            if t.ema is not None:
+                t.ema.update()
+            clock.tick(signals.received)
+            # Logging steps and checkpoints are the only ones that read the loss back from the device.
+            logged = args.train_log_every > 0 and (clock.step <= 10 or clock.step % args.train_log_every == 0
+                                                   or clock.done())
+            due = args.checkpoint_every_seconds > 0 and clock.ms - checkpoint_ms >= 1000.0 * args.checkpoint_every_seconds
+            if not (logged or due or clock.stop_signal):
+                continue
+            loss = global_loss(run, train_loss)
+            check_finite(run, t, f"train_loss:{loss}", loss, clock.step)
+            if logged:
+                run.log(f"step:{clock.step}/{args.iterations} train_loss:{loss:.4f} "
+                        f"train_time:{clock.ms:.0f}ms step_avg:{clock.ms / clock.step:.2f}ms")
+            if due or clock.stop_signal:
+                clock.pause()
+                path = write_checkpoint(run, t, clock)
+                checkpoint_ms = clock.banked_ms
+                if clock.stop_signal:
+                    name = signal.Signals(clock.stop_signal).name
+                    run.log(f"stopped:{name} step:{clock.step} checkpoint:{path}")
+                    run.log(f"resume: {resume_command(run, path)}")
+                    raise RunStopped(128 + clock.stop_signal, f"stopped by {name}")
+                clock.start()
     return clock
 
 
@@ -2867,6 +3145,7 @@ def finish_training(run: Run, data: ValData, t: Training, clock: TrainClock) -> 
     clock.pause()
     eval_t0 = time.perf_counter()
     vl, vb = validation(run, data, t.model, clock)
+    check_finite(run, t, f"val_loss:{vl}", vl, clock.step)  # the last check before export
     train_ms = clock.banked_ms
     if clock.step < args.iterations:
         run.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{clock.step}/{args.iterations}")
@@ -2925,8 +3204,8 @@ def export_artifact(args: Hyperparameters, state_dict: dict[str, Tensor], hessia
         f"lowrank_tensors:{sum('lr_a' in e for e in qsd.values())} time:{1000.0 * (time.perf_counter() - q0):.0f}ms")
     max_model_bytes = SIZE_CAP_BYTES - args.size_margin_bytes - code_bytes
     c0 = time.perf_counter()
-    fitted, blob, pruned = prune_to_fit(qsd, args.settings, args.compressor, args.byte_shuffle, max_model_bytes,
-                                        args.export_format)
+    fitted, blob, pruned = prune_to_fit(qsd, args.artifact_settings(), args.compressor, args.byte_shuffle,
+                                        max_model_bytes, args.export_format)
     log(f"compress:{artifact_compressor(blob)} setting:{args.compressor} model_bytes:{len(blob)} "
         f"time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
     if pruned:
@@ -3043,3 +3322,5 @@ if __name__ == "__main__":
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as e:  # logged where it stopped
+        sys.exit(e.code)

@@ -64,6 +64,7 @@ _PATTERNS = {
         rf"step:(\d+)/(\d+) train_loss:{_NUM} train_time:(\d+)ms step_avg:{_NUM}ms"),
     "val_step": re.compile(
         rf"step:(\d+)/(\d+) val_loss:{_NUM} val_bpb:{_NUM} train_time:(\d+)ms step_avg:{_NUM}ms"),
+    "resumed": re.compile(r"resumed:(.*) step:(\d+) train_time:(\d+)ms switched:(\S+)"),
     "stopping_early": re.compile(r"stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/(\d+)"),
     "train_done": re.compile(rf"train_done steps:(\d+) train_time:(\d+)ms step_avg:{_NUM}ms"),
     "peak_memory": re.compile(r"peak memory allocated: (\d+) MiB reserved: (\d+) MiB"),
@@ -114,6 +115,7 @@ class RunLog:
     model_params: int = 0
     train_steps: list[dict] = field(default_factory=list)  # step, total, train_loss, train_time_ms
     val_steps: list[dict] = field(default_factory=list)  # step, total, val_loss, val_bpb, train_time_ms
+    resumed: dict | None = None  # checkpoint, step, train_time_ms: the run continued an interrupted one (RESUME)
     stopping_early: dict | None = None
     train_done: dict = field(default_factory=dict)  # steps, train_time_ms, step_avg_ms
     peak_memory_mib: tuple[int, int] | None = None
@@ -211,6 +213,10 @@ def parse_log(path: str | Path) -> RunLog:
     except OSError as exc:
         raise LogError(f"{path}: cannot read the log ({exc.strerror})") from None
     log = RunLog(path=path)
+    # A resumed run appends to the interrupted run's log: it is read from its own 'run_id:' line on.
+    starts = [m.start() for m in re.finditer(rb"^run_id:", raw, re.M)]
+    if len(starts) > 1 and re.search(rb"^resumed:", raw[starts[-1]:], re.M):
+        raw = raw[starts[-1]:]
     code = _PATTERNS["code"].search(raw.split(b"source_begin", 1)[0].decode("utf-8", "replace"))
     sha, nbytes = (code.group(1), int(code.group(2))) if code else ("", -1)
     source, before, after = _split_source(raw, sha, nbytes)
@@ -221,7 +227,7 @@ def parse_log(path: str | Path) -> RunLog:
     log.last_line = lines[-1] if lines else ""
     for line in lines:
         for key in ("run_id", "setting", "env", "warning", "code", "counted", "versions", "hardware", "train_loader",
-                    "val_loader", "model_params", "eval_path", "train_step", "val_step", "stopping_early",
+                    "val_loader", "model_params", "eval_path", "resumed", "train_step", "val_step", "stopping_early",
                     "train_done", "peak_memory", "final_exact", "final", "artifact", "token_losses", "submission"):
             m = _PATTERNS[key].fullmatch(line)
             if m:
@@ -269,6 +275,8 @@ def _store(log: RunLog, key: str, m: re.Match, line: str) -> None:
     elif key == "val_step":
         log.val_steps.append({"step": int(g[0]), "total": int(g[1]), "val_loss": f(g[2]), "val_bpb": f(g[3]),
                               "train_time_ms": int(g[4])})
+    elif key == "resumed":
+        log.resumed = {"checkpoint": g[0], "step": int(g[1]), "train_time_ms": int(g[2])}
     elif key == "stopping_early":
         log.stopping_early = {"train_time_ms": int(g[0]), "step": int(g[1]), "total": int(g[2])}
     elif key == "train_done":
@@ -363,6 +371,11 @@ def run_checks(log: RunLog, time_limits: bool = True) -> list[Check]:
                         f"{train_ms / 1000:.3f} s {_le(train_ms, TRAIN_LIMIT_MS)} {TRAIN_LIMIT_MS / 1000:.0f} s{limit}"))
     checks.append(Check(f"eval time {tag}", eval_ms <= EVAL_LIMIT_MS or not time_limits,
                         f"{eval_ms / 1000:.3f} s {_le(eval_ms, EVAL_LIMIT_MS)} {EVAL_LIMIT_MS / 1000:.0f} s{limit}"))
+    resumed = log.resumed
+    checks.append(Check(
+        f"single run {tag}", resumed is None or not time_limits,
+        "one uninterrupted run" if resumed is None else
+        f"resumed from {resumed['checkpoint']} at step {resumed['step']}: not a single 600 s run{limit}"))
     exact = log.finals_exact.get(sub["what"])
     last = _PATTERNS["final_exact"].fullmatch(log.last_line)
     score_ok = (exact is not None and last is not None and last.group(1) == sub["what"]
