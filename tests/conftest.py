@@ -17,6 +17,11 @@ sys.path.insert(0, str(ROOT / "data"))
 import train_gpt as tg  # noqa: E402
 
 CPU = torch.device("cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes on 2 cores; out of the README's test command, run by "
+                                       "`python3 -m pytest -q -m slow tests`")
 # The in-process tests' model: the starter's options at a tiny shape; each test adds what it studies.
 TINY_MODEL = {"BASELINE": "1", "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}
 

@@ -11,6 +11,7 @@ import train_gpt as tg
 from conftest import TINY_ENV, data_env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["gpt", "ngpt"])
 def test_a_compiled_run_never_breaks_a_graph_and_trains_on_the_graphs_its_warm_up_compiled(
         model, tiny_data, tmp_path, monkeypatch):
