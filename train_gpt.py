@@ -705,17 +705,19 @@ def enable_sdp_backends(names: str) -> None:
 # sdpa: PyTorch's choice, on CPU or before sm80). DOC_ATTENTION=1 packs documents for varlen_attn (fa3_varlen, varlen)
 # on CUDA; elsewhere a dense document mask (sdpa_masked) is the reference the packed path is tested against.
 PACKED_KERNELS = ("fa3_varlen", "varlen")
-# A packed batch holds at most B * (T // MIN_DOC_TOKENS + 2) segments (row starts and BOS): enough when every
-# document has MIN_DOC_TOKENS tokens or more. The count depends only on the batch shape, so a compiled graph never
-# recompiles for a new document layout; past it, the extra documents share the last segment's attention.
+# A packed row holds at most T // MIN_DOC_TOKENS + 2 segments (its start and its BOS): enough when every document has
+# MIN_DOC_TOKENS tokens or more. The count depends only on the batch shape, so a compiled graph never recompiles for
+# a new document layout; past it, a row's extra documents share its last segment (attention as with DOC_ATTENTION=0,
+# within that row only: a segment never crosses a row, so overlapping evaluation windows never see each other).
 MIN_DOC_TOKENS = 64
 
 
 def attention_kernel(device_type: str, doc_attention: bool, capability: int, fa3_installed: bool) -> tuple[str, str]:
     """The attention kernel for a device (CUDA compute capability major, 0 when unknown) and why; a pure function."""
-    if device_type != "cuda" or capability < 8:
-        why = "varlen_attn and FlashAttention need a CUDA device of sm80 or newer"
-        return ("sdpa_masked" if doc_attention else "sdpa"), why
+    if device_type != "cuda" or capability < 8:  # varlen_attn and FlashAttention need sm80 or newer
+        if doc_attention:
+            return "sdpa_masked", "no CUDA device of sm80 or newer for varlen_attn: SDPA with a dense document mask"
+        return "sdpa", "no CUDA device of sm80 or newer for FlashAttention: causal SDPA, PyTorch's kernel choice"
     if fa3_installed and capability == 9:
         return ("fa3_varlen" if doc_attention else "fa3"), "flash_attn_interface installed on sm90: PyTorch routes to FA3"
     why = "PyTorch's FlashAttention 2 (FA3 needs sm90 and flash_attn_interface)"
@@ -737,18 +739,20 @@ def doc_mask(input_ids: Tensor) -> Tensor:
 
 
 def doc_cu_seqlens(input_ids: Tensor) -> Tensor:
-    """Segment boundaries of the flattened (B, T) batch for varlen_attn: a segment starts at every BOS and every row
-    start. int32 of a fixed length B * (T // MIN_DOC_TOKENS + 2) + 1 (at most B * T + 1), padded with B * T (empty
-    segments); built on the device without a host sync."""
+    """Segment boundaries of the flattened (B, T) batch for varlen_attn: a segment starts at every row start and every
+    BOS. int32, B * K + 1 entries for K = T // MIN_DOC_TOKENS + 2 slots per row (at most T), unused slots being empty
+    segments at the row's end; built on the device without a host sync."""
     B, T = input_ids.shape
-    capacity = min(B * (T // MIN_DOC_TOKENS + 2), B * T)
-    starts = ((input_ids == BOS_ID) | (torch.arange(T, device=input_ids.device) == 0)).flatten()
-    segment = starts.cumsum(0) - 1
-    # Each start writes its position into its segment's slot; non-starts and starts past capacity go to a spare slot.
-    slot = torch.where(starts & (segment < capacity), segment, capacity + 1)
-    positions = torch.arange(B * T, device=input_ids.device, dtype=torch.int32)
-    cu = torch.full((capacity + 2,), B * T, device=input_ids.device, dtype=torch.int32).scatter(0, slot, positions)
-    return cu[: capacity + 1]
+    K = min(T // MIN_DOC_TOKENS + 2, T)
+    device = input_ids.device
+    starts = (input_ids == BOS_ID) | (torch.arange(T, device=device) == 0)
+    segment = starts.cumsum(1) - 1
+    # Each start writes its position into its segment's slot of its row; the rest go to a spare column K.
+    slot = torch.where(starts & (segment < K), segment, K)
+    row = torch.arange(B, device=device, dtype=torch.int32)[:, None] * T
+    row_end = (row + T).expand(B, K + 1)
+    cu = row_end.scatter(1, slot, row + torch.arange(T, device=device, dtype=torch.int32))[:, :K]
+    return F.pad(cu.flatten(), (0, 1), value=B * T)
 
 
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float | None) -> Tensor:

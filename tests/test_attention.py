@@ -103,16 +103,15 @@ def packed(monkeypatch, short_docs):
 def test_cu_seqlens_start_a_segment_at_every_bos_and_row_start_in_a_fixed_length(short_docs):
     ids = torch.tensor([[5, 1, 7, 7, 1, 9, 9, 9], [1, 3, 3, 3, 3, 1, 2, 2]])
     cu = tg.doc_cu_seqlens(ids)
-    assert cu.dtype == torch.int32 and cu.numel() == 2 * (8 // 4 + 2) + 1
-    real = [0, 1, 4, 8, 13, 16]
-    assert cu.tolist() == real + [16] * (cu.numel() - len(real))  # padded with empty segments at the end
+    # 8 // 4 + 2 = 4 slots per row; a row's unused slots are empty segments at its end.
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 1, 4, 8, 8, 13, 16, 16, 16]
     # The length depends on the shape only: no BOS at all gives the same length.
-    assert tg.doc_cu_seqlens(torch.full((2, 8), 5)).tolist() == [0, 8] + [16] * (cu.numel() - 2)
+    assert tg.doc_cu_seqlens(torch.full((2, 8), 5)).tolist() == [0, 8, 8, 8, 8, 16, 16, 16, 16]
 
 
-def test_cu_seqlens_past_capacity_keep_the_extra_documents_in_the_last_segment(short_docs):
-    ids = torch.ones(1, 8, dtype=torch.long)  # eight one-token documents; capacity 1 * (8 // 4 + 2) = 4
-    assert tg.doc_cu_seqlens(ids).tolist() == [0, 1, 2, 3, 8]
+def test_cu_seqlens_past_capacity_merge_documents_within_their_row_only(short_docs):
+    ids = torch.ones(2, 8, dtype=torch.long)  # sixteen one-token documents, 4 slots per row
+    assert tg.doc_cu_seqlens(ids).tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16]
 
 
 def test_cu_seqlens_compile_once_for_every_document_layout(short_docs):
@@ -274,7 +273,7 @@ def test_no_bare_flash_attention_import():
 
 def test_packed_model_compiles_once_for_every_document_layout_on_fake_cuda():
     # The graph a CUDA run compiles (varlen_attn, no graph break) is built once, whatever the documents' places.
-    args = args_with(RECUR_LAYERS="1-2", RECUR_START_FRAC=0)
+    args = args_with(NUM_LAYERS=2, XSA_LAST_N=1, PARALLEL_RESID_FROM=1)
     counter = CompileCounter()
     with FakeTensorMode(), torch.device("cuda"):
         model = tg.GPT(args)
