@@ -338,6 +338,9 @@ class Hyperparameters:
         other = MODEL_ONLY_SETTINGS["ngpt" if self.model == "gpt" else "gpt"]
         if self.explicit & other:
             raise ConfigError(f"{', '.join(sorted(self.explicit & other))}: not read by MODEL={self.model}; unset them")
+        if "EVAL_ISOLATE_DOCS" in self.explicit:
+            raise ConfigError("EVAL_ISOLATE_DOCS is gone: DOC_ATTENTION (default 1) keeps attention within documents in "
+                              "training and every evaluation path; unset EVAL_ISOLATE_DOCS")
         for interval, names in SETTING_RANGES.items():
             for name in names.split():
                 if name in s and not in_interval(s[name], interval):

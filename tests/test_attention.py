@@ -219,7 +219,8 @@ def test_ttt_changes_other_documents_only_through_adaptation():
 
 def test_doc_attention_is_the_default_and_baseline_turns_it_off():
     assert tg.Hyperparameters({}).doc_attention and not tg.Hyperparameters({"BASELINE": "1"}).doc_attention
-    assert "EVAL_ISOLATE_DOCS" not in tg.Hyperparameters({}).settings
+    with pytest.raises(tg.ConfigError, match="EVAL_ISOLATE_DOCS.*DOC_ATTENTION"):
+        tg.Hyperparameters({"EVAL_ISOLATE_DOCS": "1"})
 
 
 def test_without_doc_attention_the_forward_is_plain_causal_sdpa(monkeypatch):
