@@ -2463,6 +2463,9 @@ def count_train_step(args: Hyperparameters, micro_batch: int, torch_version: str
 
     with torch.device("meta"):  # built on meta, allocating nothing, then moved once onto fake CUDA
         model = cuda_layout(MODELS[args.model](args), args)
+    # Attention planned as causal flash over whole rows: DOC_ATTENTION's packed kernel computes at most that, and
+    # varlen_attn's FLOP counter would price every (padded) segment of fake cu_seqlens at the full row length.
+    model.doc_attention = False
     if args.qat_start < 1:  # as main does: the fake-quantization ops are in every step's graph
         configure_qat(model, args)
     groups = {k: sum(p.numel() for p in ps) for k, ps in model.param_groups().items()}
