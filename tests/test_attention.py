@@ -285,3 +285,13 @@ def test_packed_model_compiles_once_for_every_document_layout_on_fake_cuda():
             ids[:, first :: 5 + first] = tg.BOS_ID
             assert net(ids, ids).shape == (2, 32)
     assert counter.frame_count == 1
+
+
+def test_gptq_calibration_takes_the_masked_kernel_in_fp32(monkeypatch):
+    # varlen_attn has no fp32 kernel: the fp32 calibration copy of a packed model attends through the document mask.
+    monkeypatch.setattr(tg, "varlen_attn", lambda *a, **kw: pytest.fail("varlen_attn called in fp32"))
+    model = model_for(args_with())
+    model.attention_kernel = "varlen"
+    ids = doc_stream(2 * 32)[0].view(2, 32)
+    hessians = tg.collect_hessians(model, [(ids, ids)])
+    assert hessians and model.attention_kernel == "varlen"
