@@ -14,6 +14,7 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -44,6 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.varlen import varlen_attn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------
@@ -73,6 +75,7 @@ BASELINE_PRESET = {
     "TRAIN_BATCH_TOKENS": "524288", "TRAIN_SEQ_LEN": "1024", "EMA_DECAY": "0", "MUON_WD": "0", "MUON_ROW_NORM": "0",
     "WARMDOWN_FRAC": "0", "GRAD_CLIP_NORM": "0", "QUANT": "int8", "GPTQ": "0", "COMPRESSOR": "zlib", "EVAL_STRIDE": "0",
     "EXPORT_FORMAT": "starter", "CODE_PACK": "0", "SOFTCAP_FP32": "0", "ROPE_FP32": "0", "SDP_BACKENDS": "flash",
+    "DOC_ATTENTION": "0",
 }
 
 
@@ -202,7 +205,6 @@ class Hyperparameters:
         # The resolved sequence length and stride are what the log and the artifact record.
         self.eval_seq_len = self.settings["EVAL_SEQ_LEN"] = get("EVAL_SEQ_LEN", 0, int) or self.train_seq_len
         self.eval_stride = self.settings["EVAL_STRIDE"] = min(get("EVAL_STRIDE", 64, int), self.eval_seq_len)
-        self.eval_isolate_docs = get("EVAL_ISOLATE_DOCS", False, _flag)
         self.eval_max_seconds = get("EVAL_MAX_SECONDS", 540.0, float)
         self.ttt_enabled = get("TTT_ENABLED", False, _flag)
         self.ttt_chunk_tokens = get("TTT_CHUNK_TOKENS", 32768, int)
@@ -235,6 +237,9 @@ class Hyperparameters:
         self.rope_fp32 = get("ROPE_FP32", True, _flag)
         self.qk_gain_init = get("QK_GAIN_INIT", 5.0, float)
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, float)
+        # A token attends only to earlier tokens of its own document (each BOS starts one), in training and in every
+        # evaluation path; 0: plain causal attention over the whole window, as the starter.
+        self.doc_attention = get("DOC_ATTENTION", True, _flag)
 
         # Architecture options (README "Architecture options"); defaults: the record stack. nGPT reads ROPE_DIMS,
         # ATTN_GATE_DIMS and BigramHash; the others are GPT's.
@@ -333,6 +338,9 @@ class Hyperparameters:
         other = MODEL_ONLY_SETTINGS["ngpt" if self.model == "gpt" else "gpt"]
         if self.explicit & other:
             raise ConfigError(f"{', '.join(sorted(self.explicit & other))}: not read by MODEL={self.model}; unset them")
+        if "EVAL_ISOLATE_DOCS" in self.explicit:
+            raise ConfigError("EVAL_ISOLATE_DOCS is gone: DOC_ATTENTION (default 1) keeps attention within documents in "
+                              "training and every evaluation path; unset EVAL_ISOLATE_DOCS")
         for interval, names in SETTING_RANGES.items():
             for name in names.split():
                 if name in s and not in_interval(s[name], interval):
@@ -355,9 +363,9 @@ class Hyperparameters:
         backends = self.sdp_backends.split(",")
         if not set(backends) <= set(SDP_BACKENDS):
             raise ConfigError(f"SDP_BACKENDS={self.sdp_backends!r}: give a comma-separated subset of {','.join(SDP_BACKENDS)}")
-        if self.eval_isolate_docs and not {"mem_efficient", "math"} & set(backends):
-            raise ConfigError(f"EVAL_ISOLATE_DOCS=1 needs a masked-attention kernel: add mem_efficient or math to "
-                              f"SDP_BACKENDS={self.sdp_backends!r}")
+        if self.doc_attention and not {"mem_efficient", "math"} & set(backends):
+            raise ConfigError(f"DOC_ATTENTION=1 needs a masked-attention kernel where varlen_attn is missing (before "
+                              f"sm80, GPTQ's fp32 calibration): add mem_efficient or math to SDP_BACKENDS={self.sdp_backends!r}")
         head_dim = self.model_dim // self.num_heads
         if self.model_dim % self.num_heads or head_dim % 2:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
@@ -638,7 +646,7 @@ TRAIN_LOADERS = {
 # MODEL
 # -----------------------------
 # A model class takes Hyperparameters and returns per-token losses (B, T) from
-# forward(input_ids, target_ids, isolate_docs=False) (isolate_docs: attention never crosses a BOS). For the
+# forward(input_ids, target_ids); with DOC_ATTENTION=1 (set_attention) its attention never crosses a BOS. For the
 # optimizers it sorts its parameters into param_groups() (matrix -> Muon; embed, head, scalar -> Adam) with
 # learning_rates(args) and weight_decays(args) per group. It hooks after_optimizer_step() and after_load() (weights
 # replaced by the EMA or a dequantized copy): a sphere-constrained model renormalizes in both, and any code that
@@ -695,16 +703,98 @@ def enable_sdp_backends(names: str) -> None:
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend in names.split(","))
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, input_ids: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """Causal SDPA over (B, H, T, D), softmax scale `scale` (None: 1/sqrt(D)); given input_ids, a token attends
-    only within its own document (each BOS starts one), so no context crosses a document boundary."""
-    gqa = q.size(1) != k.size(1)
-    if input_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+# Attention kernels (README "Attention"): the log's attention:kernel= line names the one a run uses. Plain causal
+# attention is SDPA (fa3: routed to FlashAttention 3 through PyTorch's registry; flash: PyTorch's FlashAttention 2;
+# sdpa: PyTorch's choice, on CPU or before sm80). DOC_ATTENTION=1 packs documents for varlen_attn (fa3_varlen, varlen)
+# on CUDA; elsewhere a dense document mask (sdpa_masked) is the reference the packed path is tested against.
+PACKED_KERNELS = ("fa3_varlen", "varlen")
+# A packed row holds at most T // MIN_DOC_TOKENS + 2 segments (its start and its BOS): enough when every document has
+# MIN_DOC_TOKENS tokens or more. The count depends only on the batch shape, so a compiled graph never recompiles for
+# a new document layout; past it, a row's extra documents share its last segment (attention as with DOC_ATTENTION=0,
+# within that row only: a segment never crosses a row, so overlapping evaluation windows never see each other).
+MIN_DOC_TOKENS = 64
+
+
+def attention_kernel(device_type: str, doc_attention: bool, capability: int, fa3_installed: bool) -> tuple[str, str]:
+    """The attention kernel for a device (CUDA compute capability major, 0 when unknown) and why; a pure function."""
+    if device_type != "cuda" or capability < 8:  # varlen_attn and FlashAttention need sm80 or newer
+        if doc_attention:
+            return "sdpa_masked", "no CUDA device of sm80 or newer for varlen_attn: SDPA with a dense document mask"
+        return "sdpa", "no CUDA device of sm80 or newer for FlashAttention: causal SDPA, PyTorch's kernel choice"
+    if fa3_installed and capability == 9:
+        return ("fa3_varlen" if doc_attention else "fa3"), "flash_attn_interface installed on sm90: PyTorch routes to FA3"
+    why = "PyTorch's FlashAttention 2 (FA3 needs sm90 and flash_attn_interface)"
+    return ("varlen" if doc_attention else "flash"), why
+
+
+def attention_support(device: torch.device) -> tuple[int, bool]:
+    """(compute capability major, whether flash_attn_interface is importable): what attention_kernel decides on."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 0, False
+    return torch.cuda.get_device_capability(device)[0], importlib.util.find_spec("flash_attn_interface") is not None
+
+
+def doc_mask(input_ids: Tensor) -> Tensor:
+    """(B, 1, T, T) boolean mask: query i sees key j <= i of the same document (each BOS starts one)."""
     doc = (input_ids == BOS_ID).cumsum(1)
-    causal = torch.ones(q.size(2), q.size(2), dtype=torch.bool, device=q.device).tril()
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
+    causal = torch.ones(input_ids.size(1), input_ids.size(1), dtype=torch.bool, device=input_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def doc_cu_seqlens(input_ids: Tensor) -> Tensor:
+    """Segment boundaries of the flattened (B, T) batch for varlen_attn: a segment starts at every row start and every
+    BOS. int32, B * K + 1 entries for K = T // MIN_DOC_TOKENS + 2 slots per row (at most T), unused slots being empty
+    segments at the row's end; built on the device without a host sync."""
+    B, T = input_ids.shape
+    K = min(T // MIN_DOC_TOKENS + 2, T)
+    device = input_ids.device
+    starts = (input_ids == BOS_ID) | (torch.arange(T, device=device) == 0)
+    segment = starts.cumsum(1) - 1
+    # Each start writes its position into its segment's slot of its row; the rest go to a spare column K.
+    slot = torch.where(starts & (segment < K), segment, K)
+    row = torch.arange(B, device=device, dtype=torch.int32)[:, None] * T
+    row_end = (row + T).expand(B, K + 1)
+    cu = row_end.scatter(1, slot, row + torch.arange(T, device=device, dtype=torch.int32))[:, :K]
+    return F.pad(cu.flatten(), (0, 1), value=B * T)
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float | None) -> Tensor:
+    """Causal attention within the segments of cu_seqlens, for (B, H, T, D) q and (B, KV, T, D) k, v: the batch is
+    flattened to B * T tokens for varlen_attn and unflattened again."""
+    B, H, T, D = q.shape
+    # SDPA runs in autocast's dtype, varlen_attn (a custom op) takes what it is given: cast as SDPA would be.
+    dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.size(1), D).to(dtype) for t in (q, k, v))
+    y = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, T, T, scale=scale, window_size=(-1, 0), enable_gqa=H != k.size(1))
+    return y.view(B, T, H, D).transpose(1, 2)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, mask: Tensor | None = None,
+                     cu_seqlens: Tensor | None = None) -> Tensor:
+    """Causal attention over (B, H, T, D), softmax scale `scale` (None: 1/sqrt(D)); within documents when given
+    their doc_mask (SDPA) or doc_cu_seqlens (varlen_attn), else across the whole window."""
+    if cu_seqlens is not None:
+        return packed_attention(q, k, v, cu_seqlens, scale)
+    gqa = q.size(1) != k.size(1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def set_attention(model: nn.Module, args: Hyperparameters, device: torch.device = torch.device("cpu")) -> None:
+    # Shared by GPT and nGPT: DOC_ATTENTION and the kernel for the device the model runs on (build_model's).
+    model.doc_attention = args.doc_attention
+    model.attention_kernel = attention_kernel(device.type, args.doc_attention, *attention_support(device))[0]
+
+
+def doc_layout(model: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
+    """What causal_attention needs to keep every document apart (nothing with DOC_ATTENTION=0), built once per
+    forward for all layers: doc_cu_seqlens for a packed kernel, else doc_mask."""
+    if not model.doc_attention:
+        return {}
+    if model.attention_kernel in PACKED_KERNELS:
+        return {"cu_seqlens": doc_cu_seqlens(input_ids)}
+    return {"mask": doc_mask(input_ids)}
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -744,7 +834,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
         self.softmax_scale = None
 
-    def forward(self, x: Tensor, doc_ids: Tensor | None = None, value_embed: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, docs: dict[str, Tensor], value_embed: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -753,7 +843,7 @@ class CausalSelfAttention(nn.Module):
             v = v + self.ve_gain.to(v.dtype) * value_embed
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.position_qk(q, k, *self.rotary(T, x.device, q.dtype))
-        y = causal_attention(q, k, v, doc_ids, self.softmax_scale)
+        y = causal_attention(q, k, v, self.softmax_scale, **docs)
         if self.xsa:
             y = remove_self_value(y, v)
         if self.attn_gate is not None:
@@ -814,11 +904,11 @@ class Block(nn.Module):
         self.norm_scale = 1 / math.sqrt(layer + 1) if args.ln_scale else 1.0
         self.parallel = 0 <= args.parallel_resid_from <= layer  # attention and MLP read the same input
 
-    def forward(self, x: Tensor, x0: Tensor, doc_ids: Tensor | None = None, value_embed: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, docs: dict[str, Tensor], value_embed: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = F.rms_norm(x, (x.size(-1),)) * self.norm_scale
-        out = x + self.attn_scale.to(x.dtype) * self.attn(h, doc_ids, value_embed)
+        out = x + self.attn_scale.to(x.dtype) * self.attn(h, docs, value_embed)
         if not self.parallel:
             h = F.rms_norm(out, (x.size(-1),)) * self.norm_scale
         return out + self.mlp_scale.to(x.dtype) * self.mlp(h)
@@ -852,6 +942,7 @@ class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         dim = args.model_dim
+        set_attention(self, args)
         self.logit_softcap, self.softcap_fp32 = args.logit_softcap, args.softcap_fp32
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         attach_bigram(self, args)
@@ -892,8 +983,8 @@ class GPT(nn.Module):
         self.recur_active.fill_(on)
         self._recur_on = on
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
-        doc_ids = input_ids if isolate_docs else None
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        docs = doc_layout(self, input_ids)
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + bigram_features(self, input_ids)
@@ -908,7 +999,7 @@ class GPT(nn.Module):
         def recur(x: Tensor) -> Tensor:
             for _ in range(self.recur_loops - 1):
                 for block in self.blocks[self.recur_first : self.recur_last + 1]:
-                    x = block(x, x0, doc_ids, value_embed)
+                    x = block(x, x0, docs, value_embed)
             return x
 
         # The first half stores skips; the second half adds them back in reverse order.
@@ -920,7 +1011,7 @@ class GPT(nn.Module):
                     x = x + skip
                 else:
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            x = block(x, x0, doc_ids, value_embed)
+            x = block(x, x0, docs, value_embed)
             if i == self.recur_last:
                 # Compiled: torch.cond keeps both paths in the graph. Eager: a plain branch (eager cond retraces per call)
                 # on the buffer's Python mirror, as reading a GPU buffer would wait for the GPU on every forward.
@@ -1054,9 +1145,9 @@ class NGPTBlock(nn.Module):
         self.mlp_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_scale))
         self.alpha_gain = args.ngpt_alpha_init / args.ngpt_alpha_scale
 
-    def forward(self, h: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, docs: dict[str, Tensor]) -> Tensor:
         # A step of size |alpha| (per dimension) from h toward the block's normalized output, back onto the sphere.
-        h = self.norm(h + (self.attn_alpha * self.alpha_gain).abs() * (self.norm(self.attn(h, doc_ids)) - h))
+        h = self.norm(h + (self.attn_alpha * self.alpha_gain).abs() * (self.norm(self.attn(h, docs)) - h))
         return self.norm(h + (self.mlp_alpha * self.alpha_gain).abs() * (self.norm(self.mlp(h)) - h))
 
 
@@ -1069,6 +1160,7 @@ class NGPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         dim = args.model_dim
+        set_attention(self, args)
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         if args.ngpt_norm_embed:
             self.tok_emb._sphere_dim = 1
@@ -1087,12 +1179,12 @@ class NGPT(nn.Module):
                 if getattr(m, "_zero_init", False):
                     nn.init.zeros_(m.weight)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, isolate_docs: bool = False) -> Tensor:
-        doc_ids = input_ids if isolate_docs else None
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        docs = doc_layout(self, input_ids)
         x = self.tok_emb(input_ids)
         h = self.norm(x if self.bigram is None else x + bigram_features(self, input_ids))
         for block in self.blocks:
-            h = block(h, doc_ids)
+            h = block(h, docs)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = (self.s_z * self.s_z_gain) * F.linear(h, w.to(h.dtype)).float()
         return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
@@ -1135,6 +1227,7 @@ MODELS = {"gpt": GPT, "ngpt": NGPT}
 
 def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
     model = MODELS[args.model](args)
+    set_attention(model, args, device)
     if device.type == "cuda":
         cuda_layout(model, args)
     # The move comes last, after the dtypes: the plan (PLAN=1) moves a model built on the meta device onto fake
@@ -1558,6 +1651,8 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
     tied embedding used as the output head included), on a float32 copy without QAT so that weight.to(x.dtype)
     is the parameter itself."""
     model = copy.deepcopy(base_model).float()
+    if model.attention_kernel in PACKED_KERNELS:  # varlen_attn has no fp32 kernel: the dense document mask instead
+        model.attention_kernel = "sdpa_masked"
     for m in model.modules():
         if isinstance(m, CastedLinear):
             m.qat = None
@@ -1930,7 +2025,7 @@ def add_scores(tok_loss, mask, x, y, idx, luts, totals, losses) -> None:
         losses[idx[mask]] = tok_loss[mask]
 
 
-def score_windows(model, tokens, windows, seq_len, batch, luts, totals, losses, isolate_docs=False) -> None:
+def score_windows(model, tokens, windows, seq_len, batch, luts, totals, losses) -> None:
     """Score windows (start, first scored offset) in batches of one shape (padded with windows that count for
     nothing)."""
     offsets = torch.arange(seq_len, device=tokens.device)
@@ -1943,7 +2038,7 @@ def score_windows(model, tokens, windows, seq_len, batch, luts, totals, losses, 
             idx = starts[:, None] + offsets
             x, y = tokens[idx], tokens[idx + 1]
             with autocast(tokens.device):
-                tok_loss = model(x, y, isolate_docs).float()
+                tok_loss = model(x, y).float()
             add_scores(tok_loss, offsets[None, :] >= first[:, None], x, y, idx, luts, totals, losses)
 
 
@@ -1957,7 +2052,7 @@ def finish(totals: Tensor, losses: Tensor | None, num_targets: int) -> tuple[flo
 
 
 def evaluate(args, model, val_tokens, luts, rank, world_size, device, *, seq_len=None, stride=None,
-             isolate_docs=False, losses=None, label="val"):
+             losses=None, label="val"):
     """Score every val target once, windows of seq_len (default TRAIN_SEQ_LEN) every stride (default seq_len)
     targets, split over ranks. Returns (val_loss, val_bpb, stats); losses (zeros), if given, gets each target's."""
     seq_len = seq_len or args.train_seq_len
@@ -1971,7 +2066,7 @@ def evaluate(args, model, val_tokens, luts, rank, world_size, device, *, seq_len
     model.eval()
     for tenth in range(1, 11):
         part = mine[len(mine) * (tenth - 1) // 10 : len(mine) * tenth // 10]
-        score_windows(model, tokens, part, seq_len, batch, luts, totals, losses, isolate_docs)
+        score_windows(model, tokens, part, seq_len, batch, luts, totals, losses)
         if rank == 0 and part:
             print(f"eval:{label} {tenth}0% windows:{len(mine) * tenth // 10}/{len(mine)} "
                   f"time:{time.perf_counter() - t0:.0f}s", flush=True)
@@ -1981,12 +2076,12 @@ def evaluate(args, model, val_tokens, luts, rank, world_size, device, *, seq_len
 
 def warm_up(net, params, vocab_size, device, shapes) -> float:
     """Compile an adaptive path's graphs on random tokens and drop the gradients: compiling reads no val token
-    and takes no step. shapes: (batch, seq_len, with_grad, isolate_docs). Returns seconds."""
+    and takes no step. shapes: (batch, seq_len, with_grad). Returns seconds."""
     t0 = time.perf_counter()
-    for batch, seq_len, with_grad, isolate_docs in shapes:
+    for batch, seq_len, with_grad in shapes:
         x = torch.randint(0, vocab_size, (batch, seq_len), device=device)
         with torch.set_grad_enabled(with_grad), autocast(device):
-            loss = net(x, x, isolate_docs).float().mean()
+            loss = net(x, x).float().mean()
         if with_grad:
             loss.backward()
     for p in params:
@@ -2041,15 +2136,14 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
     weight = torch.tensor([1.0] * len(my_seqs) + [0.0] * (per_rank - len(my_seqs)), device=device)
     seq_starts = torch.tensor((my_seqs + [0] * per_rank)[:per_rank], device=device) * seq_len
     offsets = torch.arange(seq_len, device=device)
-    iso = args.eval_isolate_docs
     compile_s = warm_up(net, params, args.vocab_size, device,
-                        [(batch, seq_len, False, iso), (per_rank, seq_len, True, iso)]) if args.compile else 0.0
+                        [(batch, seq_len, False), (per_rank, seq_len, True)]) if args.compile else 0.0
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     score_s, adapted, adapting, t_loop = 0.0, 0, True, time.perf_counter()
     for c in range(num_chunks):
         t = time.perf_counter()
         part = windows[c][len(windows[c]) * rank // world_size : len(windows[c]) * (rank + 1) // world_size]
-        score_windows(net, tokens, part, seq_len, batch, luts, totals, losses, iso)
+        score_windows(net, tokens, part, seq_len, batch, luts, totals, losses)
         sync(device)
         score_s += time.perf_counter() - t
         if rank == 0 and (c + 1) * 10 // num_chunks > c * 10 // num_chunks:
@@ -2067,7 +2161,7 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
             g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (num_chunks - 1)))
         for _ in range(args.ttt_epochs):
             with autocast(device):
-                loss = (net(x, y, iso).float().mean(1) * weight).sum() / num_seqs
+                loss = (net(x, y).float().mean(1) * weight).sum() / num_seqs
             loss.backward()
             grads = [p.grad for p in params if p.grad is not None]
             if distributed_now():  # the per-rank sums add up to the mean over the chunk
@@ -2169,7 +2263,7 @@ def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, devi
     tokens = torch.cat([tokens, tokens.new_zeros(seq_len)])
     offsets = torch.arange(seq_len, device=device)
     compile_s = warm_up(net, list(lora.parameters()), args.vocab_size, device,
-                        [(slots, seq_len, True, False), (slots, seq_len, False, False)]) if args.compile else 0.0
+                        [(slots, seq_len, True), (slots, seq_len, False)]) if args.compile else 0.0
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     rows = [None] * slots  # per row: [document start, next chunk start, document end]
     done, num_docs, adapted, adapting, t_loop = 0, 0, 0, True, time.perf_counter()
@@ -2224,13 +2318,12 @@ def evaluate_roundtrip(args, model, val_tokens, luts, rank, world_size, device, 
 def evaluate_sliding(args, model, val_tokens, luts, rank, world_size, device, *, losses=None):
     """Windows of EVAL_SEQ_LEN every EVAL_STRIDE targets: each target scored once, with up to a window of context."""
     return evaluate(args, compiled(model, args), val_tokens, luts, rank, world_size, device, seq_len=args.eval_seq_len,
-                    stride=args.eval_stride, isolate_docs=args.eval_isolate_docs, losses=losses, label="sliding_window")
+                    stride=args.eval_stride, losses=losses, label="sliding_window")
 
 
 def sliding_differs(args: Hyperparameters) -> bool:
-    # A stride of a whole TRAIN_SEQ_LEN window without document isolation is the roundtrip itself.
-    return args.eval_stride > 0 and (args.eval_stride, args.eval_seq_len, args.eval_isolate_docs) != \
-        (args.train_seq_len, args.train_seq_len, False)
+    # A stride of a whole TRAIN_SEQ_LEN window is the roundtrip itself.
+    return args.eval_stride > 0 and (args.eval_stride, args.eval_seq_len) != (args.train_seq_len, args.train_seq_len)
 
 
 @dataclass(frozen=True)
@@ -2370,6 +2463,9 @@ def count_train_step(args: Hyperparameters, micro_batch: int, torch_version: str
 
     with torch.device("meta"):  # built on meta, allocating nothing, then moved once onto fake CUDA
         model = cuda_layout(MODELS[args.model](args), args)
+    # Attention planned as causal flash over whole rows: DOC_ATTENTION's packed kernel computes at most that, and
+    # varlen_attn's FLOP counter would price every (padded) segment of fake cu_seqlens at the full row length.
+    model.doc_attention = False
     if args.qat_start < 1:  # as main does: the fake-quantization ops are in every step's graph
         configure_qat(model, args)
     groups = {k: sum(p.numel() for p in ps) for k, ps in model.param_groups().items()}
@@ -2636,7 +2732,7 @@ def setup_run(args: Hyperparameters) -> Run:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        # Flash attention serves the plain causal path; masked (document-isolated) attention needs mem_efficient or math.
+        # Flash serves plain causal attention; DOC_ATTENTION's masked fallback (no varlen_attn) needs mem_efficient or math.
         enable_sdp_backends(args.sdp_backends)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
@@ -2649,6 +2745,7 @@ def setup_run(args: Hyperparameters) -> Run:
         print(f"logs/{args.run_id}.txt")
     run = Run(args, rank, world_size, distributed, device, code, counted_code(code, args.code_pack), logfile)
     log_header(run)
+    activate_attention(run)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -2677,6 +2774,17 @@ def log_header(run: Run) -> None:
     run.log("source_begin", console=False)
     run.log(source.decode("utf-8").removesuffix("\n"), console=False)
     run.log("source_end", console=False)
+
+
+def activate_attention(run: Run) -> None:
+    """Logs the attention kernel build_model will use and what decided it; FA3 is switched on through PyTorch's
+    registry (never imported here), which routes SDPA's and varlen_attn's flash kernels to it."""
+    capability, fa3_installed = attention_support(run.device)
+    kernel, why = attention_kernel(run.device.type, run.args.doc_attention, capability, fa3_installed)
+    if kernel.startswith("fa3"):
+        torch.nn.attention.activate_flash_attention_impl("FA3")
+    run.log(f"attention:kernel={kernel} doc_attention:{int(run.args.doc_attention)} device:{run.device.type} "
+            f"capability:{capability} fa3_installed:{int(fa3_installed)} why:{why}")
 
 
 def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:

@@ -7,8 +7,10 @@ dtype, shape or graph-break error in a CUDA-only branch fails here, in CI, not o
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.attention.varlen import varlen_attn
 from torch.overrides import TorchFunctionMode
 
 import train_gpt as tg
@@ -24,6 +26,8 @@ CASES = {"gpt": {}, "ngpt": {"MODEL": "ngpt"}, "gpt_recurrence": {"RECUR_LAYERS"
 def fake_cuda(monkeypatch):
     # torch.autocast("cuda") switches itself off (with a warning) when no GPU is present: keep it on.
     monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    # build_model picks the attention kernel of the GPU it finds; here, an H100's (sm90, no FA3 installed).
+    monkeypatch.setattr(tg, "attention_support", lambda device: (9, False) if device.type == "cuda" else (0, False))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     with FakeTensorMode() as mode:
         # The converter memoizes new fake tensors through weak references, and Module.to() cannot swap a tensor
@@ -34,11 +38,21 @@ def fake_cuda(monkeypatch):
 
 class GpuAttention(TorchFunctionMode):
     """SDPA as a GPU run dispatches it (main enables the flash kernel first): causal attention without a mask goes to
-    the flash kernel, with its input checks. On fake CUDA tensors SDPA itself would pick the math kernel."""
+    the flash kernel, with its input checks. On fake CUDA tensors SDPA itself would pick the math kernel. With
+    DOC_ATTENTION=1 attention goes to varlen_attn instead (packed documents, fake kernel registered): counted too."""
 
-    def __init__(self):
+    def __init__(self, monkeypatch):
         super().__init__()
         self.calls = 0
+        monkeypatch.setattr(tg, "varlen_attn", self.varlen)
+
+    def varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        assert q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.dtype == k.dtype == v.dtype
+        assert q.dim() == 3 and q.size(-1) <= 256 and q.size(-1) % 8 == 0 and q.size(1) % k.size(1) == 0
+        assert cu_q.dtype == torch.int32 and cu_q.is_cuda and kw["window_size"] == (-1, 0)
+        if not torch.compiler.is_compiling():  # Dynamo refuses a counter mutated inside torch.cond's branches
+            self.calls += 1
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -73,14 +87,14 @@ def expected_dtype(model, name, p):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_full_size_training_step_runs_on_fake_cuda_in_the_gpu_dtypes(case, fake_cuda):
+def test_full_size_training_step_runs_on_fake_cuda_in_the_gpu_dtypes(case, fake_cuda, monkeypatch):
     args, model, x, y = full_size(case)
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     for name, p in params.items():
         assert p.device == CUDA and p.dtype == expected_dtype(model, name, p), name
 
     # The training forward (main's train_step), traced: autocast's casts become explicit ops in the graph.
-    attention = GpuAttention()
+    attention = GpuAttention(monkeypatch)
 
     def train_loss(params, buffers, x, y):
         with tg.autocast(CUDA), attention:
@@ -117,14 +131,19 @@ def test_full_size_training_step_runs_on_fake_cuda_in_the_gpu_dtypes(case, fake_
 
 
 @pytest.mark.parametrize("case", ["ngpt", "gpt_recurrence"])
-def test_full_size_forward_compiles_as_one_graph_on_fake_cuda(case, fake_cuda):
+def test_full_size_forward_compiles_as_one_graph_on_fake_cuda(case, fake_cuda, monkeypatch):
     # fullgraph=True raises at the first graph break; the eager backend because inductor cannot compile fake CUDA.
     # GPT with recurrence compiles both branches of its torch.cond, so it covers the default GPT's graph too.
     args = tg.Hyperparameters(CASES[case])
     model = tg.build_model(args, CUDA)
     x = torch.randint(0, args.vocab_size, (2, args.train_seq_len), device=CUDA)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="eager", dynamic=False, fullgraph=True)
-    with tg.autocast(CUDA), GpuAttention() as attention:
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, dynamic=False, fullgraph=True)
+    with tg.autocast(CUDA), GpuAttention(monkeypatch):
         loss = compiled(x, torch.roll(x, -1, 1)).mean()
-    assert loss.dtype == torch.float32 and loss.device == CUDA and attention.calls > 0
+    assert loss.dtype == torch.float32 and loss.device == CUDA
+    # The graph (torch.cond's branches included) calls varlen_attn's op, as a GPU run with DOC_ATTENTION=1 does.
+    ops = [str(n.target) for g in counter.graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)
+           for n in m.graph.nodes]
+    assert any("_varlen_attn" in op for op in ops)

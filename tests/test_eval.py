@@ -148,7 +148,7 @@ def test_ranks_split_the_windows_and_add_up_to_the_exact_totals():
 
 
 def test_isolated_documents_never_see_the_previous_document():
-    args = eval_args(EVAL_ISOLATE_DOCS=1)
+    args = eval_args(DOC_ATTENTION=1)
     model, tokens = tiny_model(args), doc_stream(400, 64)
     bos = (tokens == tg.BOS_ID).nonzero().flatten().tolist()
     changed = tokens.clone()
@@ -194,7 +194,7 @@ def test_eval_settings_resolve_and_unmatched_patterns_name_the_variable():
 # -----------------------------
 
 @pytest.mark.parametrize("path,env", [("sliding", {}), ("ttt", {}), ("lora", {}), ("lora", {"LORA_WARM_A": 1}),
-                                      ("ttt", {"EVAL_ISOLATE_DOCS": 1})])
+                                      ("ttt", {"DOC_ATTENTION": 0})])
 def test_changing_later_tokens_never_changes_earlier_scores(path, env):
     args = eval_args(**env)
     model, tokens = tiny_model(args), doc_stream(701, 64)

@@ -83,12 +83,14 @@ def test_isolated_documents_never_see_each_other():
     x2 = x.clone()
     x2[0, :6] = torch.randint(2, 64, (6,))  # change only the first document
     y = torch.randint(0, 64, (1, 16))
-    a, b = model(x, y, isolate_docs=True), model(x2, y, isolate_docs=True)
-    assert torch.allclose(a[0, 6:], b[0, 6:], atol=1e-6) and not torch.allclose(a[0, :6], b[0, :6])
-    assert not torch.allclose(model(x, y)[0, 6:], model(x2, y)[0, 6:])  # without isolation it does leak
-    # With no BOS inside the window, isolation changes nothing.
+    assert not torch.allclose(model(x, y)[0, 6:], model(x2, y)[0, 6:])  # without isolation (baseline) it does leak
     z = torch.randint(2, 64, (2, 16))
-    assert torch.allclose(model(z, y.expand(2, -1), isolate_docs=True), model(z, y.expand(2, -1)), atol=1e-6)
+    plain = model(z, y.expand(2, -1))
+    model.doc_attention = True
+    a, b = model(x, y), model(x2, y)
+    assert torch.allclose(a[0, 6:], b[0, 6:], atol=1e-6) and not torch.allclose(a[0, :6], b[0, :6])
+    # With no BOS inside the window, isolation changes nothing.
+    assert torch.allclose(model(z, y.expand(2, -1)), plain, atol=1e-6)
 
 def test_param_groups_cover_every_parameter_once():
     model = tg.build_model(tiny_args(TIE_EMBEDDINGS="0"), CPU)
@@ -176,9 +178,11 @@ def test_smear_and_bigram_never_mix_across_a_bos(env):
     x[:, 6] = tg.BOS_ID
     x2 = x.clone()
     x2[:, :6] = torch.randint(2, 64, (2, 6))  # change only the first document
-    a, b = model(x, y, isolate_docs=True), model(x2, y, isolate_docs=True)
+    model.doc_attention = True
+    a, b = model(x, y), model(x2, y)
     assert torch.allclose(a[:, 6:], b[:, 6:], atol=1e-6) and not torch.allclose(a[:, :6], b[:, :6])
     # The stream entering the first block at the BOS sees no previous token, even without isolation.
+    model.doc_attention = False
     seen = []
     hook = model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0][:, 6].clone()))
     model(x, y), model(x2, y)
