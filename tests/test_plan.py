@@ -112,7 +112,8 @@ def test_a_fitting_tiny_plan_has_no_problem():
 
 
 @pytest.mark.parametrize("extra, problem", [
-    ({"VOCAB_SIZE": "65536", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "QUANT_EMBED": "fp16"}, "over_cap"),
+    ({"VOCAB_SIZE": "65536", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "QUANT_EMBED": "fp16",
+      "EXPORT_FORMAT": "pgolf"}, "over_cap"),
     ({"TRAIN_BATCH_TOKENS": str(8 * 2**22), "VOCAB_SIZE": "8192", "TRAIN_SEQ_LEN": "1024"}, "over_memory"),
     ({"TTT_ENABLED": "1", "TTT_EPOCHS": "100000", "TTT_CHUNK_TOKENS": "64"}, "eval_over_time"),
     ({"WARMDOWN_FRAC": "0", "WARMDOWN_ITERS": "1000000"}, "warmdown_too_long"),
