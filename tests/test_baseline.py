@@ -220,6 +220,7 @@ def test_a_starter_artifact_loads_with_the_runs_settings_only(starter):
         tg.unpack_artifact(zlib.compress(b"not a torch archive", 9))
 
 
+@pytest.mark.slow
 def test_baseline_run_writes_the_starters_artifact_and_scores_it_alone(starter, tiny_data, tmp_path):
     # 192 wide: the embedding and the MLP matrices are over 65,536 values, so the run quantizes some of them.
     env = data_env(tiny_data, BASELINE="1", MODEL_DIM="192", ITERATIONS="8", RUN_ID="base", SEED="3")

@@ -6,6 +6,7 @@ Usage: python3 -m pytest -q tests/test_data_variants.py
 """
 
 import hashlib
+import importlib.util
 import json
 import math
 import random
@@ -37,10 +38,12 @@ def reference_caps():
     """The record's lossless_caps.py (MIT), as an oracle; skips where the reference is absent."""
     if not (PR1855 / "lossless_caps.py").is_file():
         pytest.skip("../shared/reference/pr1855 is not here")
-    sys.path.insert(0, str(PR1855))
-    import lossless_caps
-
-    return lossless_caps
+    # Loaded by path: PR1855 on sys.path would shadow our train_gpt.py in every later import (spawned ranks too).
+    spec = importlib.util.spec_from_file_location("pr1855_lossless_caps", PR1855 / "lossless_caps.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 WORDS = "the of and to in is was for that with as on by at from his her they we you it this be are have had".split()

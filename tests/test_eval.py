@@ -309,7 +309,7 @@ def _two_rank_worker(rank, init_file, out):
 def test_two_ranks_match_one_for_every_path(tmp_path):
     # Windows, chunks and documents split over ranks; TTT gradients averaged: the same scores as one process.
     mp.start_processes(_two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     two = torch.load(tmp_path / "out.pt")
     args = eval_args()
     model, tokens = tiny_model(args), doc_stream(701, 64)

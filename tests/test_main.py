@@ -144,6 +144,7 @@ def test_validation_pauses_and_every_switch_is_logged_at_its_fraction(tiny_data,
     assert re.search(r"^step:4/4 train_loss:", log, re.M)  # the last step is logged
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_and_warmup_is_fully_undone(tiny_run, tiny_data, tmp_path):
     _, log, _ = tiny_run
     run_train(tmp_path, data_env(tiny_data, RUN_ID="again", SEED="1", WARMUP_STEPS="3", TOKEN_LOSS_PATH=""))
@@ -154,6 +155,7 @@ def test_same_seed_same_losses_and_warmup_is_fully_undone(tiny_run, tiny_data, t
     assert other.returncode == 0 and train_losses((tmp_path / "logs" / "other.txt").read_text()) != train_losses(log)[:3]
 
 
+@pytest.mark.slow
 def test_ema_run_scores_and_exports_the_averaged_weights(tiny_run, tiny_data, tmp_path):
     _, log, _ = tiny_run  # the default EMA
     run_train(tmp_path, data_env(tiny_data, RUN_ID="plain", SEED="1", EMA_DECAY="0"))
@@ -221,6 +223,7 @@ STACK = {"MUON_NS_COEFFS": "polar_express", "MUON_ROW_NORM": "1", "NORMUON_BETA2
          "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled", "GRAD_CLIP_NORM": "0.3"}
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_the_option_stack_match_one(tiny_data, tmp_path):
     env = data_env(tiny_data, SEED="1", ITERATIONS="8", **STACK)
     run_train(tmp_path, {**env, "RUN_ID": "one"})

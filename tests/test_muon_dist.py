@@ -67,7 +67,7 @@ def _two_rank_worker(rank, init_file, out, env):
 @pytest.mark.parametrize("env", [{}, {"MODEL": "ngpt"}], ids=["gpt", "ngpt"])
 def test_two_gloo_processes_equal_one_with_global_norm_clipping(env, tmp_path):
     mp.start_processes(_two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt"), env), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     losses2, norms2, params2, probes = torch.load(tmp_path / "out.pt")
     losses1, norms1, params1, _ = train(**env)
     assert probes[0][0] != probes[1][0] and torch.equal(probes[0][1], probes[1][1])  # DDP skipped the matrices
