@@ -64,7 +64,7 @@ def _two_rank_worker(rank, init_file, out, env):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("env", [{}, {"MODEL": "ngpt"}], ids=["gpt", "ngpt"])
+@pytest.mark.parametrize("env", [{"XSA_LAST_N": "1"}, {"MODEL": "ngpt"}], ids=["gpt", "ngpt"])
 def test_two_gloo_processes_equal_one_with_global_norm_clipping(env, tmp_path):
     mp.start_processes(_two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt"), env), nprocs=2,
                        start_method="spawn")
