@@ -83,3 +83,47 @@ def tiny_run(tiny_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("tiny_run")
     run_train(cwd, data_env(tiny_data, RUN_ID="tiny", SEED="1", TOKEN_LOSS_PATH=str(cwd / "losses.npy")))
     return cwd, (cwd / "logs" / "tiny.txt").read_text(), cwd / "losses.npy"
+
+
+# The 1.0611 record's script (openai/parameter-golf #1855, MIT) as a test oracle: ../shared/reference, where present.
+REFERENCE = ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def pr1855():
+    """The record's train_gpt.py imported once per process as module `pr1855_train_gpt` (its fused cross-entropy
+    registers a torch.library op, which a second import would redefine), with the reference's FA3 stand-in on
+    sys.path and its Triton cross-entropy off; skips where ../shared/reference is absent. Its Hyperparameters reads
+    the environment when the module is imported: change a setting on an instance (pr1855_settings)."""
+    import importlib.util
+
+    path = REFERENCE / "pr1855" / "train_gpt.py"
+    if not path.is_file():
+        pytest.skip(f"no reference record at {path}")
+    if "pr1855_train_gpt" not in sys.modules:
+        os.environ.setdefault("FUSED_CE_ENABLED", "0")
+        sys.path.append(str(REFERENCE))  # flash_attn_interface.py only; never pr1855/ (its train_gpt would shadow ours)
+        spec = importlib.util.spec_from_file_location("pr1855_train_gpt", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        module.BOS_ID = tg.BOS_ID  # set by its main() from the tokenizer; the same id as ours
+    return sys.modules["pr1855_train_gpt"]
+
+
+def pr1855_settings(module, **settings):
+    """The record's Hyperparameters with attributes overridden (lower-case names, e.g. num_layers=2)."""
+    h = module.Hyperparameters()
+    for name, value in settings.items():
+        assert hasattr(h, name), f"the record has no setting {name}"
+        setattr(h, name, value)
+    return h
+
+
+def pr1855_model(module, h):
+    """The record's GPT for settings h, in float32 on the CPU, its Triton LeakyReLU^2 MLP off."""
+    model = module.GPT(h)
+    for m in model.modules():
+        if isinstance(m, module.MLP):
+            m.use_fused = False
+    return model
