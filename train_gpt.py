@@ -11,7 +11,6 @@ import base64
 import copy
 import difflib
 import fnmatch
-import functools
 import glob
 import hashlib
 import importlib.util
@@ -23,12 +22,14 @@ import math
 import os
 import pickle
 import platform
+import queue
 import random
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -103,14 +104,14 @@ MODEL_ONLY_SETTINGS = {
 # The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
 CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
 RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
-                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS".split())
+                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES".split())
 # The range of every numeric setting but SEED, as an interval; validate() checks them with the other rules.
 SETTING_RANGES = {
     "[1, inf)": "VAL_BATCH_SIZE TTT_CHUNK_TOKENS TTT_EPOCHS LORA_RANK LORA_CHUNK_TOKENS LORA_SLOTS ITERATIONS "
                 "TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_DIM "
                 "MUON_BACKEND_STEPS GPTQ_CALIB_BATCHES GPTQ_BLOCK PLAN_WORLD_SIZE CHECKPOINT_KEEP",
     "[2, inf)": "VOCAB_SIZE RECUR_LOOPS",
-    "[0, inf)": "VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
+    "[0, inf)": "PREFETCH_BATCHES VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
                 "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
                 "ATTN_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
                 "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD "
@@ -300,6 +301,7 @@ class Hyperparameters:
         self.min_lr_frac = get("MIN_LR_FRAC", 0.0, float)
         self.ema_decay = get("EMA_DECAY", 0.997, float)
         self.train_loader = get("TRAIN_LOADER", "sequential")
+        self.prefetch_batches = get("PREFETCH_BATCHES", 2, int)  # built ahead by a background thread; 0: none
 
     def _read_export(self, get) -> None:
         # Export: precision per tensor class (.attn. matrices, other block matrices, embedding/head), SDClip k,
@@ -571,8 +573,8 @@ class TokenStream:
 class DistributedTokenLoader:
     # Each call takes one contiguous chunk of the stream and gives every rank a disjoint span of it;
     # the extra token per span lets (x, y) be built by shifting.
-    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device: torch.device):
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
         self.stream = TokenStream(pattern, vocab_size)
         self.files = self.stream.files
 
@@ -581,9 +583,7 @@ class DistributedTokenLoader:
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)
         local = chunk[self.rank * span : (self.rank + 1) * span].to(dtype=torch.int64)
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
 
     def state_dict(self) -> dict:
         return {"file_idx": self.stream.file_idx, "pos": self.stream.pos}
@@ -597,11 +597,11 @@ class ShuffledTokenLoader:
     # Each shard in turn, at a random phase, cut into (seq_len + 1)-token sequences read in a random order;
     # every draw is seeded by (SEED, pass, shard), so all ranks agree and each call deals them disjoint sequences.
     # The position (pass, shard, sequences dealt from it) is all a checkpoint needs to continue the same order.
-    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device: torch.device, seed: int):
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, seed: int):
+        self.rank, self.world_size = rank, world_size
         self.files, self.vocab_size, self.seed = shard_files(pattern, "train"), vocab_size, seed
         self.position = (0, 0, 0)  # (epoch, shard, index into the shard's order) of the next sequence
-        self.sequences = None
+        self.sequences, self.seq_len = None, 0
 
     def _sequences(self, seq_len: int):
         empty = 0  # shards in a row without a whole sequence: a full pass of them would loop forever
@@ -622,11 +622,12 @@ class ShuffledTokenLoader:
             self.position = (epoch + (shard + 1) // len(self.files), (shard + 1) % len(self.files), 0)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
-        self.sequences = self.sequences or self._sequences(seq_len)
+        if self.sequences is None or seq_len != self.seq_len:  # a new length reads on from the same position
+            self.sequences, self.seq_len = self._sequences(seq_len), seq_len
         per_rank = global_tokens // (self.world_size * grad_accum_steps * seq_len)
         batch = [next(self.sequences) for _ in range(per_rank * self.world_size)]
         local = torch.stack(batch[self.rank * per_rank : (self.rank + 1) * per_rank]).to(dtype=torch.int64)
-        return local[:, :-1].to(self.device, non_blocking=True), local[:, 1:].to(self.device, non_blocking=True)
+        return local[:, :-1], local[:, 1:]
 
     def state_dict(self) -> dict:
         return {"position": list(self.position)}
@@ -635,11 +636,83 @@ class ShuffledTokenLoader:
         self.position, self.sequences = tuple(state["position"]), None
 
 
-# TRAIN_LOADER=<name> -> loader(args, rank, world_size, device).
+# TRAIN_LOADER=<name> -> loader(args, rank, world_size). A loader's next_batch(global_tokens, seq_len,
+# grad_accum_steps) returns this rank's (x, y) int64 host tensors; state_dict() is the position of its next batch.
 TRAIN_LOADERS = {
     "sequential": lambda args, *where: DistributedTokenLoader(args.train_files, args.vocab_size, *where),
     "shuffled": lambda args, *where: ShuffledTokenLoader(args.train_files, args.vocab_size, *where, args.seed),
 }
+
+
+class BatchPrefetcher:
+    """A train loader on the device: with depth > 0 a background thread builds the next `depth` batches (opening the
+    next shard when one runs out) into pinned host memory while the model trains, and next_batch only starts their
+    copy to the device; depth 0 builds each batch when asked. Either way the batches are the loader's, in its order,
+    and state_dict() is the position of the next batch handed out, not of the ones read ahead: a checkpoint resumes
+    as if nothing had been prefetched."""
+
+    def __init__(self, loader, device: torch.device, depth: int):
+        self.loader, self.device, self.depth = loader, device, depth
+        self.files = loader.files
+        self.pin = device.type == "cuda"
+        self.position = loader.state_dict()
+        self.shape = None  # the (global_tokens, seq_len, grad_accum_steps) the thread builds batches for
+        self.queue, self.stop, self.thread = None, None, None
+
+    def _build(self, shape: tuple) -> tuple:
+        x, y = self.loader.next_batch(*shape)
+        if self.pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y, self.loader.state_dict()
+
+    def _read_ahead(self, shape: tuple, out: queue.Queue, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                item = self._build(shape)
+            except Exception as e:  # handed to next_batch, which raises it in the training thread
+                item = e
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(item, Exception):
+                return
+
+    def close(self) -> None:
+        """Stop the thread and rewind the loader to the next batch not handed out."""
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+            self.thread = None
+            self.loader.load_state_dict(self.position)
+        self.shape = None
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
+        shape = (global_tokens, seq_len, grad_accum_steps)
+        if self.depth == 0:
+            item = self._build(shape)
+        else:
+            if shape != self.shape:
+                self.close()
+                self.shape, self.queue, self.stop = shape, queue.Queue(self.depth), threading.Event()
+                self.thread = threading.Thread(target=self._read_ahead, args=(shape, self.queue, self.stop), daemon=True)
+                self.thread.start()
+            item = self.queue.get()
+            if isinstance(item, Exception):
+                self.close()
+                raise item
+        x, y, self.position = item
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return self.position
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.loader.load_state_dict(state)
+        self.position = self.loader.state_dict()
 
 
 # -----------------------------
@@ -2510,7 +2583,7 @@ def count_train_step(args: Hyperparameters, micro_batch: int, torch_version: str
 
     # Plain functions, not GraphModules: FlopCounterMode's module hooks must see none of these graphs.
     step = aot_function(graph.forward, fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
-                        partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"))
+                        partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"))
     with FakeTensorMode(allow_non_fake_inputs=True):
         cpu = lambda ts, grad: {k: torch.empty(t.shape, dtype=t.dtype, requires_grad=grad) for k, t in ts.items()}
         inputs = lambda: (cpu(params, True), cpu(buffers, False), torch.zeros(x.shape, dtype=x.dtype))
@@ -2837,15 +2910,13 @@ class Training:
     last_checkpoint: Path | None = None  # the newest checkpoint this run wrote
 
 
-def make_train_loader(run: Run):
-    return TRAIN_LOADERS[run.args.train_loader](run.args, run.rank, run.world_size, run.device)
-
-
 def build_training(run: Run) -> Training:
     args = run.args
     resume = read_checkpoint(run) if args.resume else None  # a bad checkpoint is refused before anything is built
-    loader = make_train_loader(run)
-    run.log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(loader.files)}")
+    loader = BatchPrefetcher(TRAIN_LOADERS[args.train_loader](args, run.rank, run.world_size), run.device,
+                             args.prefetch_batches)
+    run.log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(loader.files)} "
+            f"prefetch_batches:{loader.depth} pinned:{int(loader.pin)}")
     base_model = build_model(args, run.device)
     if args.qat_start < 1:
         configure_qat(base_model, args)
@@ -2860,7 +2931,11 @@ def build_training(run: Run) -> Training:
 
 
 def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tensor:
-    """One optimizer step on one global batch (grad_accum_steps micro-batches); returns the mean loss, on device."""
+    """One optimizer step on one global batch (grad_accum_steps micro-batches); returns the mean loss, on device.
+    No host-device synchronisation: the batch is copied from pinned memory without waiting, the loss stays on the
+    device, clipping scales on the device. A step waits for the device only (1) on logging and checkpoint steps,
+    which read the loss, and (2) in TrainClock.tick on several ranks: every step when a time budget or checkpoint
+    cadence needs an agreed clock (as the starter's wallclock check), else every STOP_CHECK_STEPS steps."""
     args, accum = run.args, run.grad_accum_steps
     for opt in t.optimizers:
         opt.zero_grad(set_to_none=True)
@@ -2892,13 +2967,14 @@ def warm_up_training(run: Run, t: Training) -> None:
         run.log("compiling: warm-up steps run the compiled graphs once, then everything is restored")
     model_state = copy.deepcopy(t.base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in t.optimizers]
+    data_position = t.loader.state_dict()
     for i in range(args.warmup_steps):
         train_step(run, t, 1.0, muon_momentum(args, 0))
         run.log(f"warmup_step:{i + 1}/{args.warmup_steps}")
     t.base_model.load_state_dict(model_state)
     for opt, state in zip(t.optimizers, opt_states):
         opt.load_state_dict(state)
-    t.loader = make_train_loader(run)
+    t.loader.load_state_dict(data_position)
 
 
 # Without a per-step agreement of the clock (MAX_WALLCLOCK_SECONDS and CHECKPOINT_EVERY_SECONDS both 0), ranks
@@ -3165,6 +3241,16 @@ def check_finite(run: Run, t: Training, what: str, value: float, step: int) -> N
     raise RunStopped(EXIT_DIVERGED, message)
 
 
+def throughput(run: Run, clock: TrainClock) -> str:
+    """Training tokens per second over all ranks; with a plan (CUDA runs), also MFU: the plan's counted FLOPs per
+    token times tokens/s over the GPUs' dense bf16 peak."""
+    tokens_per_s = run.args.train_batch_tokens * clock.step / max(clock.ms / 1000.0, 1e-9)
+    if run.plan is None:
+        return f"tokens_per_s:{tokens_per_s:.0f}"
+    peak = run.world_size * GPU_SPECS[run.plan["gpu"]][1] * 1e12
+    return f"tokens_per_s:{tokens_per_s:.0f} mfu:{100 * run.plan['flops_token'] * tokens_per_s / peak:.1f}%"
+
+
 def global_loss(run: Run, train_loss: Tensor) -> float:
     if run.distributed:  # the global batch's loss, not rank 0's share
         dist.all_reduce(train_loss)
@@ -3212,7 +3298,7 @@ def train(run: Run, data: ValData, t: Training) -> TrainClock:
             check_finite(run, t, f"train_loss:{loss}", loss, clock.step)
             if logged:
                 run.log(f"step:{clock.step}/{args.iterations} train_loss:{loss:.4f} "
-                        f"train_time:{clock.ms:.0f}ms step_avg:{clock.ms / clock.step:.2f}ms")
+                        f"train_time:{clock.ms:.0f}ms step_avg:{clock.ms / clock.step:.2f}ms {throughput(run, clock)}")
             if due or clock.stop_signal:
                 clock.pause()
                 path = write_checkpoint(run, t, clock)
@@ -3250,6 +3336,7 @@ def finish_training(run: Run, data: ValData, t: Training, clock: TrainClock) -> 
         run.log(f"ema:applied decay:{args.ema_decay} steps:{clock.step}")
     set_qat(t.base_model, False)  # the pre-quant score and the Hessians read the float weights
     hessians = calibrate(run, t) if args.gptq else None
+    t.loader.close()  # the last training batch has been read
     clock.pause()
     eval_t0 = time.perf_counter()
     vl, vb = validation(run, data, t.model, clock)
@@ -3257,7 +3344,8 @@ def finish_training(run: Run, data: ValData, t: Training, clock: TrainClock) -> 
     train_ms = clock.banked_ms
     if clock.step < args.iterations:
         run.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{clock.step}/{args.iterations}")
-    run.log(f"train_done steps:{clock.step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(clock.step, 1):.2f}ms")
+    run.log(f"train_done steps:{clock.step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(clock.step, 1):.2f}ms "
+            f"{throughput(run, clock)}")
     if args.max_wallclock_seconds > 0 and train_ms > 1000.0 * args.max_wallclock_seconds:
         run.log(f"WARNING: training and GPTQ calibration took {train_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS: "
                 "raise GPTQ_RESERVE_SECONDS")

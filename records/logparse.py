@@ -47,6 +47,7 @@ class LogError(ValueError):
 # -----------------------------
 
 _NUM = r"([-+0-9.eEinfa]+)"  # floats as Python prints them, nan and inf included
+_THROUGHPUT = r"(?: tokens_per_s:\d+(?: mfu:[\d.]+%)?)?"  # since the prefetch/throughput work; older logs lack it
 _PATTERNS = {
     "run_id": re.compile(r"run_id:(\S+)"),
     "setting": re.compile(r"setting:([^=]+)=(.*)"),
@@ -56,17 +57,17 @@ _PATTERNS = {
     "counted": re.compile(r"code plain_bytes:(\d+) packed_bytes:(\d+) counted:(packed|plain)"),
     "versions": re.compile(r"versions (.*)"),
     "hardware": re.compile(r"hardware:(.*) world_size:(\d+) grad_accum_steps:(\d+)"),
-    "train_loader": re.compile(r"train_loader:dataset:(\S+) train_shards:(\d+)"),
+    "train_loader": re.compile(r"train_loader:dataset:(\S+) train_shards:(\d+)(?: prefetch_batches:\d+ pinned:[01])?"),
     "val_loader": re.compile(r"val_loader:shards pattern=(.*) tokens:(\d+)"),
     "model_params": re.compile(r"model_params:(\d+)"),
     "eval_path": re.compile(r"eval_path:(\w+) adapts:([01]) rule:(\S+)"),
     "train_step": re.compile(
-        rf"step:(\d+)/(\d+) train_loss:{_NUM} train_time:(\d+)ms step_avg:{_NUM}ms"),
+        rf"step:(\d+)/(\d+) train_loss:{_NUM} train_time:(\d+)ms step_avg:{_NUM}ms{_THROUGHPUT}"),
     "val_step": re.compile(
         rf"step:(\d+)/(\d+) val_loss:{_NUM} val_bpb:{_NUM} train_time:(\d+)ms step_avg:{_NUM}ms"),
     "resumed": re.compile(r"resumed:(.*) step:(\d+) train_time:(\d+)ms switched:(\S+)"),
     "stopping_early": re.compile(r"stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/(\d+)"),
-    "train_done": re.compile(rf"train_done steps:(\d+) train_time:(\d+)ms step_avg:{_NUM}ms"),
+    "train_done": re.compile(rf"train_done steps:(\d+) train_time:(\d+)ms step_avg:{_NUM}ms{_THROUGHPUT}"),
     "peak_memory": re.compile(r"peak memory allocated: (\d+) MiB reserved: (\d+) MiB"),
     "final_exact": re.compile(rf"final_(\w+)_exact val_loss:{_NUM} val_bpb:{_NUM}"),
     "final": re.compile(rf"final_(\w+) val_loss:{_NUM} val_bpb:{_NUM} eval_time:(\d+)ms"),

@@ -43,24 +43,28 @@ def write_shard(path: Path, tokens: list[int]) -> None:
 
 
 @pytest.mark.parametrize("name", ["sequential", "shuffled"])
-def test_a_loader_restored_from_its_state_deals_what_the_original_deals_next(tmp_path, name):
+@pytest.mark.parametrize("depths", [(0, 0), (2, 0), (3, 1)])
+def test_a_loader_restored_from_its_state_deals_what_the_original_deals_next(tmp_path, name, depths):
+    # depths: the original's and the restored one's PREFETCH_BATCHES; batches read ahead are not in the state.
     for i, n in enumerate((700, 450, 900)):  # shards of several lengths: the position crosses shards and passes
         write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", [(7 * j + i) % 100 for j in range(n)])
     args = tiny_args(DATA_PATH=str(tmp_path), VOCAB_SIZE=100, TRAIN_LOADER=name, SEED=3)
     batch = (256, 16, 2)  # global tokens, seq_len, grad_accum
 
-    def loader():
-        return tg.TRAIN_LOADERS[name](args, 0, 1, CPU)
+    def loader(depth):
+        return tg.BatchPrefetcher(tg.TRAIN_LOADERS[name](args, 0, 1), CPU, depth)
 
-    original = loader()
+    original = loader(depths[0])
     for _ in range(9):
         original.next_batch(*batch)
     state = original.state_dict()
-    restored = loader()
+    restored = loader(depths[1])
     restored.load_state_dict(state)
     for _ in range(12):  # more than a whole pass of the data
         for a, b in zip(original.next_batch(*batch), restored.next_batch(*batch)):
             assert torch.equal(a, b)
+    original.close()
+    restored.close()
 
 
 # -----------------------------

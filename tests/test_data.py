@@ -18,7 +18,7 @@ def test_loader_gives_each_rank_a_disjoint_span_of_one_stream(tmp_path):
     write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(50, 100))
     pattern = str(tmp_path / "fineweb_train_*.bin")
     seen = []
-    loaders = [tg.DistributedTokenLoader(pattern, 100, r, 2, torch.device("cpu")) for r in range(2)]
+    loaders = [tg.DistributedTokenLoader(pattern, 100, r, 2) for r in range(2)]
     for _ in range(3):
         for loader in loaders:
             x, y = loader.next_batch(16, 4, 2)
@@ -35,7 +35,7 @@ def test_shuffled_loader_deals_disjoint_sequences_covering_each_shard(tmp_path):
     L, world, per_call = 4, 2, 3  # 3 sequences per rank per call
 
     def starts(seed, calls):
-        loaders = [tg.ShuffledTokenLoader(pattern, 1100, r, world, torch.device("cpu"), seed) for r in range(world)]
+        loaders = [tg.ShuffledTokenLoader(pattern, 1100, r, world, seed) for r in range(world)]
         out = []
         for _ in range(calls):
             per_rank = []
@@ -65,3 +65,29 @@ def test_val_split_is_read_whole_and_short_splits_are_rejected(tmp_path):
     assert tg.load_validation_tokens(str(tmp_path / "fineweb_val_*.bin")).tolist() == list(range(13))
     with pytest.raises(tg.ConfigError, match="TRAIN_SEQ_LEN or EVAL_SEQ_LEN"):
         tg.load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), seq_len=16)
+
+
+@pytest.mark.parametrize("name", ["sequential", "shuffled"])
+def test_prefetched_batches_are_the_loaders_own_even_when_the_shape_changes(tmp_path, name):
+    # The thread reads ahead for one batch shape; a new shape (GPTQ calibration, a test) rewinds to the next batch
+    # not handed out, so the sequence is the plain loader's.
+    for i in range(3):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", [(11 * j + i) % 90 for j in range(500)])
+    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90", "TRAIN_LOADER": name})
+    shapes = [(128, 16, 1)] * 5 + [(64, 8, 2)] * 3 + [(128, 16, 1)] * 4
+    plain = tg.TRAIN_LOADERS[name](args, 0, 1)
+    ahead = tg.BatchPrefetcher(tg.TRAIN_LOADERS[name](args, 0, 1), torch.device("cpu"), 3)
+    for shape in shapes:
+        for a, b in zip(plain.next_batch(*shape), ahead.next_batch(*shape)):
+            assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
+    assert ahead.state_dict() == plain.state_dict()
+    ahead.close()
+
+
+def test_a_prefetch_thread_error_is_raised_in_the_training_thread(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(10))  # no sequence of 16 + 1 tokens
+    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90", "TRAIN_LOADER": "shuffled"})
+    ahead = tg.BatchPrefetcher(tg.TRAIN_LOADERS["shuffled"](args, 0, 1), torch.device("cpu"), 2)
+    with pytest.raises(tg.ConfigError, match="no sequence of TRAIN_SEQ_LEN"):
+        ahead.next_batch(64, 16, 1)
+    assert ahead.thread is None

@@ -23,7 +23,7 @@ def sphere_modules(model):
 
 def train(model, args, data_path, steps, tokens=2048):
     torch.manual_seed(0)
-    loader = tg.DistributedTokenLoader(str(data_path / "fineweb_train_*.bin"), args.vocab_size, 0, 1, CPU)
+    loader = tg.DistributedTokenLoader(str(data_path / "fineweb_train_*.bin"), args.vocab_size, 0, 1)
     optimizers, _ = tg.build_optimizers(args, model)
     for _ in range(steps):
         x, y = loader.next_batch(tokens, args.train_seq_len, 1)

@@ -156,3 +156,11 @@ def test_a_cuda_run_logs_its_plan_for_its_own_world_size_and_gpu():
     plan = tg.log_run_plan(run, val_tokens=20_000)
     assert plan["world_size"] == 2 and lines[-1] == "plan_done problems:0"
     assert any(re.match(r"plan\S* .*ms_step", l) for l in lines), lines
+
+
+def test_throughput_is_tokens_per_second_and_mfu_from_the_plans_counted_flops():
+    clock = SimpleNamespace(step=10, ms=2000.0)
+    run = SimpleNamespace(args=SimpleNamespace(train_batch_tokens=1000), plan=None, world_size=8)
+    assert tg.throughput(run, clock) == "tokens_per_s:5000"  # no plan (a CPU run): no MFU
+    run.plan = {"gpu": "H100", "flops_token": 0.25 * 8 * 989e12 / 5000}  # a quarter of 8 H100s' bf16 peak
+    assert tg.throughput(run, clock) == "tokens_per_s:5000 mfu:25.0%"
