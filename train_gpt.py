@@ -2794,6 +2794,16 @@ def read_settings() -> Hyperparameters:
     return Hyperparameters({**settings_env(stored), **os.environ})
 
 
+def prepare_device(args: Hyperparameters, device: torch.device) -> None:
+    """A CUDA device as every run sets it: TF32 matmuls, the attention kernels SDP_BACKENDS allows."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        # Flash serves plain causal attention; DOC_ATTENTION's masked fallback (no varlen_attn) needs mem_efficient or math.
+        enable_sdp_backends(args.sdp_backends)
+
+
 def setup_run(args: Hyperparameters) -> Run:
     """Device, process group, log file, the log's header (the settings first), seeds."""
     code = Path(__file__).resolve().read_bytes()
@@ -2801,12 +2811,7 @@ def setup_run(args: Hyperparameters) -> Run:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        # Flash serves plain causal attention; DOC_ATTENTION's masked fallback (no varlen_attn) needs mem_efficient or math.
-        enable_sdp_backends(args.sdp_backends)
+    prepare_device(args, device)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
