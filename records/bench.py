@@ -32,13 +32,13 @@ CONFIGS = {"default": {}, "baseline": {"BASELINE": "1"}}
 WORLD = 8  # the challenge's GPUs: each step is one GPU's share of theirs
 
 
-def random_documents(n: int, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
-    """n random tokens (never BOS) with a BOS starting a document every 64-1,024 tokens."""
+def random_documents(n: int, vocab_size: int, generator: torch.Generator, lengths: tuple[int, int] = (64, 1025)):
+    """n random tokens (never BOS), a BOS starting a document every lengths[0] to lengths[1] - 1 tokens."""
     tokens = torch.randint(2, vocab_size, (n,), generator=generator)
     at = 0
     while at < n:
         tokens[at] = tg.BOS_ID
-        at += int(torch.randint(64, 1025, (1,), generator=generator))
+        at += int(torch.randint(*lengths, (1,), generator=generator))
     return tokens
 
 

@@ -1,15 +1,10 @@
 """records/bench.py, the prepared GPU check, run on the CPU at a tiny shape (its figures mean nothing here)."""
 
-import sys
-
+import bench
 import torch
 
-from conftest import ROOT, TINY_MODEL
-
-sys.path.insert(0, str(ROOT / "records"))
-import bench  # noqa: E402
-
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
+from conftest import TINY_MODEL
 
 
 def test_random_documents_start_with_bos_every_64_to_1024_tokens():

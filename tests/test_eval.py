@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import bench
 import train_gpt as tg
 from build_shards import write_shard
 from conftest import CPU, data_env, run_train
@@ -40,14 +41,8 @@ def tiny_model(args, seed=0):
 
 
 def doc_stream(n, vocab, seed=0):
-    """n tokens: documents of 10..90 tokens, each starting with BOS."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(2, vocab, (n,), generator=g)
-    pos = 0
-    while pos < n:
-        tokens[pos] = tg.BOS_ID
-        pos += int(torch.randint(10, 90, (1,), generator=g))
-    return tokens
+    """n tokens: documents of 10..89 tokens, each starting with BOS."""
+    return bench.random_documents(n, vocab, torch.Generator().manual_seed(seed), (10, 90))
 
 
 def fake_luts(vocab):
