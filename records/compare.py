@@ -20,6 +20,7 @@ import os
 import sys
 import unicodedata
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -42,13 +43,14 @@ class CompareError(Exception):
 # -----------------------------
 
 def val_pattern(data_path: str) -> str:
+    # Val token shards only: never the fineweb_val_bytes_* byte sidecar beside them (CaseOps data).
     if any(ch in data_path for ch in "*?["):
         return data_path
-    for name in ("fineweb_val_*.bin", "*val_*.bin"):
+    for name in ("fineweb_val_[0-9]*.bin", "*val_[0-9]*.bin"):
         pattern = os.path.join(data_path, name)
         if glob.glob(pattern):
             return pattern
-    raise CompareError(f"no val shards (fineweb_val_*.bin or *val_*.bin) under {data_path}")
+    raise CompareError(f"no val shards (fineweb_val_<n>.bin or *val_<n>.bin) under {data_path}")
 
 
 def import_train_gpt():
@@ -56,25 +58,32 @@ def import_train_gpt():
     sys.path.insert(0, str(REPO_ROOT))
     try:
         import train_gpt
-        for name in ("load_validation_tokens", "build_sentencepiece_luts", "count_target_bytes"):
+        for name in ("load_validation_tokens", "val_byte_counter", "count_target_bytes"):
             getattr(train_gpt, name)
     except (ImportError, AttributeError) as exc:
-        raise CompareError(f"compare needs train_gpt.py's load_validation_tokens, build_sentencepiece_luts and "
+        raise CompareError(f"compare needs train_gpt.py's load_validation_tokens, val_byte_counter and "
                            f"count_target_bytes from {REPO_ROOT}: {exc}") from None
     return train_gpt
 
 
-def load_val_and_bytes(pattern: str, sp, chunk: int = 1 << 23) -> tuple[np.ndarray, np.ndarray]:
-    """(val tokens as int32, bytes of each target token i+1 given token i) via train_gpt.py's own helpers."""
+def load_val_and_bytes(pattern: str, sp, tokenizer_path: str, chunk: int = 1 << 23) -> tuple[np.ndarray, np.ndarray]:
+    """(val tokens as int32, bytes of each target token i+1) counted as the scorer counts them: the val byte sidecar
+    beside the shards when there is one (CaseOps data), else the tokenizer's tables."""
     import torch
     tg = import_train_gpt()
     tokens = tg.load_validation_tokens(pattern).to(torch.int64)
-    luts = tg.build_sentencepiece_luts(sp, sp.get_piece_size(), torch.device("cpu"))
+    where = SimpleNamespace(data_path=str(Path(pattern).parent), tokenizer_path=tokenizer_path,
+                            vocab_size=sp.get_piece_size())
+    try:
+        counter = tg.val_byte_counter(where, sp, tokens.numel(), torch.device("cpu"))
+    except tg.ConfigError as exc:
+        raise CompareError(str(exc)) from None
+    if isinstance(counter, torch.Tensor):  # the sidecar: bytes per val token, target i+1's at i+1
+        return tokens.to(torch.int32).numpy(), counter[1:].numpy().astype(np.int32)
     nbytes = np.empty(tokens.numel() - 1, dtype=np.int32)
     for start in range(0, tokens.numel() - 1, chunk):  # chunks bound the memory on the 62M-token split
         stop = min(start + chunk, tokens.numel() - 1)
-        counted = tg.count_target_bytes(tokens[start:stop], tokens[start + 1:stop + 1], luts)
-        nbytes[start:stop] = counted.to(torch.int64).cpu().numpy()
+        nbytes[start:stop] = tg.count_target_bytes(tokens[start:stop], tokens[start + 1:stop + 1], counter).numpy()
     return tokens.to(torch.int32).numpy(), nbytes
 
 
@@ -384,7 +393,7 @@ def main(argv=None) -> int:
         loss_a = load_losses(args.a)
         loss_b = load_losses(args.b) if args.b else None
         pattern = val_pattern(args.data_path)
-        tokens, nbytes = load_val_and_bytes(pattern, sp)
+        tokens, nbytes = load_val_and_bytes(pattern, sp, args.tokenizer)
         lines, numbers = analyse(tokens, nbytes, loss_a, loss_b, token_class_lut(sp), args.block_docs, labels)
         lines.insert(0, f"val data: {pattern}, {len(tokens):,} tokens; tokenizer {args.tokenizer}")
         lines.insert(0, f"compare: {labels[0]} = {args.a}" + (f", {labels[1]} = {args.b}" if args.b else ""))

@@ -248,6 +248,17 @@ def test_val_glob_skips_the_sidecar_and_scoring_counts_the_original_bytes(caseop
     assert scored_bytes(args, tables, val_tokens) > original * 1.05
 
 
+def test_compare_reads_the_val_tokens_and_the_sidecar_bytes_as_the_scorer_does(caseops_build):
+    import compare
+
+    b = caseops_build
+    args = caseops_args(b["out"], b["tok"])
+    pattern = compare.val_pattern(str(b["out"]))
+    tokens, nbytes = compare.load_val_and_bytes(pattern, b["sp"], str(b["tok"]))
+    assert tokens.tolist() == tg.load_validation_tokens(args.val_files).tolist()  # no sidecar shard among them
+    assert int(nbytes.sum()) == sum(len(d.encode()) for d in b["docs"][:VAL_DOCS])  # the original text's bytes
+
+
 def test_add_scores_takes_each_scored_targets_sidecar_bytes():
     sidecar = torch.arange(100, dtype=torch.int32) % 7
     idx = torch.tensor([[3, 4, 5, 6], [40, 41, 42, 43]])
