@@ -63,7 +63,7 @@ SMOKE_PRESET = {
     "TOKENIZER_PATH": str(SCRIPT_DIR / "data/tokenizers/smoke_1024_bpe.model"),
     "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "VAL_BATCH_SIZE": "65536",
-    "ITERATIONS": "80", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0",
+    "ITERATIONS": "80", "WARMUP_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0",
     "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "25", "MUON_MOMENTUM_WARMUP_STEPS": "50",
     "EVAL_STRIDE": "128", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096", "TTT_EPOCHS": "1", "TTT_LR": "0.05",
     "WARMDOWN_FRAC": "0.3",
@@ -2152,9 +2152,9 @@ def warm_up(net, params, vocab_size, device, shapes) -> float:
     and takes no step. shapes: (batch, seq_len, with_grad). Returns seconds."""
     t0 = time.perf_counter()
     for batch, seq_len, with_grad in shapes:
-        x = torch.randint(0, vocab_size, (batch, seq_len), device=device)
+        x, y = torch.randint(0, vocab_size, (2, batch, seq_len), device=device)  # two tensors, as scoring passes
         with torch.set_grad_enabled(with_grad), autocast(device):
-            loss = net(x, x).float().mean()
+            loss = net(x, y).float().mean()
         if with_grad:
             loss.backward()
     for p in params:
