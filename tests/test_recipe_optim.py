@@ -11,8 +11,10 @@ step live inside its train_model as closures and inline blocks: they are compile
 import ast
 import contextlib
 import inspect
+import re
 import textwrap
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -36,11 +38,11 @@ RECIPE_OPTIM = {
     "WARMDOWN_FRAC": "0.85", "MIN_LR_FRAC": "0", "MIN_LR": "0.1", "WARMUP_STEPS": "20",
     "EMA_DECAY": "0.9965", "EMA_WARMUP": "0",
 }
-# The record at a tiny shape with every parameter kind of its recipe (parallel lanes, skip gates, the sparse
-# attention gate, SmearGate) and one micro-batch per step (its default is 8 // world_size).
-TINY = dict(num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=64, xsa_last_n=3, loop_start=1,
-            loop_end=1, parallel_start_layer=2, sparse_attn_gate_enabled=True, gate_window=4,
-            smear_gate_enabled=True, grad_accum_steps=1)
+# The record with every parameter kind of its recipe (parallel lanes, skip gates, the sparse attention gate,
+# SmearGate) and one micro-batch per step (its default is 8 // world_size): at its full shape, and tiny.
+FULL = dict(sparse_attn_gate_enabled=True, smear_gate_enabled=True, grad_accum_steps=1)
+TINY = dict(FULL, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=64, xsa_last_n=3, loop_start=1,
+            loop_end=1, parallel_start_layer=2, gate_window=4)
 # Our settings that the record has under the same (lower-case) name.
 SHARED = ("matrix_lr tied_embed_lr scalar_lr muon_momentum muon_momentum_warmup_start muon_momentum_warmup_steps "
           "muon_backend_steps beta1 beta2 adam_eps muon_wd adam_wd embed_wd grad_clip_norm iterations "
@@ -51,9 +53,9 @@ def recipe_args(**env) -> tg.Hyperparameters:
     return tg.Hyperparameters({**RECIPE_OPTIM, **{k: str(v) for k, v in env.items()}})
 
 
-def record_settings(pr1855, args: tg.Hyperparameters):
-    """The record's Hyperparameters at the tiny shape with our optimizer settings."""
-    return pr1855_settings(pr1855, **TINY, **{n: getattr(args, n) for n in SHARED}, muon_row_normalize=args.muon_row_norm)
+def record_settings(pr1855, args: tg.Hyperparameters, shape=TINY):
+    """The record's Hyperparameters at a shape with our optimizer settings."""
+    return pr1855_settings(pr1855, **shape, **{n: getattr(args, n) for n in SHARED}, muon_row_normalize=args.muon_row_norm)
 
 
 # -----------------------------
@@ -168,12 +170,12 @@ class GradientLoss:
         return (None,) * self.fields
 
 
-def run_steps(pr1855, args, schedule):
+def run_steps(pr1855, args, schedule, shape=TINY):
     """The record's training step and ours over schedule [(step, elapsed_ms, gradient scale)] from the same weights
     and gradients: its step_fn with lr_mul(training_frac(step, ms)), ours train_step with lr_multiplier and
     muon_momentum. Returns per step (max abs difference over all tensors, their/our LR multiplier and momentum,
     the gradients' global norm)."""
-    h = record_settings(pr1855, args)
+    h = record_settings(pr1855, args, shape)
     torch.manual_seed(0)
     model = pr1855_model(pr1855, h)
     gen = torch.Generator().manual_seed(1)
@@ -258,6 +260,18 @@ def test_recipe_step_is_the_records_in_bf16(pr1855, record_on_cpu):
         assert diff < 3e-7
     assert [round(r[1], 4) for r in rows] == [1.0, 1.0, 0.5877, 0.1953, 0.1, 0.1]
     assert [r[3] for r in rows][::2] == pytest.approx([0.92, 0.945, 0.97])
+
+
+@pytest.mark.slow
+def test_recipe_step_is_the_records_at_full_shape(pr1855, record_on_cpu):
+    """As test_recipe_step_is_the_records_in_bf16, at the record's shape (35,945,671 parameters; banks of 22 x
+    512 x 512, 22 x 256 x 512, 11 x 2048 x 512, 11 x 512 x 2048): the first three steps of SCHEDULE."""
+    args = recipe_args()
+    # The count its seed-42 log prints (35,944,602, in ../shared/reference/README.md, is its defaults: no gates).
+    assert sum(p.numel() for p in pr1855_model(pr1855, record_settings(pr1855, args, FULL)).parameters()) == 35_945_671
+    rows = run_steps(pr1855, args, [(step, ms, 1e-5) for step, ms in SCHEDULE[:3]], shape=FULL)
+    for diff, *_, norm in rows:
+        assert norm < 0.3 and diff < 3e-7
 
 
 def test_recipe_step_with_clipping_is_the_records_in_fp32(pr1855, record_on_cpu):
@@ -352,6 +366,26 @@ def test_ema_is_the_records(pr1855):
 # -----------------------------
 # Settings
 # -----------------------------
+
+def test_recipe_optim_is_the_records_configuration(pr1855):
+    """RECIPE_OPTIM against the record's own: its Hyperparameters' defaults with its README's reproduce command
+    applied (read from the README), and the settings its seed-42 log prints: every shared optimizer and schedule
+    setting, and its warm-up steps."""
+    readme = (Path(pr1855.__file__).parent / "README.md").read_text()
+    command = readme.split("## Reproducing")[1].split("torchrun")[0]
+    h, names = pr1855.Hyperparameters(), [*SHARED, "warmup_steps"]
+    for name, value in re.findall(r"\b([A-Z0-9_]+)=(\S+)", command):
+        if name.lower() in names:
+            setattr(h, name.lower(), type(getattr(h, name.lower()))(value))
+    args = recipe_args()
+    assert {n: getattr(args, n) for n in names} == {n: getattr(h, n) for n in names}
+    assert h.muon_row_normalize == args.muon_row_norm and h.tie_embeddings == args.tie_embeddings
+    assert (h.min_lr, h.gptq_reserve_seconds, h.warmdown_frac) == (0.1, 0.5, 0.85)  # the command was read
+    # The settings its seed-42 run logged: the same.
+    logged = dict(re.findall(r"^  (\w+): (.+)$", (Path(pr1855.__file__).parent / "train_seed42.log").read_text(), re.M))
+    assert {n: float(logged[n]) for n in names} == {n: float(getattr(args, n)) for n in names}
+    assert logged["muon_row_normalize"] == "True"
+
 
 def test_recipe_settings_and_the_defaults_of_the_new_ones():
     """RECIPE_OPTIM is a valid configuration; the new settings keep today's numerics unless set: EMBED_WD follows
