@@ -113,8 +113,8 @@ SETTING_RANGES = {
     "[0, inf)": "VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
                 "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
                 "ATTN_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
-                "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD EMBED_WD "
-                "GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES CHECKPOINT_EVERY_SECONDS",
+                "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD "
+                "EMBED_WD GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES CHECKPOINT_EVERY_SECONDS",
     "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT ADAM_EPS "
                 "SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
     "[0, 1)": "TTT_MOMENTUM NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 NORMUON_BETA2 EMA_DECAY",
@@ -1330,8 +1330,8 @@ class Muon(torch.optim.Optimizer):
     everything after it in bf16 on every device, as the 1.0611 record; else fp32 up to Newton-Schulz)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs: str = "quintic",
-                 row_norm: bool = False, post_ns_row_norm: bool = False, normuon_beta2: float = 0.0, compile: bool = False,
-                 bf16: bool = False):
+                 row_norm: bool = False, post_ns_row_norm: bool = False, normuon_beta2: float = 0.0,
+                 compile: bool = False, bf16: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=coeffs, row_norm=row_norm,
                                       post_ns_row_norm=post_ns_row_norm, normuon_beta2=normuon_beta2, bf16=bf16))
         # Compiled: one graph per matrix shape, built in the warm-up steps (the other arguments are constants).
