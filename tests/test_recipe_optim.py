@@ -262,8 +262,8 @@ def test_recipe_step_is_the_records_in_bf16(pr1855, record_on_cpu):
     """MUON_BF16=1: the record's Muon numerics (bf16 momentum, row norm and Newton-Schulz) with its AdamW groups,
     six steps along SCHEDULE from the same weights and gradients, the gradients' norm under the 0.3 clip (a clipped
     gradient is the fp32 test's: the two clips' norms differ in the last bit, and bf16 Newton-Schulz turns one bf16
-    rounding flipped by it into a visible difference). Every tensor equal to fp32 rounding (seen: 1.2e-7, where the
-    two decoupled weight-decay forms round differently)."""
+    rounding flipped by it into a visible difference). Every tensor equal to fp32 rounding (seen: 1.2e-7, an ulp of
+    weights near 1: the weight decay and its fused AdamW against our foreach one round in another order)."""
     rows = run_steps(pr1855, recipe_args(), [(step, ms, 1e-3) for step, ms in SCHEDULE])
     for diff, their_lr, our_lr, their_momentum, our_momentum, norm in rows:
         assert norm < 0.3
@@ -287,7 +287,8 @@ def test_recipe_step_is_the_records_at_full_shape(pr1855, record_on_cpu):
 
 def test_recipe_step_with_clipping_is_the_records_in_fp32(pr1855, record_on_cpu):
     """MUON_BF16=0 (our fp32 momentum and, on a CPU, fp32 Newton-Schulz) against the record with its bf16 casts off:
-    gradients of norm ~190 clipped to 0.3 on every step along SCHEDULE. Every tensor equal to fp32 rounding."""
+    gradients of norm ~190 clipped to 0.3 on every step along SCHEDULE. Every tensor equal to fp32 rounding (seen:
+    1.2e-7)."""
     record_in_fp32(record_on_cpu)
     rows = run_steps(pr1855, recipe_args(MUON_BF16=0), [(step, ms, 1.0) for step, ms in SCHEDULE])
     for diff, *_, norm in rows:
