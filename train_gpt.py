@@ -115,11 +115,11 @@ SETTING_RANGES = {
                 "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
                 "ATTN_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
                 "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD "
-                "GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES CHECKPOINT_EVERY_SECONDS",
+                "EMBED_WD GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES CHECKPOINT_EVERY_SECONDS",
     "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT ADAM_EPS "
                 "SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
     "[0, 1)": "TTT_MOMENTUM NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 NORMUON_BETA2 EMA_DECAY",
-    "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC QAT_START",
+    "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC MIN_LR QAT_START",
     "[-1, inf)": "PARALLEL_RESID_FROM",
 }
 
@@ -291,15 +291,19 @@ class Hyperparameters:
 
         # Optimizer, schedule and data-order options (README "Optimizer, schedule and data options").
         self.muon_ns_coeffs = get("MUON_NS_COEFFS", "quintic")
+        self.muon_bf16 = get("MUON_BF16", False, _flag)
         self.muon_row_norm = get("MUON_ROW_NORM", True, _flag)
         self.muon_post_ns_row_norm = get("MUON_POST_NS_ROW_NORM", False, _flag)
         self.normuon_beta2 = get("NORMUON_BETA2", 0.0, float)
         self.muon_wd = get("MUON_WD", 0.04, float)
         self.adam_wd = get("ADAM_WD", 0.0, float)
+        self.embed_wd = get("EMBED_WD", self.adam_wd, float)
         self.cautious_wd = get("CAUTIOUS_WD", False, _flag)
         self.warmdown_frac = get("WARMDOWN_FRAC", 0.72, float)
         self.min_lr_frac = get("MIN_LR_FRAC", 0.0, float)
+        self.min_lr = get("MIN_LR", 0.0, float)
         self.ema_decay = get("EMA_DECAY", 0.997, float)
+        self.ema_warmup = get("EMA_WARMUP", True, _flag)
         self.train_loader = get("TRAIN_LOADER", "sequential")
         self.prefetch_batches = get("PREFETCH_BATCHES", 2, int)  # built ahead by a background thread; 0: none
 
@@ -1121,7 +1125,7 @@ class GPT(nn.Module):
                 "head": args.head_lr, "scalar": args.scalar_lr}
 
     def weight_decays(self, args: Hyperparameters) -> dict[str, float]:
-        return {"matrix": args.muon_wd, "embed": args.adam_wd, "head": args.adam_wd, "scalar": args.adam_wd}
+        return {"matrix": args.muon_wd, "embed": args.embed_wd, "head": args.adam_wd, "scalar": args.adam_wd}
 
     def after_optimizer_step(self) -> None:
         pass
@@ -1281,7 +1285,7 @@ class NGPT(nn.Module):
 
     def weight_decays(self, args: Hyperparameters) -> dict[str, float]:
         # None on the sphere matrices: project_to_sphere would undo it.
-        return {"matrix": 0.0, "embed": args.adam_wd, "head": args.adam_wd, "scalar": args.adam_wd}
+        return {"matrix": 0.0, "embed": args.embed_wd, "head": args.adam_wd, "scalar": args.adam_wd}
 
     @torch.no_grad()
     def project_to_sphere(self) -> None:
@@ -1348,25 +1352,29 @@ def distributed_now() -> bool:
 # OPTIMIZERS
 # -----------------------------
 
-# MUON_NS_COEFFS=<name> -> (input norm safety factor, (a, b, c) per iteration; the last repeats).
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932): per-iteration (a, b, c) for 5 steps.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# MUON_NS_COEFFS=<name> -> (input norm safety factor, whether c scales A @ A rather than A, (a, b, c) per
+# iteration; the last repeats). The two products round differently in bf16, enough to tell the runs apart.
 NS_COEFFS = {
-    "quintic": (1.0, ((3.4445, -4.7750, 2.0315),)),  # modded-nanogpt's classic quintic
-    # Polar Express (Amsel et al. 2025, arXiv 2505.16932) as modded-nanogpt uses it: 5 steps, safety 2e-2.
-    "polar_express": (1.02, (
-        (8.156554524902461, -22.48329292557795, 15.878769915207462),
-        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-    )),
+    "quintic": (1.0, False, ((3.4445, -4.7750, 2.0315),)),  # modded-nanogpt's classic quintic
+    "polar_express": (1.02, False, POLAR_EXPRESS),  # as modded-nanogpt: the input norm inflated by 2e-2 for safety
+    "polar_express_plain": (1.0, True, POLAR_EXPRESS),  # as the 1.0611 record (#1855, from #1344): the plain norm
 }
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7, coeffs: str = "quintic") -> Tensor:
     # Quintic Newton-Schulz iteration toward the nearest semi-orthogonal matrix (modded-nanogpt), over the last
-    # two dims, so a stack of same-shape matrices goes in one batched call; bf16 on GPU, fp32 on CPU.
-    safety, abc = NS_COEFFS[coeffs]
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    # two dims, so a stack of same-shape matrices goes in one batched call; bf16 on GPU, G's dtype on CPU (fp32,
+    # or bf16 under MUON_BF16).
+    safety, square_first, abc = NS_COEFFS[coeffs]
+    X = G.to(torch.bfloat16 if G.is_cuda else G.dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * safety + eps)
     transposed = G.size(-2) > G.size(-1)
     if transposed:
@@ -1374,7 +1382,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7, coeffs
     for i in range(steps):
         a, b, c = abc[min(i, len(abc) - 1)]
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        X = a * X + (b * A + (c * (A @ A) if square_first else c * A @ A)) @ X
     return X.mT if transposed else X
 
 
@@ -1391,12 +1399,14 @@ class Muon(torch.optim.Optimizer):
     asynchronous reduce-scatter per group (DDP leaves these gradients alone: ddp_without_matrices), so a rank
     receives the mean gradients of its own chunk only; step() orthogonalizes its chunk, group by group, and launches
     an asynchronous all-gather of the updates, which travels while the next groups compute.
-    Options: MuonEq-R (row_norm), post-NS row normalization, NorMuon (normuon_beta2 > 0)."""
+    Options: MuonEq-R (row_norm), post-NS row normalization, NorMuon (normuon_beta2 > 0), bf16 (the momentum and
+    everything after it in bf16 on every device, as the 1.0611 record; else fp32 up to Newton-Schulz)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs: str = "quintic",
-                 row_norm: bool = False, post_ns_row_norm: bool = False, normuon_beta2: float = 0.0, compile: bool = False):
+                 row_norm: bool = False, post_ns_row_norm: bool = False, normuon_beta2: float = 0.0,
+                 compile: bool = False, bf16: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=coeffs, row_norm=row_norm,
-                                      post_ns_row_norm=post_ns_row_norm, normuon_beta2=normuon_beta2))
+                                      post_ns_row_norm=post_ns_row_norm, normuon_beta2=normuon_beta2, bf16=bf16))
         # Compiled: one graph per matrix shape, built in the warm-up steps (the other arguments are constants).
         self.newton_schulz = torch.compile(zeropower_via_newtonschulz5, dynamic=False, fullgraph=True) if compile \
             else zeropower_via_newtonschulz5
@@ -1458,12 +1468,14 @@ class Muon(torch.optim.Optimizer):
         shards, self._reduced = self.reduced_grads(), None
         distributed, gathers = distributed_now(), []
         for (group, ps, per_rank), g in zip(self._shape_groups(), shards):
+            if group["bf16"]:  # after the clip, which saw the fp32 gradients
+                g = g.bfloat16()
             # This rank's chunk of the group keeps its stacked momentum (and NorMuon) state with the group's first matrix.
             buf = self.state[ps[0]].setdefault("momentum_buffer", torch.zeros_like(g))
             buf.mul_(group["momentum"]).add_(g)
             G = g.add(buf, alpha=group["momentum"])
-            if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
-                G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            if group["row_norm"]:  # MuonEq-R: equalize row norms (taken in fp32) before orthogonalizing
+                G = G / G.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(G.dtype)
             O = self.newton_schulz(G, group["backend_steps"], 1e-7, group["coeffs"])
             update = self._direction(ps[0], O, group).to(torch.bfloat16 if g.is_cuda else torch.float32)
             if not distributed:
@@ -1551,14 +1563,17 @@ def build_optimizers(args: Hyperparameters, model: nn.Module) -> tuple[list[torc
     fused = next(model.parameters()).is_cuda
 
     def adam(name):
-        opt = torch.optim.Adam([{"params": groups[name], "lr": lrs[name], "base_lr": lrs[name]}],
-                               betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
-        add_weight_decay(opt, wds[name], args.cautious_wd)
+        # Plain decay inside AdamW's step: a bf16 weight (the embedding on GPU) is rounded once per step, not twice.
+        opt = torch.optim.AdamW([{"params": groups[name], "lr": lrs[name], "base_lr": lrs[name]}],
+                                betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused,
+                                weight_decay=0.0 if args.cautious_wd else wds[name])
+        if args.cautious_wd:  # the mask needs the step's direction: decay through the hooks
+            add_weight_decay(opt, wds[name], cautious=True)
         return opt
 
     muon = Muon(groups["matrix"], lr=lrs["matrix"], momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
                 coeffs=args.muon_ns_coeffs, row_norm=args.muon_row_norm, post_ns_row_norm=args.muon_post_ns_row_norm,
-                normuon_beta2=args.normuon_beta2, compile=args.compile)
+                normuon_beta2=args.normuon_beta2, compile=args.compile, bf16=args.muon_bf16)
     add_weight_decay(muon, wds["matrix"], args.cautious_wd)
     for g in muon.param_groups:
         g["base_lr"] = lrs["matrix"]
@@ -1576,9 +1591,9 @@ def train_budget_ms(args: Hyperparameters) -> float | None:
 
 
 def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    # Linear warmdown over the last WARMDOWN_ITERS steps, or the last WARMDOWN_FRAC of the run, down to MIN_LR_FRAC.
-    # Under a wallclock cap the run is measured in time: WARMDOWN_ITERS is projected from the average step time
-    # so far, so the decay ends when time does.
+    # Linear warmdown over the last WARMDOWN_ITERS steps, or the last WARMDOWN_FRAC of the run, down to MIN_LR_FRAC,
+    # never below MIN_LR (the 1.0611 record's floor). Under a wallclock cap the run is measured in time:
+    # WARMDOWN_ITERS is projected from the average step time so far, so the decay ends when time does.
     total_ms = train_budget_ms(args)
     if total_ms is None:
         warmdown = args.warmdown_frac * args.iterations if args.warmdown_frac > 0 else args.warmdown_iters
@@ -1587,7 +1602,7 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
         warmdown = args.warmdown_frac * total_ms if args.warmdown_frac > 0 else args.warmdown_iters * elapsed_ms / max(step, 1)
         left = max(total_ms - elapsed_ms, 0.0)
     frac = min(left / warmdown, 1.0) if warmdown > 0 else 1.0
-    return args.min_lr_frac + (1 - args.min_lr_frac) * frac
+    return max(args.min_lr_frac + (1 - args.min_lr_frac) * frac, args.min_lr)
 
 
 def muon_momentum(args: Hyperparameters, step: int) -> float:
@@ -1598,18 +1613,18 @@ def muon_momentum(args: Hyperparameters, step: int) -> float:
 
 class WeightEMA:
     """fp32 exponential moving average of a model's float weights, updated after every step, copied in at the end.
-    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so a short run averages its last steps
-    instead of keeping its random init; past a few thousand steps it is the plain EMA."""
+    With warmup the decay is min(decay, (1 + n) / (10 + n)) after n updates, so a short run averages its last steps
+    instead of keeping its random init; past a few thousand steps it is the plain EMA (the record's, from step 1)."""
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
         self.weights = [t for t in model.state_dict().values() if t.is_floating_point()]
         self.average = [t.detach().float().clone() for t in self.weights]
 
     @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
-        decay = min(self.decay, self.updates / (self.updates + 9))
+        decay = min(self.decay, self.updates / (self.updates + 9)) if self.warmup else self.decay
         torch._foreach_lerp_(self.average, [t.float() for t in self.weights], 1 - decay)
 
     @torch.no_grad()
@@ -2931,7 +2946,7 @@ def build_training(run: Run) -> Training:
         run.log(f"muon:reduce_scatter matrices:{len(base_model.param_groups()['matrix'])}")
     optimizers, muon = build_optimizers(args, base_model)
     run.log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
-    ema = WeightEMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
+    ema = WeightEMA(base_model, args.ema_decay, args.ema_warmup) if args.ema_decay > 0 else None
     return Training(base_model, model, optimizers, muon, loader, ema, resume=resume)
 
 
