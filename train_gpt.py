@@ -92,9 +92,9 @@ def _flag(raw: str) -> bool:
 # Settings that only one MODEL reads: a run logs and stores only the settings its model reads, and setting one of
 # the other model's explicitly is an error.
 MODEL_ONLY_SETTINGS = {
-    "gpt": frozenset("MLP_ACT NORM_PCT_DROPOUT VALUE_EMBED_LAYERS LN_SCALE ORTHO_INIT PARALLEL_RESID_FROM PARALLEL_LANES_FROM "
-                     "SKIP_GATE SMEAR_GATE SMEAR_GATE_DIMS RECUR_LAYERS RECUR_LOOPS RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP SOFTCAP_FP32 "
-                     "TIED_EMBED_INIT_STD XSA_LAST_N "
+    "gpt": frozenset("MLP_ACT NORM_PCT_DROPOUT VALUE_EMBED_LAYERS LN_SCALE ORTHO_INIT PARALLEL_RESID_FROM "
+                     "PARALLEL_LANES_FROM SKIP_GATE SMEAR_GATE SMEAR_GATE_DIMS RECUR_LAYERS RECUR_LOOPS "
+                     "RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP SOFTCAP_FP32 TIED_EMBED_INIT_STD XSA_LAST_N "
                      "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_WD".split()),
     "ngpt": frozenset("NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT NGPT_NORM_EMBED NGPT_OPAQUE_NORM "
                       "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR".split()),
@@ -112,11 +112,12 @@ SETTING_RANGES = {
     "[2, inf)": "VOCAB_SIZE RECUR_LOOPS",
     "[0, inf)": "VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
                 "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
-                "ATTN_GATE_DIMS SMEAR_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
+                "ATTN_GATE_DIMS SMEAR_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS "
+                "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
                 "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD "
                 "GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES CHECKPOINT_EVERY_SECONDS",
-    "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT ATTN_GATE_MAX ATTN_GATE_SCALE NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT ADAM_EPS "
-                "SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
+    "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT ATTN_GATE_MAX ATTN_GATE_SCALE NGPT_ALPHA_INIT NGPT_ALPHA_SCALE "
+                "NGPT_LOGIT_SCALE_INIT ADAM_EPS SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
     "[0, 1)": "TTT_MOMENTUM NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 NORMUON_BETA2 EMA_DECAY",
     "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC QAT_START",
     "[-1, inf)": "PARALLEL_RESID_FROM PARALLEL_LANES_FROM",
@@ -382,10 +383,12 @@ class Hyperparameters:
         if self.bigram_buckets == 1:
             raise ConfigError("BIGRAM_BUCKETS=1 leaves no bucket for token pairs: use 0 (off) or at least 2")
         if self.smear_gate_dims > (self.model_dim if self.smear_gate else 0):
-            raise ConfigError(f"SMEAR_GATE_DIMS={self.smear_gate_dims} needs SMEAR_GATE=1 and at most MODEL_DIM={self.model_dim} dims")
+            raise ConfigError(f"SMEAR_GATE_DIMS={self.smear_gate_dims} needs SMEAR_GATE=1 and at most "
+                              f"MODEL_DIM={self.model_dim} dims")
         self.recur_first, self.recur_last = self._recur_span()
-        if self.parallel_lanes_from >= 0 and (self.parallel_resid_from >= 0 or self.parallel_lanes_from <= self.recur_last):
-            raise ConfigError(f"PARALLEL_LANES_FROM={self.parallel_lanes_from} needs PARALLEL_RESID_FROM=-1 and a layer past "
+        lanes = self.parallel_lanes_from
+        if lanes >= 0 and (self.parallel_resid_from >= 0 or lanes <= self.recur_last):
+            raise ConfigError(f"PARALLEL_LANES_FROM={lanes} needs PARALLEL_RESID_FROM=-1 and a layer past "
                               f"RECUR_LAYERS={self.recur_layers!r} (the lanes never re-enter a loop)")
         batch_unit = self.world_size * grad_accum(self, self.world_size) * self.train_seq_len
         if self.train_batch_tokens % batch_unit:
@@ -664,7 +667,8 @@ TRAIN_LOADERS = {
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
 CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
-                                "attn_gate", "smear_gate", "lambda", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk", "s_uv", "s_z")
+                                "attn_gate", "smear_gate", "lambda", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk",
+                                "s_uv", "s_z")
 
 
 class CastedLinear(nn.Linear):
@@ -991,7 +995,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if args.skip_gate else None
         self.blocks = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
-        # Two lanes from decoder layer PARALLEL_LANES_FROM on, mixed per layer by these (all layers have rows, as #1855).
+        # Two lanes from decoder layer PARALLEL_LANES_FROM on, mixed per layer by these (rows for all layers, as #1855).
         self.lanes_from = args.parallel_lanes_from
         if self.lanes_from >= 0:
             self.parallel_resid_lambdas = nn.Parameter(torch.full((args.num_layers, 2), 1.1))
@@ -1041,7 +1045,8 @@ class GPT(nn.Module):
         x = self.run_blocks(self.orders[0], range(shared), x, x0, skips, docs, value_embed)
 
         def rest(order: list[int]):
-            return lambda x, *skips: self.run_blocks(order, range(shared, len(order)), x, x0, list(skips), docs, value_embed)
+            positions = range(shared, len(order))
+            return lambda x, *skips: self.run_blocks(order, positions, x, x0, list(skips), docs, value_embed)
 
         # Compiled: torch.cond keeps both orders in the graph. Eager: a plain branch (eager cond retraces per call) on
         # the buffer's Python mirror, as reading a GPU buffer would wait for the GPU on every forward.

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 # The env values that make our GPT the record's (its seed-42 log's hyperparameters, MODEL section only).
 RECIPE = {
     "NUM_LAYERS": "11", "MODEL_DIM": "512", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "VOCAB_SIZE": "8192",
-    "MLP_MULT": "4", "MLP_ACT": "leaky2", "NORM_PCT_DROPOUT": "0", "TIE_EMBEDDINGS": "1", "TIED_EMBED_INIT_STD": "0.005",
+    "MLP_MULT": "4", "MLP_ACT": "leaky2", "NORM_PCT_DROPOUT": "0", "TIE_EMBEDDINGS": "1", "TIED_EMBED_INIT_STD": ".005",
     "LOGIT_SOFTCAP": "30", "SOFTCAP_FP32": "1", "ROPE_BASE": "10000", "ROPE_DIMS": "16", "ROPE_FP32": "1",
     "TRAIN_SEQ_LEN": "2048", "QK_GAIN_INIT": "5", "XSA_LAST_N": "11", "LN_SCALE": "1", "ORTHO_INIT": "1",
     "SKIP_GATE": "1", "BIGRAM_BUCKETS": "0", "VALUE_EMBED_LAYERS": "0", "DOC_ATTENTION": "1",
@@ -37,8 +37,8 @@ TINY_RECORD = {"num_layers": 6, "model_dim": 64, "num_heads": 4, "num_kv_heads":
 
 
 # Where the record keeps each of our block matrices: (ours, its bank, k) -> layer i is bank row k * num_layers + i.
-BANKS = (("attn.c_q", "qo_bank", 0), ("attn.proj", "qo_bank", 1), ("attn.c_k", "kv_bank", 0), ("attn.c_v", "kv_bank", 1),
-         ("mlp.fc", "mlp_up_bank", 0), ("mlp.proj", "mlp_down_bank", 0))
+BANKS = (("attn.c_q", "qo_bank", 0), ("attn.proj", "qo_bank", 1), ("attn.c_k", "kv_bank", 0),
+         ("attn.c_v", "kv_bank", 1), ("mlp.fc", "mlp_up_bank", 0), ("mlp.proj", "mlp_down_bank", 0))
 
 
 def ours_from_record(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
@@ -100,7 +100,7 @@ def varlen_with_backward(pr1855, monkeypatch):
     monkeypatch.setattr(pr1855, "flash_attn_varlen_func", varlen_sdpa)
 
 
-def compare(record, ours, num_layers: int, vocab: int, T: int, loop: bool, docs: bool) -> tuple[float, float]:
+def compare(pr1855, record, ours, num_layers: int, vocab: int, T: int, loop: bool, docs: bool) -> tuple[float, float]:
     """(loss abs difference, worst gradient relative difference) of one forward and backward on the same tokens."""
     record.looping_active = loop
     ours.set_recurrence(loop)
@@ -109,11 +109,9 @@ def compare(record, ours, num_layers: int, vocab: int, T: int, loop: bool, docs:
     theirs = record(x, y, cu_seqlens=cu, max_seqlen=T)
     mine = ours(x, y).mean()
     theirs.backward(), mine.backward()
-    import flash_attn_interface as stand_in  # ../shared/reference's, on sys.path once the pr1855 fixture ran
-
     if docs:  # the stand-in's FlexAttention (forward only) gives the record the same loss as the dense mask
         with torch.no_grad(), pytest.MonkeyPatch.context() as m:
-            m.setattr(sys.modules[type(record).__module__], "flash_attn_varlen_func", stand_in.flash_attn_varlen_func)
+            m.setattr(pr1855, "flash_attn_varlen_func", sys.modules["flash_attn_interface"].flash_attn_varlen_func)
             assert abs(record(x, y, cu_seqlens=cu, max_seqlen=T).item() - theirs.item()) < 1e-5
     grads = ours_from_record({n: p.grad for n, p in record.named_parameters()}, num_layers)
     own = dict(ours.named_parameters())
@@ -148,7 +146,7 @@ def test_parameter_groups_are_the_records(pr1855):
 @pytest.mark.parametrize("docs", [False, True])
 def test_tiny_forward_and_gradients_equal_the_records(pr1855, loop, docs):
     record, ours = pair(pr1855, TINY_OURS, TINY_RECORD)
-    loss_diff, grad_diff = compare(record, ours, 6, 128, 64, loop, docs)
+    loss_diff, grad_diff = compare(pr1855, record, ours, 6, 128, 64, loop, docs)
     print(f"tiny loop={loop} docs={docs}: loss {loss_diff:.2e} grad {grad_diff:.2e}")
     assert loss_diff < 1e-5 and grad_diff < 1e-4
 
@@ -160,9 +158,9 @@ def full_pair(pr1855):
 
 @pytest.mark.parametrize("loop", [False, True])
 @pytest.mark.parametrize("docs", [False, True])
-def test_full_shape_forward_and_gradients_equal_the_records(full_pair, loop, docs):
+def test_full_shape_forward_and_gradients_equal_the_records(pr1855, full_pair, loop, docs):
     record, ours = full_pair
-    loss_diff, grad_diff = compare(record, ours, 11, 8192, 256, loop, docs)
+    loss_diff, grad_diff = compare(pr1855, record, ours, 11, 8192, 256, loop, docs)
     print(f"full loop={loop} docs={docs}: loss {loss_diff:.2e} grad {grad_diff:.2e}")
     assert loss_diff < 1e-5 and grad_diff < 1e-4
 
@@ -175,7 +173,8 @@ def test_recipe_survives_the_artifact_roundtrip(pr1855):
     args = ours_args(**TINY_OURS)
     qsd = tg.quantize_state_dict(ours.state_dict(), args)
     fresh, _ = tg.model_from_artifact(tg.pack_artifact(qsd, args.settings, "zlib"), CPU)
-    control = {n: t.clone() for n, t in ours.state_dict().items() if any(k in n for k in ("smear", "lambda", "attn_gate"))}
+    control = {n: t.clone() for n, t in ours.state_dict().items()
+               if any(k in n for k in ("smear", "lambda", "attn_gate"))}
     ours.load_state_dict(tg.dequantize_state_dict(qsd))
     x, y, _ = tokens(128, 64, True)
     assert fresh.recur_active and torch.allclose(fresh(x, y), ours(x, y), atol=1e-6)
