@@ -179,3 +179,23 @@ def test_recipe_survives_the_artifact_roundtrip(pr1855):
     x, y, _ = tokens(128, 64, True)
     assert fresh.recur_active and torch.allclose(fresh(x, y), ours(x, y), atol=1e-6)
     assert len(control) == 6 + 4 and all(torch.equal(fresh.state_dict()[n], t) for n, t in control.items())
+
+
+@pytest.mark.slow
+def test_compiled_recipe_takes_the_switch_without_recompiling(pr1855):
+    # torch.cond holds both run orders: the compiled forward and backward equal eager's before and after the switch.
+    _, ours = pair(pr1855, TINY_OURS, TINY_RECORD)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True, dynamic=False)
+    x, y, _ = tokens(128, 64, True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for loop in (False, True):
+        ours.set_recurrence(loop)
+        results = []
+        for model in (compiled, ours):
+            ours.zero_grad()
+            loss = model(x, y)
+            loss.mean().backward()
+            results.append((loss, [p.grad.clone() for p in ours.parameters()]))
+        (a, grads_a), (b, grads_b) = results
+        assert torch.allclose(a, b, atol=1e-6) and all(torch.allclose(u, v, atol=1e-7) for u, v in zip(grads_a, grads_b))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
