@@ -93,9 +93,9 @@ def _flag(raw: str) -> bool:
 # Settings that only one MODEL reads: a run logs and stores only the settings its model reads, and setting one of
 # the other model's explicitly is an error.
 MODEL_ONLY_SETTINGS = {
-    "gpt": frozenset("MLP_ACT NORM_PCT_DROPOUT VALUE_EMBED_LAYERS LN_SCALE ORTHO_INIT PARALLEL_RESID_FROM SKIP_GATE "
-                     "SMEAR_GATE RECUR_LAYERS RECUR_LOOPS RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP SOFTCAP_FP32 "
-                     "TIED_EMBED_INIT_STD XSA_LAST_N "
+    "gpt": frozenset("MLP_ACT NORM_PCT_DROPOUT VALUE_EMBED_LAYERS LN_SCALE ORTHO_INIT PARALLEL_RESID_FROM "
+                     "PARALLEL_LANES_FROM SKIP_GATE SMEAR_GATE SMEAR_GATE_DIMS RECUR_LAYERS RECUR_LOOPS "
+                     "RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP SOFTCAP_FP32 TIED_EMBED_INIT_STD XSA_LAST_N "
                      "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_WD".split()),
     "ngpt": frozenset("NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT NGPT_NORM_EMBED NGPT_OPAQUE_NORM "
                       "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR".split()),
@@ -113,14 +113,15 @@ SETTING_RANGES = {
     "[2, inf)": "VOCAB_SIZE RECUR_LOOPS",
     "[0, inf)": "PREFETCH_BATCHES VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
                 "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
-                "ATTN_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
+                "ATTN_GATE_DIMS SMEAR_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS "
+                "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
                 "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD "
                 "EMBED_WD GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES CHECKPOINT_EVERY_SECONDS",
-    "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT ADAM_EPS "
-                "SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
+    "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT ATTN_GATE_MAX ATTN_GATE_SCALE NGPT_ALPHA_INIT NGPT_ALPHA_SCALE "
+                "NGPT_LOGIT_SCALE_INIT ADAM_EPS SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
     "[0, 1)": "TTT_MOMENTUM NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 NORMUON_BETA2 EMA_DECAY",
     "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC MIN_LR QAT_START",
-    "[-1, inf)": "PARALLEL_RESID_FROM",
+    "[-1, inf)": "PARALLEL_RESID_FROM PARALLEL_LANES_FROM",
 }
 
 
@@ -249,12 +250,16 @@ class Hyperparameters:
         self.rope_dims = get("ROPE_DIMS", 16, int)
         self.xsa_last_n = get("XSA_LAST_N", 4, int)
         self.attn_gate_dims = get("ATTN_GATE_DIMS", 0, int)
+        self.attn_gate_max = get("ATTN_GATE_MAX", 2.0, float)
+        self.attn_gate_scale = get("ATTN_GATE_SCALE", 1.0, float)
         self.value_embed_layers = get("VALUE_EMBED_LAYERS", 0, int)
         self.ln_scale = get("LN_SCALE", True, _flag)
         self.ortho_init = get("ORTHO_INIT", False, _flag)
         self.parallel_resid_from = get("PARALLEL_RESID_FROM", 7, int)
+        self.parallel_lanes_from = get("PARALLEL_LANES_FROM", -1, int)
         self.skip_gate = get("SKIP_GATE", True, _flag)
         self.smear_gate = get("SMEAR_GATE", True, _flag)
+        self.smear_gate_dims = get("SMEAR_GATE_DIMS", 0, int)
         self.bigram_buckets = get("BIGRAM_BUCKETS", 2048, int)
         self.bigram_dim = get("BIGRAM_DIM", 128, int)
         self.recur_layers = get("RECUR_LAYERS", "")
@@ -383,7 +388,14 @@ class Hyperparameters:
             raise ConfigError(f"ATTN_GATE_DIMS={self.attn_gate_dims} must be at most MODEL_DIM={self.model_dim}")
         if self.bigram_buckets == 1:
             raise ConfigError("BIGRAM_BUCKETS=1 leaves no bucket for token pairs: use 0 (off) or at least 2")
+        if self.smear_gate_dims > (self.model_dim if self.smear_gate else 0):
+            raise ConfigError(f"SMEAR_GATE_DIMS={self.smear_gate_dims} needs SMEAR_GATE=1 and at most "
+                              f"MODEL_DIM={self.model_dim} dims")
         self.recur_first, self.recur_last = self._recur_span()
+        lanes = self.parallel_lanes_from
+        if lanes >= 0 and (self.parallel_resid_from >= 0 or lanes <= self.recur_last):
+            raise ConfigError(f"PARALLEL_LANES_FROM={lanes} needs PARALLEL_RESID_FROM=-1 and a layer past "
+                              f"RECUR_LAYERS={self.recur_layers!r} (the lanes never re-enter a loop)")
         batch_unit = self.world_size * grad_accum(self, self.world_size) * self.train_seq_len
         if self.train_batch_tokens % batch_unit:
             raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size "
@@ -732,7 +744,8 @@ class BatchPrefetcher:
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
 CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
-                                "attn_gate", "smear_gate", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk", "s_uv", "s_z")
+                                "attn_gate", "smear_gate", "lambda", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk",
+                                "s_uv", "s_z")
 
 
 class CastedLinear(nn.Linear):
@@ -907,8 +920,10 @@ class CausalSelfAttention(nn.Module):
         self.use_value_embed = layer >= args.num_layers - args.value_embed_layers
         if self.use_value_embed:
             self.ve_gain = nn.Parameter(torch.full((1,), 0.5))  # 1-D: the artifact packs no 0-d floats
-        # Per-head output gate read from the first ATTN_GATE_DIMS input dims (all: gated attention; few: sparse gate).
+        # Per-head output gate read from the first ATTN_GATE_DIMS input dims (all: gated attention; few: sparse gate):
+        # max * sigmoid(scale * logit); the default max 2 makes the zero-initialized gate start as the identity.
         self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
+        self.attn_gate_max, self.attn_gate_scale = args.attn_gate_max, args.attn_gate_scale
         self.softmax_scale = None
 
     def forward(self, x: Tensor, docs: dict[str, Tensor], value_embed: Tensor | None = None) -> Tensor:
@@ -924,8 +939,8 @@ class CausalSelfAttention(nn.Module):
         if self.xsa:
             y = remove_self_value(y, v)
         if self.attn_gate is not None:
-            # 2 * sigmoid: the zero-initialized gate starts as the identity.
-            gate = 2 * torch.sigmoid(F.linear(x[..., : self.attn_gate.size(1)], self.attn_gate.to(x.dtype)))
+            logit = F.linear(x[..., : self.attn_gate.size(1)], self.attn_gate.to(x.dtype))
+            gate = self.attn_gate_max * torch.sigmoid(self.attn_gate_scale * logit)
             y = y * gate.transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -990,6 +1005,17 @@ class Block(nn.Module):
             h = F.rms_norm(out, (x.size(-1),)) * self.norm_scale
         return out + self.mlp_scale.to(x.dtype) * self.mlp(h)
 
+    def two_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, docs: dict[str, Tensor], value_embed: Tensor | None,
+                  resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+        # Two-lane parallel block: attention reads lane0 (mixed with x0), the MLP reads lane1, and each lane keeps
+        # resid[lane] of itself plus post[0, lane] of the attention output and post[1, lane] of the MLP output.
+        mix, resid, post = self.resid_mix.to(lane0.dtype), resid.to(lane0.dtype), post.to(lane0.dtype)
+        h = F.rms_norm(mix[0] * lane0 + mix[1] * x0, (lane0.size(-1),)) * self.norm_scale
+        attn = self.attn_scale.to(lane0.dtype) * self.attn(h, docs, value_embed)
+        mlp = self.mlp_scale.to(lane0.dtype) * self.mlp(F.rms_norm(lane1, (lane1.size(-1),)) * self.norm_scale)
+        return (resid[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp,
+                resid[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp)
+
 
 def bigram_buckets(input_ids: Tensor, buckets: int) -> Tensor:
     # Hash of (previous, current) token; a position with no previous token of its own document (window start,
@@ -1023,16 +1049,34 @@ class GPT(nn.Module):
         self.logit_softcap, self.softcap_fp32 = args.logit_softcap, args.softcap_fp32
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         attach_bigram(self, args)
-        # SmearGate: per-dim mix with the previous token's embedding, sigmoid(3) ~ 0.95 keeps mostly the current one.
-        self.smear_gate = nn.Parameter(torch.full((dim,), 3.0)) if args.smear_gate else None
+        # SmearGate: per-dim mix with the previous token's embedding, sigmoid(3) ~ 0.95 keeps mostly the current one;
+        # with SMEAR_GATE_DIMS, adds lambda * sigmoid(w . first dims) of it instead (both zero: off at init).
+        self.smear_gate = self.smear_lambda = None
+        if args.smear_gate:
+            dims = args.smear_gate_dims
+            self.smear_gate = nn.Parameter(torch.zeros(1, dims) if dims else torch.full((dim,), 3.0))
+            self.smear_lambda = nn.Parameter(torch.zeros(1)) if dims else None
         kv_dim = args.num_kv_heads * (dim // args.num_heads)
         self.value_embed = nn.Embedding(args.vocab_size, kv_dim) if args.value_embed_layers else None
-        self.num_encoder_layers = args.num_layers // 2
-        self.num_decoder_layers = args.num_layers - self.num_encoder_layers
-        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
+        # The blocks' run order: each once, and with depth recurrence a second order that reruns the loop
+        # recur_first..recur_last (recur_loops passes in all) before going on. Each order's first half stores U-Net
+        # skips that its second half adds back in reverse, so the looped order pairs more of them.
+        self.recur_first, self.recur_last, self.recur_loops = args.recur_first, args.recur_last, args.recur_loops
+        self.orders = [list(range(args.num_layers))]
+        if self.recur_last >= 0:
+            once, end = self.orders[0], self.recur_last + 1
+            self.orders.append(once[:end] + once[self.recur_first : end] * (self.recur_loops - 1) + once[end:])
+        num_skips = len(self.orders[-1]) // 2
+        # Both orders begin with the same encoder blocks (those before the loop's end): run once, outside the switch.
+        self.shared_blocks = min(args.num_layers // 2, end) if self.recur_last >= 0 else args.num_layers
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if args.skip_gate else None
         self.blocks = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        # Two lanes from decoder layer PARALLEL_LANES_FROM on, mixed per layer by these (rows for all layers, as #1855).
+        self.lanes_from = args.parallel_lanes_from
+        if self.lanes_from >= 0:
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((args.num_layers, 2), 1.1))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(args.num_layers, 2, 2))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -1047,13 +1091,12 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.weight)
             elif args.ortho_init and isinstance(m, CastedLinear):
                 nn.init.orthogonal_(m.weight)
-        # Depth recurrence: once on, blocks recur_first..recur_last run recur_loops times. The switch is a buffer
-        # (the training loop flips it at RECUR_START_FRAC) read by torch.cond, so a compiled graph takes the loop as
-        # soon as it flips, and the artifact keeps it.
-        self.recur_first, self.recur_last, self.recur_loops = args.recur_first, args.recur_last, args.recur_loops
+        # Depth recurrence: once on, the looped order runs. The switch is a buffer (the training loop flips it at
+        # RECUR_START_FRAC) read by torch.cond, so a compiled graph takes the loop as soon as it flips, and the
+        # artifact keeps it.
+        self._recur_on = self.recur_last >= 0 and args.recur_start_frac <= 0  # the buffer's Python mirror, for eager
         if self.recur_last >= 0:
-            self.register_buffer("recur_active", torch.tensor(args.recur_start_frac <= 0))
-            self._recur_on = args.recur_start_frac <= 0  # the buffer's Python mirror, for the eager forward
+            self.register_buffer("recur_active", torch.tensor(self._recur_on))
             self.register_load_state_dict_post_hook(lambda m, _: m.set_recurrence(bool(m.recur_active)))
 
     def set_recurrence(self, on: bool) -> None:
@@ -1068,42 +1111,58 @@ class GPT(nn.Module):
         if self.smear_gate is not None:
             # Gate in the previous token's embedding; a BOS (and the window's first token) takes in nothing.
             prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != BOS_ID)[..., None].to(x.dtype)
-            x = torch.lerp(prev, x, torch.sigmoid(self.smear_gate).to(x.dtype))
+            if self.smear_lambda is None:
+                x = torch.lerp(prev, x, torch.sigmoid(self.smear_gate).to(x.dtype))
+            else:
+                gate = torch.sigmoid(F.linear(x[..., : self.smear_gate.size(1)], self.smear_gate.to(x.dtype)))
+                x = x + self.smear_lambda.to(x.dtype) * gate * prev
         x = F.rms_norm(x, (x.size(-1),))
         value_embed = None if self.value_embed is None else self.value_embed(input_ids).to(x.dtype)
-        x0, skips = x, []
+        x0, skips, shared = x, [], self.shared_blocks
+        x = self.run_blocks(self.orders[0], range(shared), x, x0, skips, docs, value_embed)
 
-        def recur(x: Tensor) -> Tensor:
-            for _ in range(self.recur_loops - 1):
-                for block in self.blocks[self.recur_first : self.recur_last + 1]:
-                    x = block(x, x0, docs, value_embed)
-            return x
+        def rest(order: list[int]):
+            positions = range(shared, len(order))
+            return lambda x, *skips: self.run_blocks(order, positions, x, x0, list(skips), docs, value_embed)
 
-        # The first half stores skips; the second half adds them back in reverse order.
-        for i, block in enumerate(self.blocks):
-            j = i - self.num_encoder_layers
-            if j >= 0 and skips:
-                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                if self.skip_gates is None:
-                    x = x + skip
-                else:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            x = block(x, x0, docs, value_embed)
-            if i == self.recur_last:
-                # Compiled: torch.cond keeps both paths in the graph. Eager: a plain branch (eager cond retraces per call)
-                # on the buffer's Python mirror, as reading a GPU buffer would wait for the GPU on every forward.
-                if torch.compiler.is_compiling():
-                    x = torch.cond(self.recur_active, recur, lambda x: x.clone(), (x,))
-                elif self._recur_on:
-                    x = recur(x)
-            if j < 0:
-                skips.append(x)
+        # Compiled: torch.cond keeps both orders in the graph. Eager: a plain branch (eager cond retraces per call) on
+        # the buffer's Python mirror, as reading a GPU buffer would wait for the GPU on every forward.
+        if len(self.orders) > 1 and torch.compiler.is_compiling():
+            x = torch.cond(self.recur_active, rest(self.orders[1]), rest(self.orders[0]), (x, *skips))
+        else:
+            x = rest(self.orders[self._recur_on])(x, *skips)
         x = F.rms_norm(x, (x.size(-1),))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         if self.softcap_fp32:  # SOFTCAP_FP32=0: the starter's, tanh in the logits' dtype (bf16 under autocast)
             logits = logits.float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+
+    def run_blocks(self, order: list[int], positions: range, x: Tensor, x0: Tensor, skips: list[Tensor],
+                   docs: dict[str, Tensor], value_embed: Tensor | None) -> Tensor:
+        """The blocks at these positions of a run order: its first half appends to skips, its second half adds them
+        back in reverse order; from layer lanes_from on, the second half runs two lanes (x is lane 0) and returns
+        their mean."""
+        half, lane1 = len(order) // 2, None
+        for pos in positions:
+            i, j = order[pos], pos - half
+            two_lanes = j >= 0 and 0 <= self.lanes_from <= i
+            if two_lanes and lane1 is None:
+                lane1 = x
+            if j >= 0 and skips:
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                if self.skip_gates is None:
+                    x = x + skip
+                else:
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+            if two_lanes:
+                x, lane1 = self.blocks[i].two_lanes(x, lane1, x0, docs, value_embed, self.parallel_resid_lambdas[i],
+                                                    self.parallel_post_lambdas[i])
+            else:
+                x = self.blocks[i](x, x0, docs, value_embed)
+            if j < 0:
+                skips.append(x)
+        return x if lane1 is None else 0.5 * (x + lane1)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """matrix -> Muon; embed, head, scalar -> Adam with their own learning rates."""

@@ -14,6 +14,9 @@ OPTIONS = [
     {"ROPE_DIMS": "4"}, {"XSA_LAST_N": "2"}, {"ATTN_GATE_DIMS": "32"}, {"ATTN_GATE_DIMS": "4"},
     {"VALUE_EMBED_LAYERS": "2"}, {"LN_SCALE": "1"}, {"PARALLEL_RESID_FROM": "2"}, {"SKIP_GATE": "1"},
     {"SMEAR_GATE": "1"}, {"BIGRAM_BUCKETS": "16", "BIGRAM_DIM": "8"}, {"RECUR_LAYERS": "1-2", "RECUR_START_FRAC": "0"},
+    {"ATTN_GATE_DIMS": "4", "ATTN_GATE_MAX": "1", "ATTN_GATE_SCALE": "0.5"},
+    {"SMEAR_GATE": "1", "SMEAR_GATE_DIMS": "4"},
+    {"PARALLEL_LANES_FROM": "2"}, {"RECUR_LAYERS": "0-1", "RECUR_START_FRAC": "0", "PARALLEL_LANES_FROM": "3"},
 ]
 EVERYTHING = {"MLP_ACT": "swiglu", "NORM_PCT_DROPOUT": "0.05", "ROPE_DIMS": "4", "XSA_LAST_N": "2",
               "ATTN_GATE_DIMS": "8", "VALUE_EMBED_LAYERS": "2", "LN_SCALE": "1", "ORTHO_INIT": "1",
@@ -170,7 +173,8 @@ def test_norm_pct_dropout_zeroes_the_largest_rows():
     out = tg.norm_pct_dropout(h, 0.2)
     assert out[0, 8:].abs().sum() == 0 and torch.equal(out[0, :8], h[0, :8])
 
-@pytest.mark.parametrize("env", [{"SMEAR_GATE": "1"}, {"BIGRAM_BUCKETS": "16", "BIGRAM_DIM": "8"}, EVERYTHING])
+@pytest.mark.parametrize("env", [{"SMEAR_GATE": "1"}, {"SMEAR_GATE": "1", "SMEAR_GATE_DIMS": "4"},
+                                 {"BIGRAM_BUCKETS": "16", "BIGRAM_DIM": "8"}, EVERYTHING])
 def test_smear_and_bigram_never_mix_across_a_bos(env):
     model = build(**env)
     model.eval()  # Norm-PCT-Dropout picks rows batch-wide in training
