@@ -66,8 +66,24 @@ SMOKE_PRESET = {
     "ITERATIONS": "80", "WARMUP_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0",
     "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "25", "MUON_MOMENTUM_WARMUP_STEPS": "50",
     "EVAL_STRIDE": "128", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096", "TTT_EPOCHS": "1", "TTT_LR": "0.05",
-    "WARMDOWN_FRAC": "0.3",
+    "WARMDOWN_FRAC": "0.3", "VOCAB_SIZE": "1024", "MUON_BF16": "0",
 }
+# SMOKE=1 on the recipe (not STACK=1.1194, not BASELINE=1): its layer-indexed parts fitted to the smoke's 4 layers.
+SMOKE_RECIPE_PRESET = {"RECUR_LAYERS": "1-2", "PARALLEL_LANES_FROM": "3"}
+# STACK=1.1194: our default before the 1.0611 recipe (the 1.1194-era stack, README "Default stack"): every default
+# the recipe changed, back. BASELINE=1 starts from it.
+STACK_1194_PRESET = {
+    "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
+    "VOCAB_SIZE": "1024", "MLP_MULT": "3", "XSA_LAST_N": "4", "ATTN_GATE_DIMS": "0", "ATTN_GATE_MAX": "2.0",
+    "ATTN_GATE_SCALE": "1.0", "SMEAR_GATE_DIMS": "0", "PARALLEL_RESID_FROM": "7", "PARALLEL_LANES_FROM": "-1",
+    "RECUR_LAYERS": "", "ORTHO_INIT": "0", "BIGRAM_BUCKETS": "2048", "MATRIX_LR": "0.04", "TIED_EMBED_LR": "0.05",
+    "SCALAR_LR": "0.04", "MUON_MOMENTUM": "0.95", "MUON_MOMENTUM_WARMUP_START": "0.85",
+    "MUON_MOMENTUM_WARMUP_STEPS": "500", "MUON_NS_COEFFS": "quintic", "MUON_BF16": "0", "BETA2": "0.95",
+    "MUON_WD": "0.04", "ADAM_WD": "0.0", "EMBED_WD": "0.0", "WARMDOWN_FRAC": "0.72", "MIN_LR": "0.0",
+    "EMA_DECAY": "0.997", "EMA_WARMUP": "1", "GPTQ_RESERVE_SECONDS": "5.0",
+}
+STACKS = ("1.0611", "1.1194")  # STACK=<name>: the default recipe, or the stack before it
+
 # BASELINE=1: the starter's configuration, for every default of the record stack (README "Default stack");
 # SMOKE=1 and explicit env vars win over it, so SMOKE=1 BASELINE=1 is the starter at the smoke scale.
 BASELINE_PRESET = {
@@ -138,8 +154,10 @@ class Hyperparameters:
     def __init__(self, env=None):
         env = dict(os.environ if env is None else env)
         self.explicit = frozenset(env)  # set by the user, not by a preset
-        presets = {**(BASELINE_PRESET if env.get("BASELINE") == "1" else {}),
-                   **(SMOKE_PRESET if env.get("SMOKE") == "1" else {})}
+        baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
+        older = baseline or env.get("STACK") == "1.1194"
+        presets = {**(STACK_1194_PRESET if older else {}), **(BASELINE_PRESET if baseline else {}),
+                   **(SMOKE_PRESET if smoke else {}), **(SMOKE_RECIPE_PRESET if smoke and not older else {})}
         env = {**presets, **env}
         self.settings: dict[str, object] = {}
         self.world_size = int(env.get("WORLD_SIZE", "1"))  # torchrun's; needed by the batch rule
@@ -164,10 +182,11 @@ class Hyperparameters:
         # Data and run identity.
         self.smoke = get("SMOKE", False, _flag)
         get("BASELINE", False, _flag)  # applied with the presets above; read here so the log records it
-        self.data_path = get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+        self.stack = get("STACK", "1.0611")
+        self.data_path = get("DATA_PATH", "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
         self.val_files = os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")  # not the fineweb_val_bytes_* sidecar
-        self.tokenizer_path = get("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.tokenizer_path = get("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
         self.run_id = get("RUN_ID", str(uuid.uuid4()))
         self.seed = get("SEED", 1337, int)
         self.token_loss_path = get("TOKEN_LOSS_PATH", "")
@@ -226,12 +245,12 @@ class Hyperparameters:
     def _read_model(self, get) -> None:
         # Model shape.
         self.model = get("MODEL", "gpt")
-        self.vocab_size = get("VOCAB_SIZE", 1024, int)
+        self.vocab_size = get("VOCAB_SIZE", 8192, int)
         self.num_layers = get("NUM_LAYERS", 11, int)
         self.model_dim = get("MODEL_DIM", 512, int)
         self.num_heads = get("NUM_HEADS", 8, int)
         self.num_kv_heads = get("NUM_KV_HEADS", 4, int)
-        self.mlp_mult = get("MLP_MULT", 3, int)
+        self.mlp_mult = get("MLP_MULT", 4, int)
         self.tie_embeddings = get("TIE_EMBEDDINGS", True, _flag)
         self.rope_base = get("ROPE_BASE", 10000.0, float)
         self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, float)
@@ -243,26 +262,27 @@ class Hyperparameters:
         # evaluation path; 0: plain causal attention over the whole window, as the starter.
         self.doc_attention = get("DOC_ATTENTION", True, _flag)
 
-        # Architecture options (README "Architecture options"); defaults: the record stack. nGPT reads ROPE_DIMS,
-        # ATTN_GATE_DIMS and BigramHash; the others are GPT's.
+        # Architecture options (README "Architecture options"); defaults: the 1.0611 recipe, those that hang on another
+        # setting off where it rules them out. nGPT reads ROPE_DIMS, ATTN_GATE_* and BigramHash; the others are GPT's.
         self.mlp_act = get("MLP_ACT", "leaky2")
         self.norm_pct_dropout = get("NORM_PCT_DROPOUT", 0.0, float)
         self.rope_dims = get("ROPE_DIMS", 16, int)
-        self.xsa_last_n = get("XSA_LAST_N", 4, int)
-        self.attn_gate_dims = get("ATTN_GATE_DIMS", 0, int)
-        self.attn_gate_max = get("ATTN_GATE_MAX", 2.0, float)
-        self.attn_gate_scale = get("ATTN_GATE_SCALE", 1.0, float)
+        self.xsa_last_n = get("XSA_LAST_N", 11, int)
+        self.attn_gate_dims = get("ATTN_GATE_DIMS", 12, int)
+        self.attn_gate_max = get("ATTN_GATE_MAX", 1.0, float)
+        self.attn_gate_scale = get("ATTN_GATE_SCALE", 0.5, float)
         self.value_embed_layers = get("VALUE_EMBED_LAYERS", 0, int)
         self.ln_scale = get("LN_SCALE", True, _flag)
-        self.ortho_init = get("ORTHO_INIT", False, _flag)
-        self.parallel_resid_from = get("PARALLEL_RESID_FROM", 7, int)
-        self.parallel_lanes_from = get("PARALLEL_LANES_FROM", -1, int)
+        self.ortho_init = get("ORTHO_INIT", True, _flag)
+        self.parallel_resid_from = get("PARALLEL_RESID_FROM", -1, int)
+        lanes = 8 if self.parallel_resid_from < 0 and self.num_layers > 8 else -1
+        self.parallel_lanes_from = get("PARALLEL_LANES_FROM", lanes, int)
         self.skip_gate = get("SKIP_GATE", True, _flag)
         self.smear_gate = get("SMEAR_GATE", True, _flag)
-        self.smear_gate_dims = get("SMEAR_GATE_DIMS", 0, int)
-        self.bigram_buckets = get("BIGRAM_BUCKETS", 2048, int)
+        self.smear_gate_dims = get("SMEAR_GATE_DIMS", 12 if self.smear_gate else 0, int)
+        self.bigram_buckets = get("BIGRAM_BUCKETS", 0, int)
         self.bigram_dim = get("BIGRAM_DIM", 128, int)
-        self.recur_layers = get("RECUR_LAYERS", "")
+        self.recur_layers = get("RECUR_LAYERS", "3-5" if self.num_layers >= 6 else "")  # no default loop below 6
         self.recur_loops = get("RECUR_LOOPS", 3, int)
         self.recur_start_frac = get("RECUR_START_FRAC", 0.35, float)
 
@@ -282,33 +302,33 @@ class Hyperparameters:
         # Optimizers.
         self.embed_lr = get("EMBED_LR", 0.6, float)
         self.head_lr = get("HEAD_LR", 0.008, float)
-        self.tied_embed_lr = get("TIED_EMBED_LR", 0.05, float)
-        self.matrix_lr = get("MATRIX_LR", 0.04, float)
-        self.scalar_lr = get("SCALAR_LR", 0.04, float)
-        self.muon_momentum = get("MUON_MOMENTUM", 0.95, float)
+        self.tied_embed_lr = get("TIED_EMBED_LR", 0.03, float)
+        self.matrix_lr = get("MATRIX_LR", 0.026, float)
+        self.scalar_lr = get("SCALAR_LR", 0.02, float)
+        self.muon_momentum = get("MUON_MOMENTUM", 0.97, float)
         self.muon_backend_steps = get("MUON_BACKEND_STEPS", 5, int)
-        self.muon_momentum_warmup_start = get("MUON_MOMENTUM_WARMUP_START", 0.85, float)
-        self.muon_momentum_warmup_steps = get("MUON_MOMENTUM_WARMUP_STEPS", 500, int)
+        self.muon_momentum_warmup_start = get("MUON_MOMENTUM_WARMUP_START", 0.92, float)
+        self.muon_momentum_warmup_steps = get("MUON_MOMENTUM_WARMUP_STEPS", 1500, int)
         self.beta1 = get("BETA1", 0.9, float)
-        self.beta2 = get("BETA2", 0.95, float)
+        self.beta2 = get("BETA2", 0.99, float)
         self.adam_eps = get("ADAM_EPS", 1e-8, float)
         self.grad_clip_norm = get("GRAD_CLIP_NORM", 0.3, float)
 
         # Optimizer, schedule and data-order options (README "Optimizer, schedule and data options").
-        self.muon_ns_coeffs = get("MUON_NS_COEFFS", "quintic")
-        self.muon_bf16 = get("MUON_BF16", False, _flag)
+        self.muon_ns_coeffs = get("MUON_NS_COEFFS", "polar_express_plain")
+        self.muon_bf16 = get("MUON_BF16", True, _flag)
         self.muon_row_norm = get("MUON_ROW_NORM", True, _flag)
         self.muon_post_ns_row_norm = get("MUON_POST_NS_ROW_NORM", False, _flag)
         self.normuon_beta2 = get("NORMUON_BETA2", 0.0, float)
-        self.muon_wd = get("MUON_WD", 0.04, float)
-        self.adam_wd = get("ADAM_WD", 0.0, float)
-        self.embed_wd = get("EMBED_WD", self.adam_wd, float)
+        self.muon_wd = get("MUON_WD", 0.095, float)
+        self.adam_wd = get("ADAM_WD", 0.02, float)
+        self.embed_wd = get("EMBED_WD", 0.085, float)
         self.cautious_wd = get("CAUTIOUS_WD", False, _flag)
-        self.warmdown_frac = get("WARMDOWN_FRAC", 0.72, float)
+        self.warmdown_frac = get("WARMDOWN_FRAC", 0.85, float)
         self.min_lr_frac = get("MIN_LR_FRAC", 0.0, float)
-        self.min_lr = get("MIN_LR", 0.0, float)
-        self.ema_decay = get("EMA_DECAY", 0.997, float)
-        self.ema_warmup = get("EMA_WARMUP", True, _flag)
+        self.min_lr = get("MIN_LR", 0.1, float)
+        self.ema_decay = get("EMA_DECAY", 0.9965, float)
+        self.ema_warmup = get("EMA_WARMUP", False, _flag)
         self.train_loader = get("TRAIN_LOADER", "sequential")
         self.prefetch_batches = get("PREFETCH_BATCHES", 2, int)  # built ahead by a background thread; 0: none
 
@@ -327,7 +347,7 @@ class Hyperparameters:
         self.gptq = get("GPTQ", True, _flag)
         self.gptq_embed = get("GPTQ_EMBED", True, _flag)
         self.gptq_calib_batches = get("GPTQ_CALIB_BATCHES", 1, int)
-        self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 5.0, float)
+        self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 0.5, float)
         self.gptq_damp = get("GPTQ_DAMP", 0.01, float)
         self.gptq_block = get("GPTQ_BLOCK", 128, int)
         self.lowrank_rank = get("LOWRANK_RANK", 0, int)
@@ -358,7 +378,7 @@ class Hyperparameters:
                     raise ConfigError(f"{name}={s[name]} is out of range: it must lie in {interval}")
         for name, choices in (("MUON_NS_COEFFS", NS_COEFFS), ("TRAIN_LOADER", TRAIN_LOADERS), ("MLP_ACT", MLP_ACTS),
                               ("QUANT", QUANT_BITS), ("QUANT_ATTN", QUANT_BITS), ("QUANT_MLP", QUANT_BITS),
-                              ("QUANT_EMBED", QUANT_BITS), ("PLAN_GPU", GPU_SPECS)):
+                              ("QUANT_EMBED", QUANT_BITS), ("PLAN_GPU", GPU_SPECS), ("STACK", STACKS)):
             if name in s and s[name] not in choices:
                 raise ConfigError(f"{name}={s[name]!r} is unknown; choose one of {sorted(choices)}")
         if self.compressor not in [*available_compressors(), "best"]:
@@ -489,9 +509,11 @@ def load_data_shard(file, vocab_size: int | None = None) -> Tensor:
 def shard_files(pattern: str, split: str) -> list[Path]:
     files = [Path(p) for p in sorted(glob.glob(pattern))]
     if not files:
+        folder = Path(pattern).parent.name
+        variant = folder.removeprefix("fineweb10B_") if folder.startswith("fineweb10B_") else "sp8192_caseops"
         raise ConfigError(
             f"no {split} shards match {pattern}: download them with "
-            "`python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80`, "
+            f"`python3 data/cached_challenge_fineweb.py --variant {variant} --train-shards 80`, "
             "point DATA_PATH at a folder of fineweb_*.bin shards, or run with SMOKE=1 for the offline smoke dataset"
         )
     for f in files:
@@ -1531,6 +1553,8 @@ class Muon(torch.optim.Optimizer):
                 g = g.bfloat16()
             # This rank's chunk of the group keeps its stacked momentum (and NorMuon) state with the group's first matrix.
             buf = self.state[ps[0]].setdefault("momentum_buffer", torch.zeros_like(g))
+            if buf.dtype != g.dtype:  # load_state_dict (warm-up's restore, a resume) casts state to the fp32 params
+                buf = self.state[ps[0]]["momentum_buffer"] = buf.to(g.dtype)  # exact: it held bf16 values
             buf.mul_(group["momentum"]).add_(g)
             G = g.add(buf, alpha=group["momentum"])
             if group["row_norm"]:  # MuonEq-R: equalize row norms (taken in fp32) before orthogonalizing

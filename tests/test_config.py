@@ -34,8 +34,10 @@ def test_smoke_preset_yields_to_explicit_env():
 
 
 def test_baseline_preset_restores_the_starter_under_smoke_and_explicit_env():
-    stack, starter = tg.Hyperparameters({}).settings, tg.Hyperparameters({"BASELINE": "1"}).settings
-    assert all(stack[k] != starter[k] for k in tg.BASELINE_PRESET)  # no dead entries
+    stack, starter = tg.Hyperparameters({"STACK": "1.1194"}).settings, tg.Hyperparameters({"BASELINE": "1"}).settings
+    assert all(stack[k] != starter[k] for k in tg.BASELINE_PRESET)  # no dead entries (BASELINE=1 is on STACK=1.1194)
+    recipe = tg.Hyperparameters({}).settings
+    assert all(recipe[k] != stack[k] for k in tg.STACK_1194_PRESET)  # every entry changes something
     assert (starter["NUM_LAYERS"], starter["MLP_MULT"], starter["MLP_ACT"], starter["QUANT"]) == (9, 2, "relu2", "int8")
     args = tg.Hyperparameters({"SMOKE": "1", "BASELINE": "1", "MLP_ACT": "swiglu"})
     assert args.num_layers == int(tg.SMOKE_PRESET["NUM_LAYERS"]) and args.ttt_enabled  # the smoke scale wins
@@ -53,7 +55,7 @@ BAD_SETTINGS = [
     ({"RECUR_LAYERS": "2"}, "RECUR_LAYERS"), ({"RECUR_LAYERS": "1-2", "RECUR_LOOPS": "1"}, "RECUR_LOOPS"),
     ({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS"),
     ({"LORA_TTT_ENABLED": "1", "LORA_CHUNK_TOKENS": "4096"}, "LORA_CHUNK_TOKENS"),
-    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"), ({"MAX_WALLCLOCK_SECONDS": "4"}, "GPTQ_RESERVE_SECONDS"),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"), ({"MAX_WALLCLOCK_SECONDS": "0.4"}, "GPTQ_RESERVE_SECONDS"),
     # out of range: negative counts, zero sizes, fractions outside [0, 1], open bounds
     ({"ITERATIONS": "-5"}, "ITERATIONS"), ({"ITERATIONS": "0"}, "ITERATIONS"), ({"TRAIN_BATCH_TOKENS": "0"}, "TRAIN_BATCH_TOKENS"),
     ({"NUM_LAYERS": "0"}, "NUM_LAYERS"), ({"WARMUP_STEPS": "-1"}, "WARMUP_STEPS"), ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),

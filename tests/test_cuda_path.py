@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(torch.version.cuda is None,
                                 reason="fake CUDA tensors need a CUDA build of torch (the CI installs one)")
 
 CUDA = torch.device("cuda", 0)
-CASES = {"gpt": {}, "ngpt": {"MODEL": "ngpt"}, "gpt_recurrence": {"RECUR_LAYERS": "3-5", "RECUR_START_FRAC": "0"}}
+# The default (the recipe, its loop not yet on), nGPT, the loop on, and the 1.1194-era stack.
+CASES = {"gpt": {}, "ngpt": {"MODEL": "ngpt"}, "gpt_recurrence": {"RECUR_START_FRAC": "0"}, "stack_1194": {"STACK": "1.1194"}}
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_full_size_training_step_runs_on_fake_cuda_in_the_gpu_dtypes(case, fake_
     graph = make_fx(train_loss)(params, buffers, x, y)
     loss = graph(params, buffers, x, y)
     assert loss.shape == () and loss.dtype == torch.float32 and loss.device == CUDA
-    recurrent = (args.recur_loops - 1) * 3 if args.recur_layers else 0
+    recurrent = (args.recur_loops - 1) * 3 if args.recur_layers and args.recur_start_frac <= 0 else 0
     assert attention.calls == args.num_layers + recurrent  # every attention call took the flash kernel in bf16
     matmuls = [n for n in graph.graph.nodes if n.target in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default)]
     assert matmuls and all(a.meta["val"].dtype == torch.bfloat16 for n in matmuls for a in n.args)

@@ -130,7 +130,7 @@ def test_baseline_setting_is_the_starter_model_and_the_default_is_the_stack():
     names = set(tg.build_model(tiny_args(NUM_LAYERS=4), CPU).state_dict())
     assert all(n.startswith(("tok_emb.", "skip_weights", "blocks.")) for n in names)
     assert len(names) == 1 + 1 + 4 * 10  # per block: q, k, v, proj, q_gain, fc, proj, two scales, resid_mix
-    stack = tg.build_model(tiny_args(NUM_LAYERS=4, BASELINE=0, ROPE_DIMS=4), CPU)
+    stack = tg.build_model(tiny_args(NUM_LAYERS=4, BASELINE=0, STACK="1.1194", ROPE_DIMS=4), CPU)
     extra = {n.split(".")[0] for n in stack.state_dict()} - {n.split(".")[0] for n in names}
     assert {"bigram", "smear_gate", "skip_gates"} <= extra, extra
     assert stack.blocks[0].mlp.fc.weight.shape[0] == 3 * 32

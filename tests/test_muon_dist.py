@@ -15,7 +15,7 @@ import train_gpt as tg
 # on 2 ranks); NorMuon adds optimizer state; GRAD_CLIP_NORM keeps its default 0.3, which the first steps exceed.
 TOY = {"VOCAB_SIZE": "64", "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
        "ROPE_DIMS": "4", "BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "16", "ITERATIONS": "6", "MAX_WALLCLOCK_SECONDS": "0",
-       "MUON_MOMENTUM_WARMUP_STEPS": "3", "NORMUON_BETA2": "0.9"}
+       "MUON_MOMENTUM_WARMUP_STEPS": "3", "NORMUON_BETA2": "0.9", "MUON_BF16": "0"}  # fp32: the tolerance is fp32's
 STEPS, BATCH, SEQ = 6, 8, 16
 
 

@@ -88,7 +88,7 @@ def test_optimizer_steps_keep_matrices_and_hidden_states_on_the_sphere(tiny_data
 
 
 def test_sphere_matrices_get_no_weight_decay_and_the_ema_average_is_put_back_on_the_sphere():
-    args = tg.Hyperparameters({**TINY, "ADAM_WD": "0.1"})
+    args = tg.Hyperparameters({**TINY, "ADAM_WD": "0.1", "EMBED_WD": "0.1"})
     model = tg.build_model(args, CPU)
     assert model.weight_decays(args) == {"matrix": 0.0, "embed": 0.1, "head": 0.1, "scalar": 0.1}
     optimizers, muon = tg.build_optimizers(args, model)
@@ -109,7 +109,7 @@ def test_sphere_matrices_get_no_weight_decay_and_the_ema_average_is_put_back_on_
 
 
 def test_bigram_hash_feeds_ngpt_off_the_sphere_and_changes_its_output(tiny_data):
-    args = tg.Hyperparameters(TINY)  # BigramHash is on by default
+    args = tg.Hyperparameters({**TINY, "BIGRAM_BUCKETS": "2048"})
     torch.manual_seed(0)
     model = tg.build_model(args, CPU)
     assert model.bigram is not None and model.bigram_proj.weight.abs().sum() == 0

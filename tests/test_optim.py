@@ -168,3 +168,28 @@ def test_ema_averages_every_step_and_apply_copies_the_average_in():
     ema.apply()
     for k, v in model.state_dict().items():
         assert torch.allclose(v, expected[k], atol=1e-6), k
+
+
+def test_bf16_momentum_stays_bf16_through_a_state_restore():
+    # load_state_dict casts optimizer state to the (fp32) parameters' dtype; warm-up's restore and a resume do it.
+    # The restored run must step exactly as the uninterrupted one.
+    args = tiny_args(BASELINE=0, STACK="1.1194", MUON_BF16=1, NUM_LAYERS=2, ROPE_DIMS=4)
+    x = torch.randint(0, args.vocab_size, (2, 16))
+
+    def run(restore: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = tg.build_model(args, CPU)
+        optimizers, muon = tg.build_optimizers(args, model)
+        for step in range(3):
+            model(x, x).mean().backward()
+            tg.step_optimizers(optimizers, muon, args.grad_clip_norm)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            if restore and step == 0:
+                states = [opt.state_dict() for opt in optimizers]
+                for opt, state in zip(optimizers, states):
+                    opt.load_state_dict(state)
+        assert all(s["momentum_buffer"].dtype == torch.bfloat16 for s in muon.state.values())
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))

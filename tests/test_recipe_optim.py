@@ -400,13 +400,13 @@ def test_recipe_optim_is_the_records_configuration(pr1855):
 
 
 def test_recipe_settings_and_the_defaults_of_the_new_ones():
-    """RECIPE_OPTIM is a valid configuration; the new settings keep today's numerics unless set: EMBED_WD follows
-    ADAM_WD, MIN_LR=0 floors nothing, EMA_WARMUP=1, MUON_BF16=0."""
+    """RECIPE_OPTIM is a valid configuration and the default; STACK=1.1194 keeps the earlier numerics: no embedding
+    decay, MIN_LR=0 floors nothing, EMA_WARMUP=1, MUON_BF16=0."""
     args = recipe_args()
     assert (args.embed_wd, args.adam_wd, args.muon_wd, args.min_lr) == (0.085, 0.02, 0.095, 0.1)
-    default = tg.Hyperparameters({})
-    assert (default.min_lr, default.ema_warmup, default.muon_bf16) == (0.0, True, False)
-    assert tg.Hyperparameters({"ADAM_WD": "0.3"}).embed_wd == 0.3
+    assert all(tg.Hyperparameters({}).settings[k] == args.settings[k] for k in RECIPE_OPTIM)
+    older = tg.Hyperparameters({"STACK": "1.1194"})
+    assert (older.embed_wd, older.min_lr, older.ema_warmup, older.muon_bf16) == (0.0, 0.0, True, False)
     for name, value in (("MIN_LR", "1.5"), ("EMBED_WD", "-0.1"), ("MUON_NS_COEFFS", "polar")):
         with pytest.raises(tg.ConfigError, match=name):
             tg.Hyperparameters({name: value})
