@@ -18,6 +18,7 @@ RECIPE_QUANT = {
     "QUANT_GATE": "int8",  # GATED_ATTN_QUANT_GATE=1
     "QUANT_CONTROL": "fp16",  # its passthrough stores every float tensor of <= 65,536 values in fp16
     "LOWRANK_RANK": "4", "LOWRANK_TENSORS": "3", "LOWRANK_GROUP": "64",  # LQER_RANK, LQER_TOP_K, LQER_ASYM_GROUP
+    "COMPRESSOR": "zpaq",  # the ZPAQ of its per-group lrzip, in one stream and without its row sort (README)
 }
 # The record's settings for the same (the reproduce command's; its LQER_FACTOR_BITS=4 is for the symmetric
 # packing, which its asymmetric one replaces whenever the group divides B).
