@@ -158,13 +158,14 @@ def test_recipe_quantization_equals_the_records_on_random_hessians(pr1855):
 
 
 class RandomTokens:
-    """The record's calibration loader, on random tokens."""
+    """The record's calibration loader, on random tokens without a BOS: its calibration forward lets attention cross
+    documents, ours (DOC_ATTENTION=1) does not."""
 
     def __init__(self, vocab: int, batch: int, seq: int):
         self.vocab, self.shape = vocab, (batch, seq)
 
     def next_batch(self, global_tokens, grad_accum_steps):
-        x = torch.randint(0, self.vocab, self.shape)
+        x = torch.randint(tg.BOS_ID + 1, self.vocab, self.shape)
         return x, x
 
 
@@ -202,3 +203,35 @@ def test_zpaq_round_trips_and_beats_every_other_compressor_on_int6_codes():
     assert all(torch.equal(back[n][p], e[p]) for n, e in qsd.items() for p in e if p != "dtype")
     best = tg.pack_artifact(qsd, {}, "best")
     assert tg.artifact_compressor(best) != "zpaq" and len(blob) < len(best)
+
+
+def test_our_recipe_model_quantizes_as_the_record_on_the_same_weights(pr1855):
+    """Our GPT with the record's model settings (tests/test_recipe_model.py) holding its weights: our Hessians equal
+    its collect_hessians' (times its batch count) to float32 rounding, and on its Hessians our quantizer gives every
+    tensor of ours the record's treatment of its counterpart, bit for bit (gates, smear gate and lambdas included)."""
+    from test_recipe_model import pair
+
+    shape = {"NUM_LAYERS": "2", "MODEL_DIM": "384", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "VOCAB_SIZE": "512",
+             "XSA_LAST_N": "2", "RECUR_LAYERS": "", "PARALLEL_LANES_FROM": "1"}
+    record, ours = pair(pr1855, shape, {"num_layers": 2, "model_dim": 384, "vocab_size": 512, "xsa_last_n": 2,
+                                        "num_loops": 0, "parallel_start_layer": 1, **RECORD_QUANT})
+    h = pr1855_settings(pr1855, **RECORD_QUANT)
+    torch.manual_seed(3)
+    loader = RandomTokens(512, 2, 64)
+    batches = [loader.next_batch(0, 1) for _ in range(2)]
+    loader.next_batch = lambda *_: batches.pop(0)
+    theirs = pr1855.collect_hessians(record, loader, h, torch.device("cpu"), n_calibration_batches=2)
+    torch.manual_seed(3)
+    mine = tg.collect_hessians(ours, [RandomTokens(512, 2, 64).next_batch(0, 1) for _ in range(2)])
+    for name, H in theirs.items():
+        assert torch.allclose(mine[name] / 2, H, rtol=1e-4, atol=1e-4 * H.abs().max().item()), name
+    sd = record.state_dict()
+    sd_record = pr1855._unbank_state_dict(sd, 2)
+    result, meta = pr1855.gptq_mixed_quantize(sd_record, theirs, h)
+    qsd = tg.quantize_state_dict(ours.state_dict(), recipe_args(), theirs)
+    ref = pr1855.dequantize_mixed(result, meta, sd_record)
+    back = tg.dequantize_state_dict(qsd)
+    renamed = {n.replace("attn.attn_gate_w", "attn.attn_gate").replace("smear_gate.weight", "smear_gate"): t
+               for n, t in ref.items()}
+    assert set(back) - {"recur_active"} == set(renamed)
+    assert all(torch.equal(back[n], renamed[n].to(back[n].dtype)) for n in renamed)
