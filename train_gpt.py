@@ -132,7 +132,8 @@ SETTING_RANGES = {
                 "ATTN_GATE_DIMS SMEAR_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS "
                 "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
                 "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD "
-                "EMBED_WD GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS SIZE_MARGIN_BYTES CHECKPOINT_EVERY_SECONDS",
+                "EMBED_WD GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS LOWRANK_GROUP SIZE_MARGIN_BYTES "
+                "CHECKPOINT_EVERY_SECONDS",
     "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT ATTN_GATE_MAX ATTN_GATE_SCALE NGPT_ALPHA_INIT NGPT_ALPHA_SCALE "
                 "NGPT_LOGIT_SCALE_INIT ADAM_EPS SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
     "[0, 1)": "TTT_MOMENTUM NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 NORMUON_BETA2 EMA_DECAY",
@@ -343,6 +344,8 @@ class Hyperparameters:
         self.sdclip_k_attn = get("SDCLIP_K_ATTN", 12.85, float)
         self.sdclip_k_mlp = get("SDCLIP_K_MLP", 12.85, float)
         self.sdclip_k_embed = get("SDCLIP_K_EMBED", 10.0, float)
+        self.quant_gate = get("QUANT_GATE", "float")  # int8: attention-gate matrices per row, at |w|max
+        self.quant_control = get("QUANT_CONTROL", "fp32")  # how control tensors kept float are stored
         self.qat_start = get("QAT_START", 1.0, float)  # off: on the smoke model it lost to GPTQ alone
         self.gptq = get("GPTQ", True, _flag)
         self.gptq_embed = get("GPTQ_EMBED", True, _flag)
@@ -350,8 +353,10 @@ class Hyperparameters:
         self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 0.5, float)
         self.gptq_damp = get("GPTQ_DAMP", 0.01, float)
         self.gptq_block = get("GPTQ_BLOCK", 128, int)
+        self.gptq_fp64 = get("GPTQ_FP64", True, _flag)  # 0: the Hessian's inverse in float32, as the 1.0611 record
         self.lowrank_rank = get("LOWRANK_RANK", 0, int)
         self.lowrank_tensors = get("LOWRANK_TENSORS", 4, int)
+        self.lowrank_group = get("LOWRANK_GROUP", 0, int)  # 0: fp16 factors; g: int2 A, int4 B in groups of g
         self.compressor = get("COMPRESSOR", "best")
         self.byte_shuffle = get("BYTE_SHUFFLE", True, _flag)
         self.code_pack = get("CODE_PACK", True, _flag)
@@ -378,11 +383,13 @@ class Hyperparameters:
                     raise ConfigError(f"{name}={s[name]} is out of range: it must lie in {interval}")
         for name, choices in (("MUON_NS_COEFFS", NS_COEFFS), ("TRAIN_LOADER", TRAIN_LOADERS), ("MLP_ACT", MLP_ACTS),
                               ("QUANT", QUANT_BITS), ("QUANT_ATTN", QUANT_BITS), ("QUANT_MLP", QUANT_BITS),
-                              ("QUANT_EMBED", QUANT_BITS), ("PLAN_GPU", GPU_SPECS), ("STACK", STACKS)):
+                              ("QUANT_EMBED", QUANT_BITS), ("QUANT_GATE", ("float", "int8")),
+                              ("QUANT_CONTROL", ("fp32", "fp16")), ("PLAN_GPU", GPU_SPECS), ("STACK", STACKS)):
             if name in s and s[name] not in choices:
                 raise ConfigError(f"{name}={s[name]!r} is unknown; choose one of {sorted(choices)}")
         if self.compressor not in [*available_compressors(), "best"]:
-            raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli); "
+            raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli; "
+                              "zpaq: pip install zpaq); "
                               f"choose best or one of {available_compressors()}")
         if self.export_format not in EXPORT_FORMATS:
             raise ConfigError(f"EXPORT_FORMAT={self.export_format!r} is unknown; choose one of {list(EXPORT_FORMATS)}")
@@ -1720,7 +1727,8 @@ class WeightEMA:
 # QUANTIZATION AND EXPORT
 # -----------------------------
 # Matrices become per-row integer codes (in int8 containers, which entropy-code better than bit-packed ones)
-# with fp16 row scales; each tensor class has its own precision; vectors, control and tiny tensors stay float.
+# with fp16 row scales; each tensor class has its own precision; vectors, control and tiny tensors stay float,
+# but for the attention gate (QUANT_GATE=int8: per row at |w|max, the 1.0611 record's gate quantization).
 # Steps: SDClip scales -> GPTQ on Hessians from training batches -> optional low-rank correction -> pack ->
 # smallest of the compressors -> if over the cap, zero the smallest weights until it fits.
 # Artifact = MAGIC + compressor name + compressed(payload); payload = 4-byte manifest length + JSON manifest
@@ -1752,18 +1760,30 @@ def _brotli():
     return brotli
 
 
+def _zpaq():
+    import zpaq  # a requirement, like brotli
+
+    return zpaq
+
+
 COMPRESSORS = {
     "zlib": (lambda b: zlib.compress(b, 9), zlib.decompress),
     "zstd": (lambda b: _zstd().ZstdCompressor(level=22).compress(b), lambda b: _zstd().ZstdDecompressor().decompress(b)),
     "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
     "brotli": (lambda b: _brotli().compress(b, quality=11, lgwin=24), lambda b: _brotli().decompress(b)),
+    # ZPAQ's strongest method (context mixing): within 0.2% of the codes' entropy, 0.83% under brotli on a full-size
+    # artifact, but slow; in up to 4 blocks of 4 MB or more (3.7 KB more than 1 there), compressed and decompressed
+    # in parallel.
+    "zpaq": (lambda b: _zpaq().compress(b, level=5, threads=min(4, 1 + len(b) // 2**22)), lambda b: _zpaq().decompress(b)),
 }
+BEST_COMPRESSORS = ("zlib", "zstd", "lzma", "brotli")  # COMPRESSOR=best: zpaq only by name, for its time
 
 
 def available_compressors() -> list[str]:
-    """What COMPRESSOR=best tries: every compressor whose module imports here (brotli is optional)."""
+    """Every compressor whose module imports here (brotli and zpaq are optional)."""
     names = []
-    for name, module in (("zlib", "zlib"), ("zstd", "zstandard"), ("lzma", "lzma"), ("brotli", "brotli")):
+    for name, module in (("zlib", "zlib"), ("zstd", "zstandard"), ("lzma", "lzma"), ("brotli", "brotli"),
+                         ("zpaq", "zpaq")):
         try:
             __import__(module)
             names.append(name)
@@ -1773,8 +1793,11 @@ def available_compressors() -> list[str]:
 
 
 def tensor_class(name: str, t: Tensor) -> str | None:
-    """The precision setting a tensor follows: 'embed' (embedding, head), 'attn' (.attn. matrices), 'mlp' (other
-    matrices); None for tensors kept float (vectors, control tensors, tiny matrices)."""
+    """The precision setting a tensor follows: 'gate' (attention-gate matrices), 'embed' (embedding, head), 'attn'
+    (.attn. matrices), 'mlp' (other matrices); None for tensors kept float (vectors, other control tensors, tiny
+    matrices)."""
+    if t.is_floating_point() and t.ndim == 2 and "attn_gate" in name:
+        return "gate"
     if not t.is_floating_point() or t.ndim != 2 or t.numel() <= KEEP_FLOAT_MAX_NUMEL \
             or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
         return None
@@ -1784,15 +1807,18 @@ def tensor_class(name: str, t: Tensor) -> str | None:
 
 
 def quant_plan(args: Hyperparameters) -> dict[str, tuple[int, float]]:
-    """Tensor class -> (bits, SDClip k)."""
+    """Tensor class -> (bits, SDClip k); k = 0: no clipping. A float gate stays as the control tensor it is."""
     return {"attn": (QUANT_BITS[args.quant_attn], args.sdclip_k_attn), "mlp": (QUANT_BITS[args.quant_mlp], args.sdclip_k_mlp),
-            "embed": (QUANT_BITS[args.quant_embed], args.sdclip_k_embed)}
+            "embed": (QUANT_BITS[args.quant_embed], args.sdclip_k_embed),
+            "gate": (QUANT_BITS.get(args.quant_gate, 32), 0.0)}
 
 
 def sdclip_scales(w: Tensor, qmax: int, k: float) -> Tensor:
     # SDClip: clip each row at k standard deviations, so the grid step (and with it the entropy of the codes) follows
-    # the row's spread, not its outliers; rounded to the fp16 that is stored, so both sides use one grid.
-    return (k * w.float().std(dim=1) / qmax).clamp_min(1e-7).half().float()
+    # the row's spread, not its outliers; rounded to the fp16 that is stored, so both sides use one grid. k = 0: the
+    # row's largest |w| is the grid's end, nothing is clipped.
+    spread = k * w.float().std(dim=1) if k else w.float().abs().amax(dim=1)
+    return (spread / qmax).clamp_min(1e-7).half().float()
 
 
 def fake_quantize(w: Tensor, qmax: int, k: float) -> Tensor:
@@ -1846,14 +1872,15 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
     return hessians
 
 
-def gptq(w: Tensor, scale: Tensor, qmax: int, H: Tensor, damp: float, block: int) -> Tensor:
+def gptq(w: Tensor, scale: Tensor, qmax: int, H: Tensor, damp: float, block: int, fp64: bool = True) -> Tensor:
     """GPTQ (Frantar et al. 2022): quantize columns in order of decreasing Hessian diagonal (act-order), each
-    column's rounding error pushed onto the columns not yet quantized, block by block. Returns the codes."""
-    W, H = w.float().clone(), H.double().clone()
+    column's rounding error pushed onto the columns not yet quantized, block by block. Returns the codes. The
+    Hessian is inverted in float64 (fp64=False: float32, as the 1.0611 record; about 1 code in 1,300 differs)."""
+    W, H = w.float().clone(), H.to(torch.float64 if fp64 else torch.float32).clone()
     dead = H.diagonal() == 0  # inputs that never fired: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H.diagonal().add_(damp * H.diagonal().mean())
+    H.diagonal().add_(damp * H.diag().mean())  # mean of a contiguous copy: the record's summation order
     perm = torch.argsort(H.diagonal(), descending=True)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
@@ -1881,24 +1908,49 @@ def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, he
         dtype = str(t.dtype).removeprefix("torch.")
         cls = tensor_class(name, t)
         if cls is None or plan[cls][0] >= 16:
-            keep = torch.float32 if any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS) else torch.float16
+            control = any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS) and args.quant_control == "fp32"
+            keep = torch.float32 if control else torch.float16
             out[name] = {"w": (t.to(keep) if t.is_floating_point() else t).cpu().contiguous(), "dtype": dtype}
             continue
         bits, k = plan[cls]
         qmax = 2 ** (bits - 1) - 1
         scale = sdclip_scales(t, qmax, k)
-        H = (hessians or {}).get(name) if cls != "embed" or args.gptq_embed else None
-        q = gptq(t, scale, qmax, H.to(t.device), args.gptq_damp, args.gptq_block) if H is not None \
+        H = (hessians or {}).get(name) if cls in ("attn", "mlp") or cls == "embed" and args.gptq_embed else None
+        q = gptq(t, scale, qmax, H.to(t.device), args.gptq_damp, args.gptq_block, args.gptq_fp64) if H is not None \
             else (t.float() / scale[:, None]).round().clamp(-qmax, qmax)
         out[name] = {"q": q.to(torch.int8).cpu().contiguous(), "scale": scale.half().cpu(), "dtype": dtype}
-        if args.lowrank_rank:
+        if args.lowrank_rank and cls != "gate":
             errors[name] = t.float().cpu() - q.cpu() * scale.cpu()[:, None]
-    # Low-rank correction (LQER): the top singular directions of the largest quantization errors, stored in fp16.
+    # Low-rank correction (LQER): the top singular directions of the largest quantization errors.
     for name in sorted(errors, key=lambda n: -errors[n].norm().item())[: args.lowrank_tensors]:
         U, S, Vh = torch.linalg.svd(errors[name], full_matrices=False)
         r = args.lowrank_rank
-        out[name].update(lr_a=(U[:, :r] * S[:r]).half().contiguous(), lr_b=Vh[:r].half().contiguous())
+        out[name].update(pack_lowrank(U[:, :r] * S[:r], Vh[:r], args.lowrank_group))
     return out
+
+
+def absmax_codes(x: Tensor, half_steps: float, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Each row of x on a grid of |row|max / half_steps (an fp16 scale per row), codes clamped to [lo, hi]."""
+    s = (x.abs().amax(dim=1, keepdim=True) / half_steps).clamp_min(1e-7).half()
+    return (x / s.float()).round().clamp(lo, hi).to(torch.int8).contiguous(), s
+
+
+def pack_lowrank(a: Tensor, b: Tensor, group: int) -> dict[str, Tensor]:
+    """The correction a @ b: fp16 factors, or with LOWRANK_GROUP=g (when g divides b's size) the 1.0611 record's
+    asymmetric packing: a in int2 [-2, 1] with one scale, b in int4 [-8, 7] with a scale per g values in a row."""
+    if not group or b.numel() % group:
+        return {"lr_a": a.half().contiguous(), "lr_b": b.half().contiguous()}
+    qa, sa = absmax_codes(a.reshape(1, -1), 1.5, -2, 1)
+    qb, sb = absmax_codes(b.reshape(-1, group), 7.5, -8, 7)
+    return {"lr_a": qa.view_as(a), "lr_sa": sa, "lr_b": qb.view_as(b), "lr_sb": sb}
+
+
+def lowrank_term(e: dict) -> Tensor:
+    a, b = e["lr_a"].float(), e["lr_b"].float()
+    if "lr_sa" in e:  # int2/int4 codes: one scale for a, one per group of b's values
+        a = a * e["lr_sa"].float()
+        b = (b.reshape(e["lr_sb"].size(0), -1) * e["lr_sb"].float()).view_as(b)
+    return a @ b
 
 
 def quantize_starter_int8(state_dict: dict[str, Tensor]) -> dict[str, dict]:
@@ -1932,7 +1984,7 @@ def dequantize_state_dict(qsd: dict[str, dict]) -> dict[str, Tensor]:
         dtype = getattr(torch, e["dtype"])
         if "q" in e:
             w = e["q"].float() * e["scale"].float()[:, None]
-            out[name] = (w + e["lr_a"].float() @ e["lr_b"].float() if "lr_a" in e else w).to(dtype)
+            out[name] = (w + lowrank_term(e) if "lr_a" in e else w).to(dtype)
         else:
             out[name] = e["w"].to(dtype)
     return out
@@ -1956,7 +2008,7 @@ def pack_artifact(qsd: dict[str, dict], settings: dict, compressor: str, shuffle
     manifest = json.dumps({"version": ARTIFACT_VERSION, "settings": settings, "tensors": table, "shuffle": shuffle,
                            "dtypes": {n: e["dtype"] for n, e in qsd.items()}}, separators=(",", ":")).encode()
     payload = len(manifest).to_bytes(4, "little") + manifest + b"".join(chunks)
-    names = available_compressors() if compressor == "best" else [compressor]
+    names = [c for c in available_compressors() if c in BEST_COMPRESSORS] if compressor == "best" else [compressor]
     with ThreadPoolExecutor(len(names)) as pool:
         blobs = pool.map(lambda c: ARTIFACT_MAGIC + bytes([len(c)]) + c.encode() + COMPRESSORS[c][0](payload), names)
         return min(blobs, key=len)
@@ -2008,7 +2060,7 @@ def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
     compressor = blob[len(ARTIFACT_MAGIC) + 1 : len(ARTIFACT_MAGIC) + 1 + blob[len(ARTIFACT_MAGIC)]].decode()
     if compressor not in available_compressors():
         raise ConfigError(f"{source}: compressor {compressor!r} is unknown or not installed here "
-                          "(brotli: pip install brotli); use a train_gpt.py and packages that know it")
+                          "(brotli: pip install brotli; zpaq: pip install zpaq); use a train_gpt.py and packages that know it")
     return compressor
 
 

@@ -163,7 +163,7 @@ def test_every_compressor_round_trips_bit_exactly(compressor, shuffle):
 
 def test_best_compressor_keeps_the_smallest_and_shuffle_helps_floats():
     qsd = _qsd()
-    sizes = {c: len(tg.pack_artifact(qsd, {}, c)) for c in tg.available_compressors()}
+    sizes = {c: len(tg.pack_artifact(qsd, {}, c)) for c in tg.available_compressors() if c in tg.BEST_COMPRESSORS}
     best = tg.pack_artifact(qsd, {}, "best")
     assert len(best) == min(sizes.values()) and tg.artifact_compressor(best) in sizes
     floats = {"x": {"w": (0.02 * torch.randn(256, 256)).half(), "dtype": "float32"}}
