@@ -81,6 +81,9 @@ STACK_1194_PRESET = {
     "MUON_MOMENTUM_WARMUP_STEPS": "500", "MUON_NS_COEFFS": "quintic", "MUON_BF16": "0", "BETA2": "0.95",
     "MUON_WD": "0.04", "ADAM_WD": "0.0", "EMBED_WD": "0.0", "WARMDOWN_FRAC": "0.72", "MIN_LR": "0.0",
     "EMA_DECAY": "0.997", "EMA_WARMUP": "1", "GPTQ_RESERVE_SECONDS": "5.0",
+    "QUANT_EMBED": "int8", "SDCLIP_K_ATTN": "12.85", "SDCLIP_K_MLP": "12.85", "SDCLIP_K_EMBED": "10.0",
+    "QUANT_GATE": "float", "QUANT_CONTROL": "fp32", "GPTQ_CALIB_BATCHES": "1", "GPTQ_FP64": "1", "LOWRANK_RANK": "0",
+    "LOWRANK_TENSORS": "4", "LOWRANK_GROUP": "0",
 }
 STACKS = ("1.0611", "1.1194")  # STACK=<name>: the default recipe, or the stack before it
 
@@ -340,23 +343,23 @@ class Hyperparameters:
         self.quant = get("QUANT", "int6")
         self.quant_attn = get("QUANT_ATTN", self.quant)
         self.quant_mlp = get("QUANT_MLP", self.quant)
-        self.quant_embed = get("QUANT_EMBED", "int8")
-        self.sdclip_k_attn = get("SDCLIP_K_ATTN", 12.85, float)
-        self.sdclip_k_mlp = get("SDCLIP_K_MLP", 12.85, float)
-        self.sdclip_k_embed = get("SDCLIP_K_EMBED", 10.0, float)
-        self.quant_gate = get("QUANT_GATE", "float")  # int8: attention-gate matrices per row, at |w|max
-        self.quant_control = get("QUANT_CONTROL", "fp32")  # how control tensors kept float are stored
+        self.quant_embed = get("QUANT_EMBED", "int7")
+        self.sdclip_k_attn = get("SDCLIP_K_ATTN", 13.0, float)
+        self.sdclip_k_mlp = get("SDCLIP_K_MLP", 11.5, float)
+        self.sdclip_k_embed = get("SDCLIP_K_EMBED", 14.0, float)
+        self.quant_gate = get("QUANT_GATE", "int8")  # int8: attention-gate matrices per row, at |w|max
+        self.quant_control = get("QUANT_CONTROL", "fp16")  # how control tensors kept float are stored
         self.qat_start = get("QAT_START", 1.0, float)  # off: on the smoke model it lost to GPTQ alone
         self.gptq = get("GPTQ", True, _flag)
         self.gptq_embed = get("GPTQ_EMBED", True, _flag)
-        self.gptq_calib_batches = get("GPTQ_CALIB_BATCHES", 1, int)
+        self.gptq_calib_batches = get("GPTQ_CALIB_BATCHES", 2, int)
         self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 0.5, float)
         self.gptq_damp = get("GPTQ_DAMP", 0.01, float)
         self.gptq_block = get("GPTQ_BLOCK", 128, int)
-        self.gptq_fp64 = get("GPTQ_FP64", True, _flag)  # 0: the Hessian's inverse in float32, as the 1.0611 record
-        self.lowrank_rank = get("LOWRANK_RANK", 0, int)
-        self.lowrank_tensors = get("LOWRANK_TENSORS", 4, int)
-        self.lowrank_group = get("LOWRANK_GROUP", 0, int)  # 0: fp16 factors; g: int2 A, int4 B in groups of g
+        self.gptq_fp64 = get("GPTQ_FP64", False, _flag)  # 0: the Hessian's inverse in float32, as the 1.0611 record
+        self.lowrank_rank = get("LOWRANK_RANK", 4, int)
+        self.lowrank_tensors = get("LOWRANK_TENSORS", 3, int)
+        self.lowrank_group = get("LOWRANK_GROUP", 64, int)  # 0: fp16 factors; g: int2 A, int4 B in groups of g
         self.compressor = get("COMPRESSOR", "best")
         self.byte_shuffle = get("BYTE_SHUFFLE", True, _flag)
         self.code_pack = get("CODE_PACK", True, _flag)
