@@ -52,8 +52,9 @@ RECORD = dict(
     global_ttt_epochs=1, global_ttt_chunk_tokens=SEQ, global_ttt_batch_seqs=32, global_ttt_warmup_chunks=0,
     global_ttt_grad_clip=1.0, global_ttt_respect_doc_boundaries=True,
 )
-# Distinct lengths: one batch order on both sides; the longest document alone in the short batch, taken first.
-DOC_LENGTHS = [23, 5, 41, 12, 60, 9, 33, 17, 70, 3, 28, 50, 14, 37, 8]
+# Distinct lengths: one batch order on both sides; the longest document alone in the short batch, taken first;
+# every document at least 3 chunks long, so that a slot's warm A reaches the next document's scores.
+DOC_LENGTHS = [23, 20, 41, 26, 60, 29, 33, 21, 70, 24, 28, 50, 31, 37, 22]
 
 
 def val_stream(lengths=DOC_LENGTHS, seed=0) -> torch.Tensor:
@@ -237,3 +238,49 @@ def test_phased_ttt_gives_the_records_per_token_losses(pr1855, monkeypatch, caps
               f"record {t2 - t1:.1f}s")
     assert diff < 2e-5
     assert vl == pytest.approx(rvl, abs=2e-6) and vb == pytest.approx(rvb, abs=2e-6)
+
+
+def scoring_rounds(args, model, tokens, monkeypatch):
+    """Per-target losses of phased_ttt and the round that scored each target (0, 1, ...)."""
+    rounds = torch.full((tokens.numel() - 1,), -1)
+    add_scores = tg.add_scores
+    calls = []
+
+    def record_round(tok_loss, mask, x, y, idx, *rest):
+        rounds[idx[mask]] = len(calls)
+        calls.append(1)
+        return add_scores(tok_loss, mask, x, y, idx, *rest)
+
+    monkeypatch.setattr(tg, "add_scores", record_round)
+    losses = torch.zeros(tokens.numel() - 1)
+    tg.evaluate_phased_ttt(args, model, tokens, luts(), 0, 1, CPU, losses=losses)
+    monkeypatch.undo()
+    return losses, rounds
+
+
+# 70: taken first, trained on in phases 1 and 3; 24: in a batch after the last phase, reaching the next batch
+# through its slot's warm A only.
+@pytest.mark.parametrize("length", [70, 24])
+def test_phased_ttt_is_score_first(length, monkeypatch):
+    # Changing token p changes no loss scored before target p - 1 (the first to see it, as its label): not in an
+    # earlier round, whatever the document, nor earlier in that round. It does change later documents' losses.
+    args = tg.Hyperparameters(OURS)
+    torch.manual_seed(0)
+    model = tg.build_model(args, CPU)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    tokens = val_stream()
+    doc = sum(DOC_LENGTHS[: DOC_LENGTHS.index(length)])
+    p = doc + length // 2
+    changed = tokens.clone()
+    changed[p] = 2 + (tokens[p] - 1) % (VOCAB - 2)
+    base, rounds = scoring_rounds(args, model, tokens, monkeypatch)
+    other, _ = scoring_rounds(args, model, changed, monkeypatch)
+    assert (rounds >= 0).all()
+    target = torch.arange(rounds.numel())
+    before = (rounds < rounds[p - 1]) | ((rounds == rounds[p - 1]) & (target < p - 1))
+    assert torch.equal(base[before], other[before])
+    assert (base[p - 1] - other[p - 1]).abs() > 0
+    elsewhere = (target < doc) | (target >= doc + length)
+    assert (base[elsewhere] - other[elsewhere]).abs().max() > 1e-4
