@@ -140,6 +140,10 @@ SETTING_RANGES = {
               "NORMUON_BETA2 EMA_DECAY",
     "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC MIN_LR QAT_START",
     "[-1, inf)": "PARALLEL_RESID_FROM PARALLEL_LANES_FROM",
+    "[0, 1)": "TTT_MOMENTUM LORA_BETA1 LORA_BETA2 NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 "
+              "NORMUON_BETA2 EMA_DECAY",
+    "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC MIN_LR QAT_START",
+    "[-1, inf)": "PARALLEL_RESID_FROM PARALLEL_LANES_FROM",
 }
 
 
@@ -1431,9 +1435,10 @@ def cuda_layout(model: nn.Module, args: Hyperparameters) -> nn.Module:
     return model
 
 
-def compiled(model: nn.Module, args: Hyperparameters) -> nn.Module:
-    # One graph per input shape, no graph breaks (COMPILE=0: the module itself, eager).
-    return torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+def compiled(model: nn.Module, args: Hyperparameters, dynamic: bool | None = False) -> nn.Module:
+    # One graph per input shape (dynamic=None: a size that changes becomes symbolic), no graph breaks (COMPILE=0: the
+    # module itself, eager).
+    return torch.compile(model, dynamic=dynamic, fullgraph=True) if args.compile else model
 
 
 def autocast(device: torch.device):
@@ -2416,7 +2421,8 @@ class LoRA(nn.Module):
     """Adapters per batch row ("slot") on each module named by LORA_TARGETS: a forward hook adds
     LORA_SCALE * x @ A[slot] @ B[slot] to its output, x its first input, so any MODEL adapts unchanged (GPT: c_q,
     c_k, c_v, proj, fc; attn and mlp as wholes, from their normed input; lm_head or tied_head). B starts at 0 (no
-    change); A from one draw for all slots, so a document scores the same whatever slot it lands in."""
+    change); A from one draw for all slots, so a document scores the same whatever slot it lands in. active = False
+    switches them off without unhooking (phased TTT trains the model alone), so a compiled model keeps its graphs."""
 
     def __init__(self, model: nn.Module, patterns: str, rank: int, slots: int, seed: int, scale: float = 1.0):
         super().__init__()
@@ -2425,13 +2431,23 @@ class LoRA(nn.Module):
             raise ConfigError(f"LORA_TARGETS={patterns!r} matches no module called on a tensor; names look like "
                               f"{[n for n, m in model.named_modules() if isinstance(m, CastedLinear)][:4]}")
         dev = next(model.parameters()).device
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        self.A = nn.ParameterList(nn.Parameter(((2 * torch.rand(n_in, rank, generator=gen, device=dev) - 1)
-                                                / n_in ** 0.5).repeat(slots, 1, 1)) for _, n_in, _ in targets)
-        self.B = nn.ParameterList(nn.Parameter(torch.zeros(slots, rank, n_out, device=dev)) for *_, n_out in targets)
+        self.A = nn.ParameterList(nn.Parameter(torch.empty(slots, n_in, rank, device=dev)) for _, n_in, _ in targets)
+        self.B = nn.ParameterList(nn.Parameter(torch.empty(slots, rank, n_out, device=dev)) for *_, n_out in targets)
+        self.draw(seed)
+        self.active = True
+        for (m, *_), a, b in zip(targets, self.A, self.B):
+            m.register_forward_hook(lambda mod, inp, out, a=a, b=b: out + scale * (inp[0] @ a @ b) if self.active
+                                    else out)
+
+    @torch.no_grad()
+    def draw(self, seed: int) -> None:
+        # Every slot from scratch: B = 0, A (and A_init) uniform in +-1/sqrt(fan-in) from the seed.
+        gen = torch.Generator(device=self.A[0].device).manual_seed(seed)
+        for a, b in zip(self.A, self.B):
+            n_in, rank = a.shape[1:]
+            a.copy_((2 * torch.rand(n_in, rank, generator=gen, device=a.device) - 1) / n_in ** 0.5)
+            b.zero_()
         self.A_init = [a.detach().clone() for a in self.A]
-        self.hooks = [m.register_forward_hook(lambda mod, inp, out, a=a, b=b: out + scale * (inp[0] @ a @ b))
-                      for (m, *_), a, b in zip(targets, self.A, self.B)]
 
     @torch.no_grad()
     def reset(self, slots: Tensor, warm_a: bool) -> None:
@@ -2440,10 +2456,6 @@ class LoRA(nn.Module):
             b[slots] = 0
             if not warm_a:
                 a[slots] = a_init[slots]
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
 
 
 class SlotAdam(torch.optim.Optimizer):
@@ -2506,7 +2518,9 @@ def lora_round(net, opt, rows, tokens, seq_len, chunk, luts, totals, losses, ada
     device = tokens.device
     start, chunk_start, end = (torch.tensor([row[i] if row else 0 for row in rows], device=device) for i in range(3))
     stop = torch.minimum(chunk_start + chunk, end)
-    idx = torch.maximum(start, stop - seq_len)[:, None] + torch.arange(seq_len, device=device)
+    # Windows only as long as this round's longest context (whole chunks, at most seq_len): early chunks cost little.
+    width = min(seq_len, -(-int((stop - start).max()) // chunk) * chunk)
+    idx = torch.maximum(start, stop - width)[:, None] + torch.arange(width, device=device)
     # Tokens past this chunk's last target are not scored yet: they are blanked, never read.
     known = idx < stop[:, None]
     scored = known & (idx >= chunk_start[:, None])
@@ -2544,7 +2558,7 @@ def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, devi
     docs = iter(docs)
     model = copy.deepcopy(base_model).requires_grad_(False)
     lora, opt = attach_lora(args, model, args.seed)
-    net = compiled(model, args)
+    net = compiled(model, args, dynamic=None)  # lora_round's windows grow with the chunks: one more graph
     tokens = lora_tokens(val_tokens, device, seq_len)
     compile_s = warm_up(net, list(lora.parameters()), args.vocab_size, device,
                         [(slots, seq_len, True), (slots, seq_len, False)]) if args.compile else 0.0
@@ -2603,7 +2617,7 @@ def evaluate_phased_ttt(args, base_model, val_tokens, luts, rank, world_size, de
     boundaries = [prefix * k // phases for k in range(1, phases + 1)] if prefix else []
     mine = sum(docs[d][1] - docs[d][0] for k in order[rank::world_size] for d in batches[k])
     model = copy.deepcopy(base_model).requires_grad_(False)
-    net = compiled(model, args)
+    net = compiled(model, args, dynamic=None)  # lora_round's windows grow with the chunks: one more graph
     lora, opt = attach_lora(args, model, args.seed)
     tokens = lora_tokens(val_tokens, device, seq_len)
     compile_s = warm_up(net, list(lora.parameters()), args.vocab_size, device,
@@ -2634,7 +2648,7 @@ def evaluate_phased_ttt(args, base_model, val_tokens, luts, rank, world_size, de
         taken += sum(len(batches[k]) for k in order[turn : turn + world_size])
         if phase < len(boundaries) and taken >= boundaries[phase]:
             t = time.perf_counter()
-            lora.remove()  # the copy trains alone
+            lora.active = False  # the copy trains alone
             # The first `boundary` documents taken, in length order (batch, then row): all scored by now.
             trained = [d for k in sorted(order[: turn + world_size]) for d in batches[k]][: boundaries[phase]]
             if agree(adapting, device):
@@ -2646,7 +2660,8 @@ def evaluate_phased_ttt(args, base_model, val_tokens, luts, rank, world_size, de
                     trainer.train(stream, c, num_chunks)
                 model.requires_grad_(False)
             phase += 1
-            lora, opt = attach_lora(args, model, args.seed + phase)
+            lora.active = True
+            lora.draw(args.seed + phase)
             global_s += time.perf_counter() - t
             if rank == 0:
                 print(f"eval:phased_ttt phase:{phase}/{phases} docs:{len(trained)} "
@@ -2709,6 +2724,7 @@ EVAL_PATHS = {
 GPU_SPECS = {"H100": (81_559, 989.0), "H200": (143_771, 989.0), "A100": (81_251, 312.0)}
 # FineWeb val tokens with sp1024 (the starter's log: val_loader tokens:63779840): what every evaluation path reads.
 PLAN_VAL_TOKENS = 63_779_840
+PLAN_VAL_DOCS = 50_000  # the challenge's val split: the first 50,000 FineWeb documents
 # Public measured runs (8xH100 SXM): settings of ours that express them, ms/step, peak allocated MiB (None: not
 # logged), torch version, and each run's training FLOPs per token as PLAN=1 counts them for those settings.
 PLAN_POINTS = (
@@ -2898,6 +2914,11 @@ def project_eval_seconds(args: Hyperparameters, forward_token: float, train_toke
         out["ttt"] = (window_tokens * forward_token + (chunks - 1) * args.ttt_chunk_tokens * args.ttt_epochs * train_token) / adaptive
     if args.lora_ttt_enabled:  # a lower bound: the longest document sets the number of rounds
         out["lora_ttt"] = n / args.lora_chunk_tokens * seq * train_token / adaptive
+    if args.phased_ttt_enabled:  # rounds as lora_ttt's; its prefix documents (the longest) counted as average ones
+        phases = args.phased_ttt_num_phases
+        prefix = min(args.phased_ttt_prefix_docs, PLAN_VAL_DOCS) * n / PLAN_VAL_DOCS
+        trained = sum(k / phases for k in range(1, phases + 1)) * prefix * args.ttt_epochs  # cumulative phases
+        out["phased_ttt"] = (n / args.lora_chunk_tokens * seq + trained) * train_token / adaptive
     return out
 
 

@@ -7,6 +7,7 @@ partial RoPE, XSA on all layers, LN scale, skip gates, tied embeddings, document
 name from the record's randomized ones. Its random A draws are replaced by ours (the same distribution), and its
 LoRA alpha set so alpha / rank is the recipe's 144 / 80."""
 
+import copy
 import time
 
 import pytest
@@ -24,7 +25,7 @@ RECIPE_TTT = {
     "LORA_LR": "0.0001", "LORA_BETA1": "0", "LORA_BETA2": "0.99", "LORA_EPS": "1e-10", "LORA_WD": "0.5",
     "LORA_WARM_A": "1", "LORA_TARGETS": "*.c_q,*.c_k,*.c_v,*.attn,*.mlp,tied_head,lm_head",
     "TTT_PARAMS": "*", "TTT_LR": "0.001", "TTT_MOMENTUM": "0.9", "TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "32768",
-    "TTT_GRAD_CLIP": "1.0", "DOC_ATTENTION": "1", "EVAL_MAX_SECONDS": "600",
+    "TTT_GRAD_CLIP": "1.0", "DOC_ATTENTION": "1",
 }
 
 VOCAB, LAYERS, DIM, HEADS, KV_HEADS, SEQ = 64, 2, 32, 4, 2, 32
@@ -111,11 +112,10 @@ def record_loras(lora):
 
 def our_draws(args, model, seed) -> dict[str, torch.Tensor]:
     """Our adapters' initial A for a seed, by module name (in x rank; every slot the same)."""
-    names = {m: name for name, m in model.named_modules()}
-    targets = tg.adapter_sizes(model, args.lora_targets)
-    lora = tg.LoRA(model, args.lora_targets, args.lora_rank, 1, seed, args.lora_scale)
-    lora.remove()
-    return {names[m]: a[0] for (m, *_), a in zip(targets, lora.A_init)}
+    targets = {m for m, *_ in tg.adapter_sizes(model, args.lora_targets)}
+    names = [name for name, m in model.named_modules() if m in targets]
+    lora = tg.LoRA(copy.deepcopy(model), args.lora_targets, args.lora_rank, 1, seed, args.lora_scale)
+    return {name: a[0] for name, a in zip(names, lora.A_init)}
 
 
 def varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, *_, causal=True, **__):
