@@ -48,4 +48,5 @@ def test_a_compiled_run_never_breaks_a_graph_and_trains_on_the_graphs_its_warm_u
     assert re.search(r"^ema:applied", log, re.M)
     for what in ("sliding_window", "ttt", "lora_ttt", "phased_ttt"):
         assert re.search(rf"^final_{what}_exact ", log, re.M), what
-    assert counters["stats"]["unique_graphs"] <= 16  # a fixed, small number for the whole run
+    # A fixed, small number for the whole run (17 with phased_ttt: its windows' dynamic length, its training graph).
+    assert counters["stats"]["unique_graphs"] <= 18
