@@ -2599,6 +2599,15 @@ def length_batches(docs: list[tuple[int, int]], slots: int) -> tuple[list[list[i
     return batches, sorted(range(len(batches)), key=lambda k: -length[batches[k][-1]])
 
 
+def sgd_pass(args, model, net, stream, rank, world_size, device) -> None:
+    # Phased TTT's global step: ChunkSGD over a stream of scored tokens, every chunk but the last; frozen again after.
+    trainer = ChunkSGD(args, model, net, rank, world_size, device)
+    num_chunks = -(-(stream.numel() - 1) // args.ttt_chunk_tokens)
+    for c in range(num_chunks - 1):
+        trainer.train(stream, c, num_chunks)
+    model.requires_grad_(False)
+
+
 def evaluate_phased_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *, losses=None):
     """Phased score-first TTT, the 1.0611 record's (#1855) evaluation, on a copy of base_model. Documents go in
     length_batches of LORA_SLOTS, dealt over ranks in turn; a batch's rows start together and run lora_rounds in
@@ -2653,12 +2662,7 @@ def evaluate_phased_ttt(args, base_model, val_tokens, luts, rank, world_size, de
             trained = [d for k in sorted(order[: turn + world_size]) for d in batches[k]][: boundaries[phase]]
             if agree(adapting, device):
                 stream = torch.cat([val_tokens[docs[d][0] : docs[d][1] + 1] for d in trained])
-                stream = stream.to(device=device, dtype=torch.int64)
-                trainer = ChunkSGD(args, model, net, rank, world_size, device)
-                num_chunks = -(-(stream.numel() - 1) // args.ttt_chunk_tokens)
-                for c in range(num_chunks - 1):
-                    trainer.train(stream, c, num_chunks)
-                model.requires_grad_(False)
+                sgd_pass(args, model, net, stream.to(device=device, dtype=torch.int64), rank, world_size, device)
             phase += 1
             lora.active = True
             lora.draw(args.seed + phase)
