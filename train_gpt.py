@@ -126,11 +126,12 @@ RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_
                                                     "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES".split())
 # The range of every numeric setting but SEED, as an interval; validate() checks them with the other rules.
 SETTING_RANGES = {
-    "[1, inf)": "VAL_BATCH_SIZE TTT_CHUNK_TOKENS TTT_EPOCHS LORA_RANK LORA_CHUNK_TOKENS LORA_SLOTS ITERATIONS "
-                "TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_DIM "
+    "[1, inf)": "VAL_BATCH_SIZE TTT_CHUNK_TOKENS TTT_EPOCHS LORA_RANK LORA_CHUNK_TOKENS LORA_SLOTS PHASED_TTT_NUM_PHASES "
+                "ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_DIM "
                 "MUON_BACKEND_STEPS GPTQ_CALIB_BATCHES GPTQ_BLOCK PLAN_WORLD_SIZE CHECKPOINT_KEEP",
     "[2, inf)": "VOCAB_SIZE RECUR_LOOPS",
     "[0, inf)": "PREFETCH_BATCHES VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
+                "LORA_WD PHASED_TTT_PREFIX_DOCS "
                 "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
                 "ATTN_GATE_DIMS SMEAR_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS "
                 "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
@@ -138,8 +139,13 @@ SETTING_RANGES = {
                 "EMBED_WD GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS LOWRANK_GROUP SIZE_MARGIN_BYTES "
                 "CHECKPOINT_EVERY_SECONDS",
     "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT ATTN_GATE_MAX ATTN_GATE_SCALE NGPT_ALPHA_INIT NGPT_ALPHA_SCALE "
-                "NGPT_LOGIT_SCALE_INIT ADAM_EPS SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
-    "[0, 1)": "TTT_MOMENTUM NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 NORMUON_BETA2 EMA_DECAY",
+                "NGPT_LOGIT_SCALE_INIT ADAM_EPS LORA_SCALE LORA_EPS SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
+    "[0, 1)": "TTT_MOMENTUM LORA_BETA1 LORA_BETA2 NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 "
+              "NORMUON_BETA2 EMA_DECAY",
+    "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC MIN_LR QAT_START",
+    "[-1, inf)": "PARALLEL_RESID_FROM PARALLEL_LANES_FROM",
+    "[0, 1)": "TTT_MOMENTUM LORA_BETA1 LORA_BETA2 NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 "
+              "NORMUON_BETA2 EMA_DECAY",
     "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC MIN_LR QAT_START",
     "[-1, inf)": "PARALLEL_RESID_FROM PARALLEL_LANES_FROM",
 }
@@ -245,6 +251,17 @@ class Hyperparameters:
         self.lora_chunk_tokens = get("LORA_CHUNK_TOKENS", 256, int)
         self.lora_slots = get("LORA_SLOTS", 64, int)
         self.lora_warm_a = get("LORA_WARM_A", False, _flag)
+        self.lora_scale = get("LORA_SCALE", 1.0, float)
+        self.lora_beta1 = get("LORA_BETA1", 0.9, float)
+        self.lora_beta2 = get("LORA_BETA2", 0.95, float)
+        self.lora_eps = get("LORA_EPS", 1e-8, float)
+        self.lora_wd = get("LORA_WD", 0.0, float)
+        # Phased TTT (the 1.0611 record's evaluation): LoRA TTT in batches of similar-length documents, and the model
+        # itself trained by TTT's SGD on the scored documents at PHASED_TTT_NUM_PHASES points of the first
+        # PHASED_TTT_PREFIX_DOCS; its LoRA_* and TTT_* settings are the two paths' own.
+        self.phased_ttt_enabled = get("PHASED_TTT_ENABLED", False, _flag)
+        self.phased_ttt_prefix_docs = get("PHASED_TTT_PREFIX_DOCS", 2500, int)
+        self.phased_ttt_num_phases = get("PHASED_TTT_NUM_PHASES", 3, int)
 
     def _read_model(self, get) -> None:
         # Model shape.
@@ -433,12 +450,12 @@ class Hyperparameters:
         if self.max_wallclock_seconds > 0 and self.gptq and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time within "
                               f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}; lower it or raise the cap")
-        if self.ttt_enabled and self.ttt_chunk_tokens % self.eval_seq_len:
+        if (self.ttt_enabled or self.phased_ttt_enabled) and self.ttt_chunk_tokens % self.eval_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of "
                               f"EVAL_SEQ_LEN={self.eval_seq_len} (the chunk is trained on as whole sequences)")
         if self.resume and self.score_artifact:
             raise ConfigError("RESUME continues a training run and SCORE_ARTIFACT trains nothing: unset one of them")
-        if self.lora_ttt_enabled and self.lora_chunk_tokens > self.eval_seq_len:
+        if (self.lora_ttt_enabled or self.phased_ttt_enabled) and self.lora_chunk_tokens > self.eval_seq_len:
             raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         if not re.match(r"\d+\.\d+", self.plan_torch):
             raise ConfigError(f"PLAN_TORCH={self.plan_torch!r} must be a torch version such as 2.9")
@@ -1070,6 +1087,13 @@ def bigram_features(model: nn.Module, input_ids: Tensor) -> Tensor:
     return model.bigram_proj(model.bigram(bigram_buckets(input_ids, model.bigram.num_embeddings)))
 
 
+class TiedHead(nn.Module):
+    # The tied output projection as a module of its own (no weight: it reads the embedding's), so that a forward
+    # hook sees the head's input and logits, as test-time LoRA's hooks do on every other projection.
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight.to(x.dtype))
+
+
 class GPT(nn.Module):
     """The challenge starter's model (U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap) with
     the architecture options on top; their defaults are the record stack (README "Default stack")."""
@@ -1110,6 +1134,7 @@ class GPT(nn.Module):
             self.parallel_resid_lambdas = nn.Parameter(torch.full((args.num_layers, 2), 1.1))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(args.num_layers, 2, 2))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, bias=False)
+        self.tied_head = TiedHead() if args.tie_embeddings else None
         if self.lm_head is not None:
             self.lm_head._zero_init = True
         if args.tie_embeddings:
@@ -1164,7 +1189,7 @@ class GPT(nn.Module):
         else:
             x = rest(self.orders[self._recur_on])(x, *skips)
         x = F.rms_norm(x, (x.size(-1),))
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
+        logits = self.tied_head(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         if self.softcap_fp32:  # SOFTCAP_FP32=0: the starter's, tanh in the logits' dtype (bf16 under autocast)
             logits = logits.float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -1420,9 +1445,10 @@ def cuda_layout(model: nn.Module, args: Hyperparameters) -> nn.Module:
     return model
 
 
-def compiled(model: nn.Module, args: Hyperparameters) -> nn.Module:
-    # One graph per input shape, no graph breaks (COMPILE=0: the module itself, eager).
-    return torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+def compiled(model: nn.Module, args: Hyperparameters, dynamic: bool | None = False) -> nn.Module:
+    # One graph per input shape (dynamic=None: a size that changes becomes symbolic), no graph breaks (COMPILE=0: the
+    # module itself, eager).
+    return torch.compile(model, dynamic=dynamic, fullgraph=True) if args.compile else model
 
 
 def autocast(device: torch.device):
@@ -2333,10 +2359,60 @@ def agree(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def ttt_params(model: nn.Module, args: Hyperparameters) -> list[nn.Parameter]:
+    # The copy's parameters that TTT_PARAMS names, switched on for training (the copy starts frozen).
+    params = [p.requires_grad_() for name, p in model.named_parameters() if matches(name, args.ttt_params)]
+    if not params:
+        raise ConfigError(f"TTT_PARAMS={args.ttt_params!r} matches no parameter; names look like "
+                          f"{[n for n, _ in model.named_parameters()][:4]}")
+    return params
+
+
+class ChunkSGD:
+    """TTT's training on chunk c of a token stream cut into TTT_CHUNK_TOKENS chunks: the chunk's EVAL_SEQ_LEN
+    sequences, dealt over ranks (a rank short of one trains a zero-weight copy: one shape), get TTT_EPOCHS SGD steps
+    on their mean loss (momentum TTT_MOMENTUM kept across chunks, gradients averaged over ranks, clipped at
+    TTT_GRAD_CLIP, LR TTT_LR cosine-decayed over the chunks) on the parameters matching TTT_PARAMS."""
+
+    def __init__(self, args, model, net, rank, world_size, device):
+        self.args, self.model, self.net = args, model, net
+        self.params = ttt_params(model, args)
+        self.opt = torch.optim.SGD(self.params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+        seq_len = args.eval_seq_len
+        self.num_seqs = args.ttt_chunk_tokens // seq_len
+        self.per_rank = -(-self.num_seqs // world_size)
+        mine = list(range(rank, self.num_seqs, world_size))
+        self.weight = torch.tensor([1.0] * len(mine) + [0.0] * (self.per_rank - len(mine)), device=device)
+        self.seq_starts = torch.tensor((mine + [0] * self.per_rank)[: self.per_rank], device=device) * seq_len
+        self.offsets = torch.arange(seq_len, device=device)
+
+    def train(self, tokens: Tensor, c: int, num_chunks: int) -> None:
+        args = self.args
+        idx = (c * args.ttt_chunk_tokens + self.seq_starts)[:, None] + self.offsets
+        x, y = tokens[idx], tokens[idx + 1]
+        for g in self.opt.param_groups:
+            g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (num_chunks - 1)))
+        for _ in range(args.ttt_epochs):
+            with autocast(tokens.device):
+                loss = (self.net(x, y).float().mean(1) * self.weight).sum() / self.num_seqs
+            loss.backward()
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if distributed_now():  # the per-rank sums add up to the mean over the chunk
+                flat = torch.cat([g.flatten() for g in grads])
+                dist.all_reduce(flat)
+                for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(f.view_as(g))
+            if args.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, args.ttt_grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.model.after_optimizer_step()
+
+
 def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *, losses=None):
     """Score-first TTT on a copy of base_model: each TTT_CHUNK_TOKENS chunk of targets is scored (sliding
-    windows, no gradients), then trained on (TTT_EPOCHS SGD steps, LR cosine-decayed over chunks, gradients
-    averaged over ranks); the last chunk is never trained on. Returns (val_loss, val_bpb, stats)."""
+    windows, no gradients), then trained on (ChunkSGD); the last chunk is never trained on.
+    Returns (val_loss, val_bpb, stats)."""
     t_path = time.perf_counter()
     seq_len, chunk = args.eval_seq_len, args.ttt_chunk_tokens
     num_targets = val_tokens.numel() - 1
@@ -2346,24 +2422,13 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
     for start, first in eval_windows(num_targets, seq_len, args.eval_stride or seq_len):
         windows[(start + first) // chunk].append((start, first))
     model = copy.deepcopy(base_model).requires_grad_(False)
-    params = [p.requires_grad_() for name, p in model.named_parameters() if matches(name, args.ttt_params)]
-    if not params:
-        raise ConfigError(f"TTT_PARAMS={args.ttt_params!r} matches no parameter; names look like "
-                          f"{[n for n, _ in model.named_parameters()][:4]}")
     net = compiled(model, args)
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    trainer = ChunkSGD(args, model, net, rank, world_size, device)
     tokens = val_tokens.to(device=device, dtype=torch.int64)
     # No larger than a chunk's share of windows: a padded batch is paid for in full.
     batch = min(eval_batch(args, world_size, seq_len), -(-max(map(len, windows)) // world_size))
-    # A chunk's training sequences, dealt over ranks; a rank short of one trains a zero-weight copy (one shape).
-    num_seqs = chunk // seq_len
-    per_rank = -(-num_seqs // world_size)
-    my_seqs = list(range(rank, num_seqs, world_size))
-    weight = torch.tensor([1.0] * len(my_seqs) + [0.0] * (per_rank - len(my_seqs)), device=device)
-    seq_starts = torch.tensor((my_seqs + [0] * per_rank)[:per_rank], device=device) * seq_len
-    offsets = torch.arange(seq_len, device=device)
-    compile_s = warm_up(net, params, args.vocab_size, device,
-                        [(batch, seq_len, False), (per_rank, seq_len, True)]) if args.compile else 0.0
+    compile_s = warm_up(net, trainer.params, args.vocab_size, device,
+                        [(batch, seq_len, False), (trainer.per_rank, seq_len, True)]) if args.compile else 0.0
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     score_s, adapted, adapting, t_loop = 0.0, 0, True, time.perf_counter()
     for c in range(num_chunks):
@@ -2380,26 +2445,7 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
         adapting = adapting and agree(within_budget(args, t_path, t_loop, (c + 1) * chunk, num_targets), device)
         if not adapting:
             continue
-        # Every target trained on here lies in chunk c, which was scored just above.
-        idx = (c * chunk + seq_starts)[:, None] + offsets
-        x, y = tokens[idx], tokens[idx + 1]
-        for g in opt.param_groups:
-            g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (num_chunks - 1)))
-        for _ in range(args.ttt_epochs):
-            with autocast(device):
-                loss = (net(x, y).float().mean(1) * weight).sum() / num_seqs
-            loss.backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            if distributed_now():  # the per-rank sums add up to the mean over the chunk
-                flat = torch.cat([g.flatten() for g in grads])
-                dist.all_reduce(flat)
-                for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-                    g.copy_(f.view_as(g))
-            if args.ttt_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.after_optimizer_step()
+        trainer.train(tokens, c, num_chunks)  # chunk c was scored just above
         adapted += 1
     loop_s = time.perf_counter() - t_loop
     vl, vb = finish(totals, losses, num_targets)
@@ -2407,25 +2453,56 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
                     "adapted": f"{adapted}/{num_chunks - 1}chunks"}
 
 
-class LoRA(nn.Module):
-    """Adapters per batch row ("slot") on each CastedLinear named by LORA_TARGETS: a forward hook adds
-    x @ A[slot] @ B[slot], so any MODEL adapts unchanged. B starts at 0 (no change); A from one draw for all
-    slots, so a document scores the same whatever slot it lands in."""
+def adapter_sizes(model: nn.Module, patterns: str) -> list[tuple[nn.Module, int, int]]:
+    """(module, input features, output features) of the modules named by patterns that the model calls on a float
+    tensor and that return one, in module order; read from a forward of one token."""
+    sizes = {}
 
-    def __init__(self, model: nn.Module, patterns: str, rank: int, slots: int, seed: int):
+    def probe(m, inp, out):
+        if inp and torch.is_tensor(inp[0]) and inp[0].is_floating_point() and torch.is_tensor(out):
+            sizes.setdefault(m, (inp[0].size(-1), out.size(-1)))
+
+    named = [m for name, m in model.named_modules() if matches(name, patterns)]
+    hooks = [m.register_forward_hook(probe) for m in named]
+    ids = torch.zeros(1, 1, dtype=torch.int64, device=next(model.parameters()).device)
+    with torch.no_grad():
+        model(ids, ids)
+    for h in hooks:
+        h.remove()
+    return [(m, *sizes[m]) for m in named if m in sizes]
+
+
+class LoRA(nn.Module):
+    """Adapters per batch row ("slot") on each module named by LORA_TARGETS: a forward hook adds
+    LORA_SCALE * x @ A[slot] @ B[slot] to its output, x its first input, so any MODEL adapts unchanged (GPT: c_q,
+    c_k, c_v, proj, fc; attn and mlp as wholes, from their normed input; lm_head or tied_head). B starts at 0 (no
+    change); A from one draw for all slots, so a document scores the same whatever slot it lands in. active = False
+    switches them off without unhooking (phased TTT trains the model alone), so a compiled model keeps its graphs."""
+
+    def __init__(self, model: nn.Module, patterns: str, rank: int, slots: int, seed: int, scale: float = 1.0):
         super().__init__()
-        targets = [m for name, m in model.named_modules() if isinstance(m, CastedLinear) and matches(name, patterns)]
+        targets = adapter_sizes(model, patterns)
         if not targets:
-            raise ConfigError(f"LORA_TARGETS={patterns!r} matches no CastedLinear module; names look like "
+            raise ConfigError(f"LORA_TARGETS={patterns!r} matches no module called on a tensor; names look like "
                               f"{[n for n, m in model.named_modules() if isinstance(m, CastedLinear)][:4]}")
         dev = next(model.parameters()).device
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        self.A = nn.ParameterList(nn.Parameter(((2 * torch.rand(m.in_features, rank, generator=gen, device=dev) - 1)
-                                                / m.in_features ** 0.5).repeat(slots, 1, 1)) for m in targets)
-        self.B = nn.ParameterList(nn.Parameter(torch.zeros(slots, rank, m.out_features, device=dev)) for m in targets)
+        self.A = nn.ParameterList(nn.Parameter(torch.empty(slots, n_in, rank, device=dev)) for _, n_in, _ in targets)
+        self.B = nn.ParameterList(nn.Parameter(torch.empty(slots, rank, n_out, device=dev)) for *_, n_out in targets)
+        self.draw(seed)
+        self.active = True
+        for (m, *_), a, b in zip(targets, self.A, self.B):
+            m.register_forward_hook(lambda mod, inp, out, a=a, b=b: out + scale * (inp[0] @ a @ b) if self.active
+                                    else out)
+
+    @torch.no_grad()
+    def draw(self, seed: int) -> None:
+        # Every slot from scratch: B = 0, A (and A_init) uniform in +-1/sqrt(fan-in) from the seed.
+        gen = torch.Generator(device=self.A[0].device).manual_seed(seed)
+        for a, b in zip(self.A, self.B):
+            n_in, rank = a.shape[1:]
+            a.copy_((2 * torch.rand(n_in, rank, generator=gen, device=a.device) - 1) / n_in ** 0.5)
+            b.zero_()
         self.A_init = [a.detach().clone() for a in self.A]
-        for m, a, b in zip(targets, self.A, self.B):
-            m.register_forward_hook(lambda mod, inp, out, a=a, b=b: out + inp[0] @ a @ b)
 
     @torch.no_grad()
     def reset(self, slots: Tensor, warm_a: bool) -> None:
@@ -2437,11 +2514,11 @@ class LoRA(nn.Module):
 
 
 class SlotAdam(torch.optim.Optimizer):
-    """Adam over per-slot tensors (dim 0 = slot), one step count per slot: reset(slots) restarts slots for new
-    documents, step(train) updates only the slots in train."""
+    """Adam with decoupled weight decay (AdamW) over per-slot tensors (dim 0 = slot), one step count per slot:
+    reset(slots) restarts slots for new documents, step(on) updates only the slots in `on`."""
 
-    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def reset(self, slots: Tensor) -> None:
@@ -2454,8 +2531,8 @@ class SlotAdam(torch.optim.Optimizer):
                     buf[slots] = 0
 
     @torch.no_grad()
-    def step(self, train: Tensor) -> None:
-        on = train.to(torch.float32)[:, None, None]
+    def step(self, on: Tensor) -> None:
+        on = on.to(torch.float32)[:, None, None]
         for group in self.param_groups:
             (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
             for p in group["params"]:
@@ -2464,30 +2541,80 @@ class SlotAdam(torch.optim.Optimizer):
                 state["m"].lerp_(p.grad, (1 - beta1) * on)
                 state["v"].lerp_(p.grad.square(), (1 - beta2) * on)
                 t = state["t"].clamp_min(1)
+                p.mul_(1 - lr * group["weight_decay"] * on)
                 p.sub_(lr * on * state["m"] / (1 - beta1 ** t) / ((state["v"] / (1 - beta2 ** t)).sqrt() + eps))
+
+
+def attach_lora(args: Hyperparameters, model: nn.Module, seed: int) -> tuple[LoRA, SlotAdam]:
+    lora = LoRA(model, args.lora_targets, args.lora_rank, args.lora_slots, seed, args.lora_scale)
+    return lora, SlotAdam(lora.parameters(), args.lora_lr, (args.lora_beta1, args.lora_beta2), args.lora_eps, args.lora_wd)
+
+
+def val_documents(val_tokens: Tensor) -> list[tuple[int, int]]:
+    # (first, end) target indices of each document: a target belongs to the document of its input token, and
+    # documents start at BOS.
+    num_targets = val_tokens.numel() - 1
+    bounds = sorted({0, num_targets, *(val_tokens[:num_targets] == BOS_ID).nonzero().flatten().tolist()})
+    return list(zip(bounds, bounds[1:]))
+
+
+def lora_tokens(val_tokens: Tensor, device: torch.device, seq_len: int) -> Tensor:
+    # Windows may run past the stream's end; those positions are blanked like every unscored one.
+    tokens = val_tokens.to(device=device, dtype=torch.int64)
+    return torch.cat([tokens, tokens.new_zeros(seq_len)])
+
+
+def lora_round(net, opt, rows, tokens, seq_len, chunk, luts, totals, losses, adapting, step_all=False):
+    """One round of LoRA TTT over batch rows [document start, next chunk start, document end] (or None): scores
+    each row's next `chunk` targets with up to seq_len tokens of context from its document, then, while adapting,
+    one Adam step on that same loss trains the rows whose document goes on. step_all: every row holding a document
+    steps, the others on a zero gradient (weight decay, momentum), as one AdamW over the batch does. Advances the
+    rows; returns (targets scored, rows trained)."""
+    device = tokens.device
+    start, chunk_start, end = (torch.tensor([row[i] if row else 0 for row in rows], device=device) for i in range(3))
+    stop = torch.minimum(chunk_start + chunk, end)
+    # Windows only as long as this round's longest context (whole chunks, at most seq_len): early chunks cost little.
+    width = min(seq_len, -(-int((stop - start).max()) // chunk) * chunk)
+    idx = torch.maximum(start, stop - width)[:, None] + torch.arange(width, device=device)
+    # Tokens past this chunk's last target are not scored yet: they are blanked, never read.
+    known = idx < stop[:, None]
+    scored = known & (idx >= chunk_start[:, None])
+    x, y = torch.where(known, tokens[idx], 0), torch.where(known, tokens[idx + 1], 0)
+    train = (stop < end) & adapting
+    with torch.set_grad_enabled(bool(train.any())), autocast(device):
+        tok_loss = net(x, y).float()
+    add_scores(tok_loss.detach(), scored, x, y, idx, luts, totals, losses)
+    if train.any():
+        ((tok_loss * scored).sum(1) / scored.sum(1).clamp_min(1) * train).sum().backward()
+        opt.step(torch.tensor([row is not None for row in rows], device=device) if step_all else train)
+        opt.zero_grad(set_to_none=True)
+    for row, s in zip(rows, stop.tolist()):
+        if row:
+            row[1] = s
+    return int(scored.sum()), int(train.sum())
+
+
+def lora_progress(label: str, before: int, done: int, mine: int, num_docs: int, t_path: float) -> None:
+    if done * 10 // max(mine, 1) > before * 10 // max(mine, 1):
+        print(f"eval:{label} {done * 100 // mine}% targets:{done}/{mine} docs:{num_docs} "
+              f"time:{time.perf_counter() - t_path:.0f}s", flush=True)
 
 
 def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *, losses=None):
     """Per-document LoRA TTT on a copy of base_model. LORA_SLOTS rows each hold a document (stream order; ranks
-    split documents by position); a round scores each row's next LORA_CHUNK_TOKENS targets (context: up to
-    EVAL_SEQ_LEN tokens of that document), then one Adam step on that loss adapts the row, except on the
-    document's last chunk. A row's adapters reset with each new document. Returns (val_loss, val_bpb, stats)."""
+    split documents by position), a row taking the next document as soon as its own is scored; each round is a
+    lora_round of LORA_CHUNK_TOKENS (context: up to EVAL_SEQ_LEN tokens of the document). A row's adapters reset
+    with each new document. Returns (val_loss, val_bpb, stats)."""
     t_path = time.perf_counter()
-    seq_len, chunk, slots = args.eval_seq_len, args.lora_chunk_tokens, args.lora_slots
+    seq_len, slots = args.eval_seq_len, args.lora_slots
     num_targets = val_tokens.numel() - 1
-    # A target belongs to the document of its input token; documents start at BOS.
-    bounds = sorted({0, num_targets, *(val_tokens[:num_targets] == BOS_ID).nonzero().flatten().tolist()})
-    docs = [(a, b) for a, b in zip(bounds, bounds[1:]) if a * world_size // num_targets == rank]
+    docs = [(a, b) for a, b in val_documents(val_tokens) if a * world_size // num_targets == rank]
     mine = sum(b - a for a, b in docs)
     docs = iter(docs)
     model = copy.deepcopy(base_model).requires_grad_(False)
-    lora = LoRA(model, args.lora_targets, args.lora_rank, slots, args.seed)
-    opt = SlotAdam(lora.parameters(), args.lora_lr, (args.beta1, args.beta2), args.adam_eps)
-    net = compiled(model, args)
-    # Windows may run past the stream's end; those positions are blanked like every unscored one.
-    tokens = val_tokens.to(device=device, dtype=torch.int64)
-    tokens = torch.cat([tokens, tokens.new_zeros(seq_len)])
-    offsets = torch.arange(seq_len, device=device)
+    lora, opt = attach_lora(args, model, args.seed)
+    net = compiled(model, args, dynamic=None)  # lora_round's windows grow with the chunks: one more graph
+    tokens = lora_tokens(val_tokens, device, seq_len)
     compile_s = warm_up(net, list(lora.parameters()), args.vocab_size, device,
                         [(slots, seq_len, True), (slots, seq_len, False)]) if args.compile else 0.0
     totals = torch.zeros(2, device=device, dtype=torch.float64)
@@ -2506,33 +2633,102 @@ def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, devi
         lora.reset(fresh, args.lora_warm_a)
         opt.reset(fresh)
         num_docs += int(fresh.sum())
-        start, chunk_start, end = (torch.tensor([row[i] if row else 0 for row in rows], device=device) for i in range(3))
-        stop = torch.minimum(chunk_start + chunk, end)
-        idx = torch.maximum(start, stop - seq_len)[:, None] + offsets
-        # Tokens past this chunk's last target are not scored yet: they are blanked, never read.
-        known = idx < stop[:, None]
-        scored = known & (idx >= chunk_start[:, None])
-        x, y = torch.where(known, tokens[idx], 0), torch.where(known, tokens[idx + 1], 0)
         adapting = adapting and within_budget(args, t_path, t_loop, done, mine)
-        train = (stop < end) & adapting
-        with torch.set_grad_enabled(bool(train.any())), autocast(device):
-            tok_loss = net(x, y).float()
-        add_scores(tok_loss.detach(), scored, x, y, idx, luts, totals, losses)
-        if train.any():
-            ((tok_loss * scored).sum(1) / scored.sum(1).clamp_min(1) * train).sum().backward()
-            opt.step(train)
-            opt.zero_grad(set_to_none=True)
-            adapted += int(train.sum())
-        for row, s in zip(rows, stop.tolist()):
-            if row:
-                row[1] = s
-        before, done = done, done + int(scored.sum())
-        if rank == 0 and done * 10 // max(mine, 1) > before * 10 // max(mine, 1):
-            print(f"eval:lora_ttt {done * 100 // mine}% targets:{done}/{mine} docs:{num_docs} "
-                  f"time:{time.perf_counter() - t_path:.0f}s", flush=True)
+        scored, trained = lora_round(net, opt, rows, tokens, seq_len, args.lora_chunk_tokens, luts, totals, losses,
+                                     adapting)
+        adapted += trained
+        before, done = done, done + scored
+        if rank == 0:
+            lora_progress("lora_ttt", before, done, mine, num_docs, t_path)
     loop_s = time.perf_counter() - t_loop
     vl, vb = finish(totals, losses, num_targets)
     return vl, vb, {"compile": compile_s, "score_and_adapt": loop_s, "adapted": f"{adapted}chunks", "docs": num_docs}
+
+
+def length_batches(docs: list[tuple[int, int]], slots: int) -> tuple[list[list[int]], list[int]]:
+    """The record's document batches: document indices sorted by length (ties in stream order) cut into batches of
+    `slots`, and the order they are taken in: longest batch first (ties in length order)."""
+    length = [b - a for a, b in docs]
+    by_length = sorted(range(len(docs)), key=length.__getitem__)
+    batches = [by_length[i : i + slots] for i in range(0, len(docs), slots)]
+    return batches, sorted(range(len(batches)), key=lambda k: -length[batches[k][-1]])
+
+
+def sgd_pass(args, model, net, stream, rank, world_size, device) -> None:
+    # Phased TTT's global step: ChunkSGD over a stream of scored tokens, every chunk but the last; frozen again after.
+    trainer = ChunkSGD(args, model, net, rank, world_size, device)
+    num_chunks = -(-(stream.numel() - 1) // args.ttt_chunk_tokens)
+    for c in range(num_chunks - 1):
+        trainer.train(stream, c, num_chunks)
+    model.requires_grad_(False)
+
+
+def evaluate_phased_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *, losses=None):
+    """Phased score-first TTT, the 1.0611 record's (#1855) evaluation, on a copy of base_model. Documents go in
+    length_batches of LORA_SLOTS, dealt over ranks in turn; a batch's rows start together and run lora_rounds in
+    step (every row stepping, as the record's AdamW over the batch), adapters reset per batch (B = 0; A warm with
+    LORA_WARM_A=1, except that a short batch starts from A's draw and leaves A as it found it, as the record's
+    separate adapters for it). Phases: once the batches taken hold boundary k = PHASED_TTT_PREFIX_DOCS * k /
+    PHASED_TTT_NUM_PHASES documents (k = 1..), the copy itself trains on the first `boundary` of them in length
+    order, all scored, their tokens (each document with the BOS that ends it) concatenated: one pass of ChunkSGD,
+    the last chunk left out; then new adapters are drawn. Returns (val_loss, val_bpb, stats)."""
+    t_path = time.perf_counter()
+    seq_len, slots, phases = args.eval_seq_len, args.lora_slots, args.phased_ttt_num_phases
+    num_targets = val_tokens.numel() - 1
+    docs = val_documents(val_tokens)
+    batches, order = length_batches(docs, slots)
+    prefix = min(len(docs), args.phased_ttt_prefix_docs)
+    boundaries = [prefix * k // phases for k in range(1, phases + 1)] if prefix else []
+    mine = sum(docs[d][1] - docs[d][0] for k in order[rank::world_size] for d in batches[k])
+    model = copy.deepcopy(base_model).requires_grad_(False)
+    net = compiled(model, args, dynamic=None)  # lora_round's windows grow with the chunks: one more graph
+    lora, opt = attach_lora(args, model, args.seed)
+    tokens = lora_tokens(val_tokens, device, seq_len)
+    compile_s = warm_up(net, list(lora.parameters()), args.vocab_size, device,
+                        [(slots, seq_len, True), (slots, seq_len, False)]) if args.compile else 0.0
+    totals = torch.zeros(2, device=device, dtype=torch.float64)
+    taken, phase, done, adapted, global_s, adapting, t_loop = 0, 0, 0, 0, 0.0, True, time.perf_counter()
+    for turn in range(0, len(order), world_size):
+        if turn + rank < len(order):
+            batch = batches[order[turn + rank]]
+            rows = [[docs[d][0], docs[d][0], docs[d][1]] for d in batch] + [None] * (slots - len(batch))
+            held = torch.tensor([row is not None for row in rows], device=device)
+            short = len(batch) < slots
+            warm_a = [a.detach().clone() for a in lora.A] if short else None
+            lora.reset(held, args.lora_warm_a and not short)
+            opt.reset(held)
+            while any(row and row[1] < row[2] for row in rows):
+                adapting = adapting and within_budget(args, t_path, t_loop, done, mine)
+                scored, trained = lora_round(net, opt, rows, tokens, seq_len, args.lora_chunk_tokens, luts, totals,
+                                             losses, adapting, step_all=True)
+                adapted += trained
+                before, done = done, done + scored
+                if rank == 0:
+                    lora_progress("phased_ttt", before, done, mine, taken + len(batch), t_path)
+            if short:
+                with torch.no_grad():
+                    for a, keep in zip(lora.A, warm_a):
+                        a.copy_(keep)
+        taken += sum(len(batches[k]) for k in order[turn : turn + world_size])
+        if phase < len(boundaries) and taken >= boundaries[phase]:
+            t = time.perf_counter()
+            lora.active = False  # the copy trains alone
+            # The first `boundary` documents taken, in length order (batch, then row): all scored by now.
+            trained = [d for k in sorted(order[: turn + world_size]) for d in batches[k]][: boundaries[phase]]
+            if agree(adapting, device):
+                stream = torch.cat([val_tokens[docs[d][0] : docs[d][1] + 1] for d in trained])
+                sgd_pass(args, model, net, stream.to(device=device, dtype=torch.int64), rank, world_size, device)
+            phase += 1
+            lora.active = True
+            lora.draw(args.seed + phase)
+            global_s += time.perf_counter() - t
+            if rank == 0:
+                print(f"eval:phased_ttt phase:{phase}/{phases} docs:{len(trained)} "
+                      f"time:{time.perf_counter() - t_path:.0f}s", flush=True)
+    loop_s = time.perf_counter() - t_loop
+    vl, vb = finish(totals, losses, num_targets)
+    return vl, vb, {"compile": compile_s, "score_and_adapt": loop_s - global_s, "global_sgd": global_s,
+                    "adapted": f"{adapted}chunks", "phases": phase, "docs": len(docs)}
 
 
 def evaluate_roundtrip(args, model, val_tokens, luts, rank, world_size, device, *, losses=None):
@@ -2571,6 +2767,7 @@ EVAL_PATHS = {
     "sliding_window": EvalPath(sliding_differs, evaluate_sliding),
     "ttt": EvalPath(lambda args: args.ttt_enabled, evaluate_ttt, adapts=True),
     "lora_ttt": EvalPath(lambda args: args.lora_ttt_enabled, evaluate_lora_ttt, adapts=True),
+    "phased_ttt": EvalPath(lambda args: args.phased_ttt_enabled, evaluate_phased_ttt, adapts=True),
 }
 
 
@@ -2586,6 +2783,7 @@ EVAL_PATHS = {
 GPU_SPECS = {"H100": (81_559, 989.0), "H200": (143_771, 989.0), "A100": (81_251, 312.0)}
 # FineWeb val tokens with sp1024 (the starter's log: val_loader tokens:63779840): what every evaluation path reads.
 PLAN_VAL_TOKENS = 63_779_840
+PLAN_VAL_DOCS = 50_000  # the challenge's val split: the first 50,000 FineWeb documents
 # Public measured runs (8xH100 SXM): settings of ours that express them, ms/step, peak allocated MiB (None: not
 # logged), torch version, and each run's training FLOPs per token as PLAN=1 counts them for those settings.
 PLAN_POINTS = (
@@ -2775,6 +2973,11 @@ def project_eval_seconds(args: Hyperparameters, forward_token: float, train_toke
         out["ttt"] = (window_tokens * forward_token + (chunks - 1) * args.ttt_chunk_tokens * args.ttt_epochs * train_token) / adaptive
     if args.lora_ttt_enabled:  # a lower bound: the longest document sets the number of rounds
         out["lora_ttt"] = n / args.lora_chunk_tokens * seq * train_token / adaptive
+    if args.phased_ttt_enabled:  # rounds as lora_ttt's; its prefix documents (the longest) counted as average ones
+        phases = args.phased_ttt_num_phases
+        prefix = min(args.phased_ttt_prefix_docs, PLAN_VAL_DOCS) * n / PLAN_VAL_DOCS
+        trained = sum(k / phases for k in range(1, phases + 1)) * prefix * args.ttt_epochs  # cumulative phases
+        out["phased_ttt"] = (n / args.lora_chunk_tokens * seq + trained) * train_token / adaptive
     return out
 
 
