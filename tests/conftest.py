@@ -45,6 +45,7 @@ TINY_ENV = {
     "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "2048", "VAL_BATCH_SIZE": "16384", "ITERATIONS": "30",
     "WARMDOWN_ITERS": "10", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
     "TRAIN_LOG_EVERY": "1", "MUON_MOMENTUM_WARMUP_STEPS": "10",
+    "PHASED_TTT_ENABLED": "0",  # the recipe's evaluation takes minutes here: the tests that study it switch it on
 }
 
 

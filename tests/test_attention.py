@@ -16,7 +16,7 @@ from conftest import CPU, ROOT
 # A tiny default-stack model (SmearGate, BigramHash, XSA, grouped-query heads) and eval settings: 4 windows per
 # batch, 2 TTT training sequences per chunk, 4 LoRA slots.
 ENV = {
-    "VOCAB_SIZE": "64", "NUM_LAYERS": "4", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    "STACK": "1.1194", "VOCAB_SIZE": "64", "NUM_LAYERS": "4", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "BIGRAM_BUCKETS": "32", "BIGRAM_DIM": "8", "XSA_LAST_N": "2", "ROPE_DIMS": "4", "PARALLEL_RESID_FROM": "2",
     "TRAIN_SEQ_LEN": "32", "VAL_BATCH_SIZE": "1024", "COMPILE": "0", "EVAL_STRIDE": "8", "EVAL_MAX_SECONDS": "1e6",
     "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "64", "TTT_EPOCHS": "1", "TTT_LR": "0.05", "TTT_PARAMS": "*",

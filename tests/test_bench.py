@@ -18,7 +18,7 @@ def test_random_documents_start_with_bos_every_64_to_1024_tokens():
 def test_bench_times_steps_and_every_enabled_eval_path_and_prints_the_table(capsys):
     env = {**TINY_MODEL, "BASELINE": "0", "MODEL_DIM": "64", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024",
            "ROPE_DIMS": "8", "XSA_LAST_N": "1", "BIGRAM_BUCKETS": "16", "PARALLEL_RESID_FROM": "1", "EVAL_STRIDE": "32",
-           "VAL_BATCH_SIZE": "4096"}
+           "VAL_BATCH_SIZE": "4096", "PHASED_TTT_ENABLED": "0"}
     row = bench.bench("default", env, steps=2, warmup=0, val_tokens=2048, device=torch.device("cpu"))
     assert row["ms_step"] > 0 and row["compile_s"] > 0 and row["kernel"] == "sdpa_masked"
     assert row["tokens_s"] == 1024 / (row["ms_step"] / 1000) and row["mfu"] > 0

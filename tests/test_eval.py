@@ -19,8 +19,8 @@ from build_shards import write_shard
 from conftest import CPU, data_env, run_train
 
 # Tiny model and eval settings: 8 windows per batch, 4 TTT training sequences per chunk, 4 LoRA slots.
-EVAL_ENV = {
-    "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
+EVAL_ENV = {  # on the 1.1194-era stack, whose LoRA defaults these tests were written for
+    "STACK": "1.1194", "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
     "TRAIN_SEQ_LEN": "32", "VAL_BATCH_SIZE": "2048", "COMPILE": "0", "EVAL_STRIDE": "8",
     "TTT_CHUNK_TOKENS": "128", "TTT_EPOCHS": "2", "TTT_LR": "0.05", "TTT_PARAMS": "*",
     "LORA_CHUNK_TOKENS": "8", "LORA_SLOTS": "4", "LORA_LR": "0.05", "LORA_TARGETS": "*.c_q,*.c_v,*.mlp.proj",
@@ -177,7 +177,9 @@ def test_model_still_trains_after_an_evaluation():
 def test_eval_settings_resolve_and_unmatched_patterns_name_the_variable():
     assert tg.Hyperparameters({"TRAIN_SEQ_LEN": "128"}).eval_seq_len == 128
     assert tg.Hyperparameters({"TRAIN_SEQ_LEN": "128"}).settings["EVAL_SEQ_LEN"] == 128
-    assert tg.Hyperparameters({"TRAIN_SEQ_LEN": "32"}).settings["EVAL_STRIDE"] == 32  # a stride beyond the window: plain
+    assert tg.Hyperparameters({"TRAIN_SEQ_LEN": "32", **EVAL_ENV}).settings["EVAL_STRIDE"] == 8
+    beyond = {"TRAIN_SEQ_LEN": "32", "EVAL_STRIDE": "64", "STACK": "1.1194"}  # a stride beyond the window: plain
+    assert tg.Hyperparameters(beyond).settings["EVAL_STRIDE"] == 32
     args = eval_args(TTT_PARAMS="nothing.*", LORA_TARGETS="*.nothing")
     for path, needle in [("ttt", "TTT_PARAMS"), ("lora", "LORA_TARGETS")]:
         with pytest.raises(tg.ConfigError, match=needle):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import train_gpt as tg
 from conftest import data_env, run_train
 
-TINY = {"MODEL": "ngpt", "VOCAB_SIZE": "384", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2",
+TINY = {"MODEL": "ngpt", "STACK": "1.1194", "VOCAB_SIZE": "384", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2",
         "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64", "VAL_BATCH_SIZE": "8192"}
 CPU = torch.device("cpu")
 

@@ -71,7 +71,7 @@ def test_gptq_codes_and_scales_equal_the_records(pr1855, rows, cols, bits, k, de
 def test_gate_int8_rows_equal_the_records_on_our_attention_gate(pr1855):
     torch.manual_seed(0)
     env = {"VOCAB_SIZE": "256", "NUM_LAYERS": "2", "MODEL_DIM": "96", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-           "ATTN_GATE_DIMS": "12"}
+           "ATTN_GATE_DIMS": "12", "PHASED_TTT_ENABLED": "0"}
     args = recipe_args(**env)
     model = tg.build_model(args, torch.device("cpu"))
     for p in model.parameters():
@@ -87,7 +87,8 @@ def test_gate_int8_rows_equal_the_records_on_our_attention_gate(pr1855):
         q_ref, s_ref = pr1855._quantize_gate_int8_row(sd[name])
         assert torch.equal(qsd[name]["q"], q_ref) and torch.equal(qsd[name]["scale"], s_ref)
         assert torch.equal(back[name], q_ref.float() * s_ref.float()[:, None])
-    default = tg.quantize_state_dict(sd, tg.Hyperparameters(env), hessians)  # QUANT_GATE=float: fp32, exact
+    default = tg.quantize_state_dict(sd, tg.Hyperparameters({**env, "QUANT_GATE": "float", "QUANT_CONTROL": "fp32"}),
+                                     hessians)  # QUANT_GATE=float: fp32, exact
     assert all(torch.equal(default[n]["w"], sd[n]) for n in gates)
 
 
