@@ -1,6 +1,7 @@
 """records/bench.py, the prepared GPU check, run on the CPU at a tiny shape (its figures mean nothing here)."""
 
 import bench
+import pytest
 import torch
 
 import train_gpt as tg
@@ -15,6 +16,7 @@ def test_random_documents_start_with_bos_every_64_to_1024_tokens():
     assert int(tokens.min()) >= 1 and int(tokens.max()) < 50
 
 
+@pytest.mark.slow  # whole runs: keeps the README command under 5 minutes on 2 cores
 def test_bench_times_steps_and_every_enabled_eval_path_and_prints_the_table(capsys):
     env = {**TINY_MODEL, "BASELINE": "0", "MODEL_DIM": "64", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024",
            "ROPE_DIMS": "8", "XSA_LAST_N": "1", "BIGRAM_BUCKETS": "16", "PARALLEL_RESID_FROM": "1", "EVAL_STRIDE": "32",

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(torch.version.cuda is None,
                                 reason="fake CUDA tensors need a CUDA build of torch (the CI installs one)")
 
 CUDA = torch.device("cuda", 0)
-# The default (the recipe, its loop not yet on), nGPT, the loop on, and the 1.1194-era stack.
-CASES = {"gpt": {}, "ngpt": {"MODEL": "ngpt"}, "gpt_recurrence": {"RECUR_START_FRAC": "0"}, "stack_1194": {"STACK": "1.1194"}}
+# The default (the recipe, its loop not yet on), nGPT, and the loop on.
+CASES = {"gpt": {}, "ngpt": {"MODEL": "ngpt"}, "gpt_recurrence": {"RECUR_START_FRAC": "0"}}
 
 
 @pytest.fixture

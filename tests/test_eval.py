@@ -320,6 +320,7 @@ def test_two_ranks_match_one_for_every_path(tmp_path):
 # End to end
 # -----------------------------
 
+@pytest.mark.slow  # whole runs: keeps the README command under 5 minutes on 2 cores
 def test_every_path_reports_and_the_best_one_is_the_submission(tiny_data, tmp_path):
     # The tiny dataset with its val split cut to 12k tokens keeps every path to a few seconds.
     data_path, tok = tiny_data

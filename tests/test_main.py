@@ -135,6 +135,7 @@ def test_artifact_alone_rebuilds_the_scored_model(tiny_run, tiny_data):
     x, y = val[:64][None], val[1:65][None]
     assert torch.allclose(model(x, y)[0], torch.from_numpy(np.load(loss_path)[:64]), atol=1e-5)
 
+@pytest.mark.slow  # whole runs: keeps the README command under 5 minutes on 2 cores
 def test_validation_pauses_and_every_switch_is_logged_at_its_fraction(tiny_data, tmp_path):
     run_train(tmp_path, data_env(tiny_data, RUN_ID="val", SEED="1", ITERATIONS="4", VAL_LOSS_EVERY="2",
                                  RECUR_LAYERS="0-1", RECUR_START_FRAC="0.5", QAT_START="0.75"))
@@ -209,6 +210,7 @@ def _clock_worker(rank, init_file, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes: keeps the README command under 5 minutes on 2 cores
 def test_ranks_agree_on_the_training_time(tmp_path):
     out = mp.Manager().dict()
     mp.spawn(_clock_worker, args=(str(tmp_path / "init"), out), nprocs=2)

@@ -248,6 +248,7 @@ def test_sgd_steps_with_projection_stay_finite_and_touch_only_constrained_matric
 # End to end
 # -----------------------------
 
+@pytest.mark.slow  # whole runs: keeps the README command under 5 minutes on 2 cores
 def test_ngpt_run_trains_exports_and_scores_its_roundtrip(tiny_data, tmp_path):
     run_train(tmp_path, data_env(tiny_data, RUN_ID="ngpt", MODEL="ngpt", ITERATIONS="12"))
     log = (tmp_path / "logs" / "ngpt.txt").read_text()

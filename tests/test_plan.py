@@ -140,6 +140,7 @@ def test_plan_command_exits_zero_and_prints_key_value_lines():
     assert "plan_done problems:0" in out and "problem:" not in out.replace("problems:", "")
 
 
+@pytest.mark.slow  # whole runs: keeps the README command under 5 minutes on 2 cores
 def test_plan_command_exits_nonzero_with_one_line_per_problem():
     proc = run_plan({"TTT_ENABLED": "1", "TTT_EPOCHS": "100000", "TTT_CHUNK_TOKENS": "64", "WARMDOWN_FRAC": "0",
                      "WARMDOWN_ITERS": "1000000"})

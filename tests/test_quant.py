@@ -238,6 +238,7 @@ print("opened:", opened)
 """
 
 
+@pytest.mark.slow  # whole runs: keeps the README command under 5 minutes on 2 cores
 def test_over_cap_run_is_pruned_under_the_cap_and_calibration_reads_no_val(tiny_run, tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data[0], data)

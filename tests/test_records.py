@@ -745,6 +745,7 @@ def test_plot_draws_every_seed_into_an_svg(frozen, tmp_path):
 # REAL RUNS
 # -----------------------------
 
+@pytest.mark.slow  # whole runs: keeps the README command under 5 minutes on 2 cores
 def test_freeze_and_verify_real_tiny_runs(tiny_run, tiny_data, tmp_path, capsys):
     """Two seeds of the real trainer, frozen and verified; the per-token dumps reproduce the logged scores."""
     from conftest import data_env, run_train
