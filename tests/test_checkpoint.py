@@ -120,6 +120,7 @@ def runs(tiny_data, tmp_path_factory):
     return full, cut, rc
 
 
+@pytest.mark.slow  # the `runs` fixture's two whole runs: keeps the README command under 5 minutes
 def test_checkpoints_are_written_every_step_asked_and_only_the_newest_kept(runs):
     full, _, _ = runs
     log = (full / "logs" / "r.txt").read_text()
@@ -128,6 +129,7 @@ def test_checkpoints_are_written_every_step_asked_and_only_the_newest_kept(runs)
         "step_0000028.pt", "step_0000029.pt", "step_0000030.pt"]
 
 
+@pytest.mark.slow  # the `runs` fixture's two whole runs: keeps the README command under 5 minutes
 def test_sigterm_checkpoints_and_the_resumed_run_finishes_identically(runs):
     full, cut, rc = runs
     assert rc == 128 + signal.SIGTERM
@@ -144,6 +146,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_finishes_identically(runs):
     assert sha256(cut / "final_model.int6.pgolf") == sha256(full / "final_model.int6.pgolf")
 
 
+@pytest.mark.slow  # the `runs` fixture's two whole runs: keeps the README command under 5 minutes
 def test_a_resumed_log_is_read_from_its_last_run_and_fails_the_single_run_check_under_time_limits(runs):
     full, cut, _ = runs
     whole = {c.name.split()[0]: c for c in lp.run_checks(lp.parse_log(full / "logs" / "r.txt"))}
@@ -177,6 +180,7 @@ def read_checkpoint(path, settings, world_size=1):
     return tg.read_checkpoint(run)
 
 
+@pytest.mark.slow  # the `runs` fixture's two whole runs: keeps the README command under 5 minutes
 def test_a_good_checkpoint_reads_and_resume_auto_takes_the_newest(runs, tiny_settings):
     full, _, _ = runs
     path, state = read_checkpoint("auto", {**tiny_settings, "CHECKPOINT_DIR": str(full / "checkpoints" / "r")})
@@ -185,6 +189,7 @@ def test_a_good_checkpoint_reads_and_resume_auto_takes_the_newest(runs, tiny_set
     read_checkpoint(path, {**tiny_settings, "TRAIN_LOG_EVERY": "5", "RUN_ID": "other", "MAX_WALLCLOCK_SECONDS": "900"})
 
 
+@pytest.mark.slow  # the `runs` fixture's two whole runs: keeps the README command under 5 minutes
 def test_bad_checkpoints_are_refused_in_one_line(runs, tiny_settings, tmp_path):
     full, _, _ = runs
     good = full / "checkpoints" / "r" / "step_0000030.pt"

@@ -130,6 +130,7 @@ def run_plan(extra):
                           timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow  # a full-shape plan in a subprocess: keeps the README command under 5 minutes
 def test_plan_command_exits_zero_and_prints_key_value_lines():
     proc = run_plan({})
     assert proc.returncode == 0, proc.stderr[-2000:]
