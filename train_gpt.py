@@ -151,10 +151,6 @@ SETTING_RANGES = {
               "NORMUON_BETA2 EMA_DECAY",
     "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC MIN_LR QAT_START",
     "[-1, inf)": "PARALLEL_RESID_FROM PARALLEL_LANES_FROM",
-    "[0, 1)": "TTT_MOMENTUM LORA_BETA1 LORA_BETA2 NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 "
-              "NORMUON_BETA2 EMA_DECAY",
-    "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC MIN_LR QAT_START",
-    "[-1, inf)": "PARALLEL_RESID_FROM PARALLEL_LANES_FROM",
 }
 
 
@@ -199,7 +195,7 @@ class Hyperparameters:
         # Data and run identity.
         self.smoke = get("SMOKE", False, _flag)
         get("BASELINE", False, _flag)  # applied with the presets above; read here so the log records it
-        self.stack = get("STACK", "1.0611")
+        get("STACK", "1.0611")  # applied with the presets above; read here so the log records it and validate() checks it
         self.data_path = get("DATA_PATH", "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
         self.val_files = os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")  # not the fineweb_val_bytes_* sidecar
