@@ -195,7 +195,7 @@ class Hyperparameters:
         # Data and run identity.
         self.smoke = get("SMOKE", False, _flag)
         get("BASELINE", False, _flag)  # applied with the presets above; read here so the log records it
-        get("STACK", "1.0611")  # applied with the presets above; read here so the log records it and validate() checks it
+        get("STACK", "1.0611")  # applied with the presets above; read so the log records it and validate() checks it
         self.data_path = get("DATA_PATH", "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
         self.val_files = os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")  # not the fineweb_val_bytes_* sidecar
