@@ -784,13 +784,41 @@ class BatchPrefetcher:
 CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
                                 "attn_gate", "smear_gate", "lambda", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk",
                                 "s_uv", "s_z")
+# Embedding tables (nn.Embedding weights) other than the token embedding.
+TABLE_NAMES = ("bigram.", "value_embed.")
+
+
+def param_kind(name: str, t: Tensor) -> str:
+    """What a parameter (or state-dict tensor) is, by name and shape: 'embed' (token embedding), 'table' (other
+    embedding tables), 'head' (untied output head), 'gate' (attention-gate matrix), 'control' (other gains and
+    mixes), 'vector' (any other non-matrix), 'attn' (.attn. matrices), 'mlp' (every other matrix). The optimizer
+    split (param_groups), the CUDA layout, QAT, the quantizer and the size estimate all ask this."""
+    if t.ndim == 2 and "attn_gate" in name:
+        return "gate"
+    if any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
+        return "control"
+    if t.ndim != 2:
+        return "vector"
+    if "tok_emb" in name or "lm_head" in name:
+        return "embed" if "tok_emb" in name else "head"
+    if any(pat in name for pat in TABLE_NAMES):
+        return "table"
+    return "attn" if ".attn." in name else "mlp"
+
+
+def kind_groups(named_params, group_of: dict[str, str]) -> dict[str, list[nn.Parameter]]:
+    """A model's param_groups(): each parameter in the optimizer group its kind maps to, in the given order."""
+    groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    for name, p in named_params:
+        groups[group_of[param_kind(name, p)]].append(p)
+    return groups
 
 
 class CastedLinear(nn.Linear):
-    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. QAT: with qat = (qmax, k)
-    # set, the forward uses the export grid (straight-through gradient) while the qat_on buffer is 1; a buffer,
-    # not a Python flag, because torch.compile freezes Python flags but reads buffers on every call.
-    qat: tuple[int, float] | None = None
+    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. QAT: with qat set (configure_qat
+    # installs the export grid's rounding), the forward uses it (straight-through gradient) while the qat_on buffer
+    # is 1; a buffer, not a Python flag, because torch.compile freezes Python flags but reads buffers on every call.
+    qat: Callable[[Tensor], Tensor] | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -799,7 +827,7 @@ class CastedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if self.qat is not None:
-            w = w + self.qat_on * (fake_quantize(w.detach(), *self.qat) - w.detach())
+            w = w + self.qat_on * (self.qat(w.detach()) - w.detach())
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -1204,20 +1232,12 @@ class GPT(nn.Module):
                 skips.append(x)
         return x if lane1 is None else 0.5 * (x + lane1)
 
+    # matrix -> Muon; embed, head, scalar -> Adam with their own learning rates.
+    GROUP_OF = {"embed": "embed", "table": "embed", "head": "head", "gate": "scalar", "control": "scalar",
+                "vector": "scalar", "attn": "matrix", "mlp": "matrix"}
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """matrix -> Muon; embed, head, scalar -> Adam with their own learning rates."""
-        groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
-        embeds = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        for name, p in self.named_parameters():
-            if id(p) in embeds:
-                groups["embed"].append(p)
-            elif self.lm_head is not None and p is self.lm_head.weight:
-                groups["head"].append(p)
-            elif p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
-                groups["scalar"].append(p)
-            else:
-                groups["matrix"].append(p)
-        return groups
+        return kind_groups(self.named_parameters(), self.GROUP_OF)
 
     def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
         return {"matrix": args.matrix_lr, "embed": args.tied_embed_lr if args.tie_embeddings else args.embed_lr,
@@ -1365,18 +1385,14 @@ class NGPT(nn.Module):
         logits = (self.s_z * self.s_z_gain) * F.linear(h, w.to(h.dtype)).float()
         return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
+    # Sphere matrices (then projected), attention gates and BigramHash's projection -> Muon; embeddings, head,
+    # alpha, s_qk, s_uv, s_z -> Adam.
+    GROUP_OF = {**GPT.GROUP_OF, "gate": "matrix"}
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Sphere matrices (then projected) and BigramHash's projection -> Muon; embeddings, head, alpha, s_qk, s_uv,
-        s_z -> Adam."""
-        groups = {"matrix": [], "embed": [self.tok_emb.weight], "head": [], "scalar": [self.s_z]}
-        for p in self.blocks.parameters():
-            groups["matrix" if p.ndim == 2 else "scalar"].append(p)
-        if self.lm_head is not None:
-            groups["head"].append(self.lm_head.weight)
-        if self.bigram is not None:
-            groups["embed"].append(self.bigram.weight)
-            groups["matrix"].append(self.bigram_proj.weight)
-        return groups
+        # s_z, then the blocks, then the rest: the order its optimizers (and checkpoints) have always had
+        named = sorted(self.named_parameters(), key=lambda np: (np[0] != "s_z", not np[0].startswith("blocks.")))
+        return kind_groups(named, self.GROUP_OF)
 
     def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
         return {"matrix": args.ngpt_matrix_lr, "embed": args.ngpt_embed_lr, "head": args.ngpt_head_lr,
@@ -1417,7 +1433,7 @@ def cuda_layout(model: nn.Module, args: Hyperparameters) -> nn.Module:
     inv_freqs = {m: m.inv_freq for m in model.modules() if isinstance(m, Rotary)}
     model.bfloat16()
     for name, p in model.named_parameters():
-        if isinstance(p, nn.Parameter) and (p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS)):
+        if isinstance(p, nn.Parameter) and param_kind(name, p) in ("gate", "control", "vector"):
             p.data = p.data.float()
     for m in model.modules():
         if isinstance(m, CastedLinear):
@@ -1790,18 +1806,23 @@ COMPRESSORS = {
 BEST_COMPRESSORS = ("zlib", "zstd", "lzma", "brotli")  # COMPRESSOR=best: zpaq only by name, for its time
 
 
+# Parameter kind -> the precision setting it follows (quant_plan's class): the token embedding and the head are
+# QUANT_EMBED's, the other tables QUANT_MLP's; control tensors and vectors stay float.
+QUANT_CLASS = {"embed": "embed", "head": "embed", "table": "mlp", "gate": "gate", "attn": "attn", "mlp": "mlp"}
+
+
 def tensor_class(name: str, t: Tensor) -> str | None:
-    """The precision setting a tensor follows: 'gate' (attention-gate matrices), 'embed' (embedding, head), 'attn'
-    (.attn. matrices), 'mlp' (other matrices); None for tensors kept float (vectors, other control tensors, tiny
-    matrices)."""
-    if t.is_floating_point() and t.ndim == 2 and "attn_gate" in name:
-        return "gate"
-    if not t.is_floating_point() or t.ndim != 2 or t.numel() <= KEEP_FLOAT_MAX_NUMEL \
-            or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
+    """The precision setting a tensor follows: 'gate', 'embed', 'attn', 'mlp'; None for tensors kept float (control
+    tensors, vectors, integers, tiny matrices other than gates)."""
+    kind = param_kind(name, t)
+    if not t.is_floating_point() or kind not in QUANT_CLASS or kind != "gate" and t.numel() <= KEEP_FLOAT_MAX_NUMEL:
         return None
-    if "tok_emb" in name or "lm_head" in name:
-        return "embed"
-    return "attn" if ".attn." in name else "mlp"
+    return QUANT_CLASS[kind]
+
+
+def stored_fp32(name: str, t: Tensor) -> bool:
+    # Control tensors kept float are stored in fp32 (QUANT_CONTROL=fp32, the starter's), other floats in fp16.
+    return param_kind(name, t) in ("gate", "control")
 
 
 def quant_plan(args: Hyperparameters) -> dict[str, tuple[int, float]]:
@@ -1838,7 +1859,7 @@ def configure_qat(model: nn.Module, args: Hyperparameters) -> None:
         if isinstance(m, CastedLinear):
             cls = tensor_class(f"{name}.weight", m.weight)
             if cls is not None and plan[cls][0] < 16:
-                m.qat = (2 ** (plan[cls][0] - 1) - 1, plan[cls][1])
+                m.qat = partial(fake_quantize, qmax=2 ** (plan[cls][0] - 1) - 1, k=plan[cls][1])
 
 
 def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
@@ -1906,7 +1927,7 @@ def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, he
         dtype = str(t.dtype).removeprefix("torch.")
         cls = tensor_class(name, t)
         if cls is None or plan[cls][0] >= 16:
-            control = any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS) and args.quant_control == "fp32"
+            control = stored_fp32(name, t) and args.quant_control == "fp32"
             keep = torch.float32 if control else torch.float16
             out[name] = {"w": (t.to(keep) if t.is_floating_point() else t).cpu().contiguous(), "dtype": dtype}
             continue
@@ -1960,7 +1981,7 @@ def quantize_starter_int8(state_dict: dict[str, Tensor]) -> dict[str, dict]:
         if not t.is_floating_point():
             out[name] = {"w": t, "dtype": dtype}
         elif t.numel() <= STARTER_KEEP_FLOAT_MAX_NUMEL:
-            if any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):  # kept and restored as fp32
+            if stored_fp32(name, t):  # kept and restored as fp32
                 out[name] = {"w": t.float(), "dtype": "float32"}
             else:
                 out[name] = {"w": t.half() if t.dtype in (torch.float32, torch.bfloat16) else t, "dtype": dtype}
@@ -2791,7 +2812,7 @@ def estimate_model_bytes(args: Hyperparameters, state: dict[str, Tensor]) -> int
     for name, t in state.items():
         cls = tensor_class(name, t)
         if cls is None or plan[cls][0] >= 16:  # stored as quantize_state_dict keeps it: fp32 control, fp16 other floats
-            control = any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS)
+            control = stored_fp32(name, t)
             total += t.numel() * (t.element_size() if not t.is_floating_point() else 4 if control else 2)
             continue
         total += t.numel() * code_bits(*plan[cls]) / 8 * PLAN_COMPRESSION_OVERHEAD + 2 * t.size(0)
