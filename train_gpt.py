@@ -2,7 +2,7 @@
 
 Record run:  torchrun --standalone --nproc_per_node=8 train_gpt.py
 CPU smoke:   SMOKE=1 python3 train_gpt.py   (builds an embedded dataset if missing; no GPU, no network)
-Every knob is an env var (README.md lists them); importing this file runs nothing.
+Every knob is an env var, declared in SETTING_SECTIONS (docs/settings.md lists them); importing this file runs nothing.
 """
 
 from __future__ import annotations
@@ -115,6 +115,12 @@ def _flag(raw: str) -> bool:
     return raw == "1"
 
 
+def in_interval(value: float, interval: str) -> bool:
+    """Whether value lies in an interval written "[lo, hi)" (square: closed, round: open)."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
+
+
 @dataclass(frozen=True)
 class Derived:
     """A default that follows from the settings read before it (attributes of the Hyperparameters being built)."""
@@ -139,14 +145,8 @@ class Setting:
         if isinstance(self.check, str) and not in_interval(value, self.check):
             raise ConfigError(f"{self.name}={value} is out of range: it must lie in {self.check}")
         if isinstance(self.check, tuple) and not set(value.split(",") if self.many else [value]) <= set(self.check):
-            raise ConfigError(f"{self.name}={value!r} is unknown; choose {'a comma-separated subset' if self.many else 'one'}"
-                              f" of {list(self.check)}")
-
-
-def in_interval(value: float, interval: str) -> bool:
-    """Whether value lies in an interval written "[lo, hi)" (square: closed, round: open)."""
-    lo, hi = (float(v) for v in interval[1:-1].split(","))
-    return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
+            what = "a comma-separated subset" if self.many else "one"
+            raise ConfigError(f"{self.name}={value!r} is unknown; choose {what} of {list(self.check)}")
 
 
 S, COUNT, NONNEG, POS, FRAC, BETA = Setting, "[1, inf)", "[0, inf)", "(0, inf)", "[0, 1]", "[0, 1)"  # intervals
@@ -166,7 +166,8 @@ SETTING_SECTIONS = {
         S("TOKEN_LOSS_PATH", str, "", None, "if set, save the submission's per-target losses (float32 .npy, nats)"),
         S("PLAN", _flag, False, None, "print the run's plan (README \"Plan a run\") and exit, training nothing"),
         S("PLAN_WORLD_SIZE", int, Derived("WORLD_SIZE if above 1, else 8",
-                                          lambda a: a.world_size if a.world_size > 1 else 8), COUNT, "GPUs the plan is for"),
+                                          lambda a: a.world_size if a.world_size > 1 else 8), COUNT,
+          "GPUs the plan is for"),
         S("PLAN_GPU", str, "H100", ("H100", "H200", "A100"), "GPU the plan is for"),
         S("PLAN_TORCH", str, Derived("the installed torch", lambda a: torch.__version__.split("+")[0]), None,
           "torch version whose autocast rules the plan follows"),
@@ -183,7 +184,7 @@ SETTING_SECTIONS = {
           "torch.compile the model and Muon's Newton-Schulz"),
         S("SDP_BACKENDS", str, "flash,mem_efficient,math", ("flash", "mem_efficient", "math", "cudnn"),
           "CUDA attention kernels PyTorch may pick from, the rest off", many=True),
-        S("CHECKPOINT_EVERY_SECONDS", float, 0.0, NONNEG, "checkpoint every this many s of training time; 0: on signals"),
+        S("CHECKPOINT_EVERY_SECONDS", float, 0.0, NONNEG, "checkpoint every this many s of training; 0: on signals"),
         S("CHECKPOINT_DIR", str, Derived("checkpoints/<RUN_ID>", lambda a: f"checkpoints/{a.run_id}"), None,
           "folder of the checkpoints"),
         S("CHECKPOINT_KEEP", int, 2, COUNT, "keep the newest this-many checkpoints"),
@@ -195,7 +196,7 @@ SETTING_SECTIONS = {
         S("TRAIN_LOG_EVERY", int, 200, NONNEG, "log the train loss every N steps (and the first 10)"),
         S("EVAL_SEQ_LEN", int, 0, NONNEG, "window of the sliding and TTT paths; 0: TRAIN_SEQ_LEN (logged resolved)"),
         S("EVAL_STRIDE", int, 0, NONNEG, "targets between sliding windows, at most EVAL_SEQ_LEN; 0: no sliding path"),
-        S("EVAL_MAX_SECONDS", float, 540.0, NONNEG, "per adaptive path: adaptation stops past this pace; scoring goes on"),
+        S("EVAL_MAX_SECONDS", float, 540.0, NONNEG, "adaptive paths stop adapting past this pace; scoring goes on"),
         S("TTT_ENABLED", _flag, False, None, "score-first TTT path"),
         S("TTT_CHUNK_TOKENS", int, 32768, COUNT, "TTT chunk, scored then trained on; a multiple of EVAL_SEQ_LEN"),
         S("TTT_EPOCHS", int, 1, COUNT, "TTT SGD steps per chunk"),
@@ -216,8 +217,8 @@ SETTING_SECTIONS = {
         S("LORA_BETA2", float, 0.99, BETA, "adapter Adam beta2"),
         S("LORA_EPS", float, 1e-10, POS, "adapter Adam eps"),
         S("LORA_WD", float, 0.5, NONNEG, "adapter decoupled weight decay"),
-        S("PHASED_TTT_ENABLED", _flag, True, None, "phased TTT path (the 1.0611 record's): LoRA TTT + global SGD phases"),
-        S("PHASED_TTT_PREFIX_DOCS", int, 2500, NONNEG, "phased TTT: documents the model itself trains on; 0: LoRA only"),
+        S("PHASED_TTT_ENABLED", _flag, True, None, "phased TTT path (the 1.0611 record's): LoRA TTT + SGD phases"),
+        S("PHASED_TTT_PREFIX_DOCS", int, 2500, NONNEG, "phased TTT: documents the model trains on; 0: LoRA only"),
         S("PHASED_TTT_NUM_PHASES", int, 3, COUNT, "phased TTT: global SGD passes over the prefix documents"),
     ),
     "Model": (
@@ -237,10 +238,10 @@ SETTING_SECTIONS = {
         S("TIED_EMBED_INIT_STD", float, 0.005, NONNEG, "init std of the tied embedding", "gpt"),
         S("DOC_ATTENTION", _flag, True, None, "attention within documents (each BOS starts one), training and eval"),
         S("MLP_ACT", str, "leaky2", ("relu2", "leaky2", "swiglu"), "MLP activation", "gpt"),
-        S("NORM_PCT_DROPOUT", float, 0.0, BETA, "training: zero this fraction of MLP hidden rows of largest norm", "gpt"),
+        S("NORM_PCT_DROPOUT", float, 0.0, BETA, "zero this fraction of MLP hidden rows of largest norm", "gpt"),
         S("ROPE_DIMS", int, 16, NONNEG, "partial RoPE: rotated dims per head (even); 0: all"),
         S("XSA_LAST_N", int, 11, NONNEG, "XSA on the last N layers: the own-value projection removed", "gpt"),
-        S("ATTN_GATE_DIMS", int, 12, NONNEG, "per-head sigmoid gate on attention output, from the first N dims; 0: off"),
+        S("ATTN_GATE_DIMS", int, 12, NONNEG, "per-head sigmoid attention gate read from the first N dims; 0: off"),
         S("ATTN_GATE_MAX", float, 1.0, POS, "attention gate = ATTN_GATE_MAX * sigmoid(ATTN_GATE_SCALE * w . x)"),
         S("ATTN_GATE_SCALE", float, 0.5, POS, "scale of the attention gate's logit"),
         S("VALUE_EMBED_LAYERS", int, 0, NONNEG, "the last N layers add a shared value embedding", "gpt"),
@@ -251,7 +252,7 @@ SETTING_SECTIONS = {
                                               lambda a: 8 if a.parallel_resid_from < 0 and a.num_layers > 8 else -1),
           "[-1, inf)", "two-lane parallel decoder from this layer on; -1: off", "gpt"),
         S("SKIP_GATE", _flag, True, None, "U-Net skips mixed in through a learned sigmoid gate", "gpt"),
-        S("SMEAR_GATE", _flag, True, None, "SmearGate: mix in the previous token's embedding, never across a BOS", "gpt"),
+        S("SMEAR_GATE", _flag, True, None, "SmearGate: mix in the previous token's embedding (not across BOS)", "gpt"),
         S("SMEAR_GATE_DIMS", int, Derived("12; 0 with SMEAR_GATE=0", lambda a: 12 if a.smear_gate else 0), NONNEG,
           "SmearGate's gate read from the first N dims; 0: the per-dim mix", "gpt"),
         S("BIGRAM_BUCKETS", int, 0, NONNEG, "BigramHash buckets of (previous, current) token; 0: off (1 refused)"),
@@ -312,7 +313,7 @@ SETTING_SECTIONS = {
         S("SDCLIP_K_ATTN", float, 13.0, POS, "SDClip: clip rows at k standard deviations (attention matrices)"),
         S("SDCLIP_K_MLP", float, 11.5, POS, "SDClip k of the other block matrices"),
         S("SDCLIP_K_EMBED", float, 14.0, POS, "SDClip k of the embedding and head"),
-        S("QUANT_GATE", str, "int8", ("float", "int8"), "attention-gate matrices: kept float, or int8 per row at |w|max"),
+        S("QUANT_GATE", str, "int8", ("float", "int8"), "attention-gate matrices: float, or int8 per row at |w|max"),
         S("QUANT_CONTROL", str, "fp16", ("fp32", "fp16"), "how control tensors kept float are stored"),
         S("QAT_START", float, 1.0, FRAC, "fraction of training after which matrices train fake-quantized; 1: never"),
         S("GPTQ", _flag, True, None, "GPTQ on Hessians from training batches; 0: round to nearest"),
@@ -358,6 +359,11 @@ def available_compressors() -> list[str]:
     return names
 
 
+def grad_accum(args: Hyperparameters, world_size: int) -> int:
+    # GRAD_ACCUM_STEPS=0 keeps the starter's 8 // world_size, so the global batch is the same on 1 to 8 GPUs.
+    return args.grad_accum_steps or max(1, 8 // world_size)
+
+
 class Hyperparameters:
     """Every setting of SETTINGS, read from the environment (or a mapping, for tests) into the attribute of its name
     in lower case; `settings` holds the resolved values of those this MODEL reads. validate() checks them all before
@@ -380,7 +386,8 @@ class Hyperparameters:
                 value = s.cast(raw) if raw is not None and read else \
                     s.default.rule(self) if isinstance(s.default, Derived) else s.default
             except ValueError as e:
-                raise ConfigError(f"{s.name}={raw!r} is not a valid {s.cast.__name__.lstrip('_')} ({e}); fix or unset it")
+                kind = s.cast.__name__.lstrip("_")
+                raise ConfigError(f"{s.name}={raw!r} is not a valid {kind} ({e}); fix or unset it")
             setattr(self, s.name.lower(), value)
             if read:
                 self.settings[s.name] = value
@@ -405,7 +412,7 @@ class Hyperparameters:
             raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli; "
                               "zpaq: pip install zpaq); "
                               f"choose best or one of {available_compressors()}")
-        int8 = {self.quant, self.quant_attn, self.quant_mlp, self.quant_embed} == {"int8"}
+        int8 = {v for name, v in self.settings.items() if SETTINGS[name].check == QUANTS} == {"int8"}
         if self.export_format == "starter" and (not int8 or self.compressor != "zlib" or self.lowrank_rank
                                                 or self.qat_start < 1):
             raise ConfigError("EXPORT_FORMAT=starter is the starter's int8 + zlib export: set QUANT=int8 (QUANT_ATTN, "
@@ -475,11 +482,6 @@ class Hyperparameters:
             if close:
                 out.append(f"env {key} is not a setting; did you mean {close[0]}?")
         return out
-
-
-def grad_accum(args: Hyperparameters, world_size: int) -> int:
-    # GRAD_ACCUM_STEPS=0 keeps the starter's 8 // world_size, so the global batch is the same on 1 to 8 GPUs.
-    return args.grad_accum_steps or max(1, 8 // world_size)
 
 
 # -----------------------------
@@ -774,7 +776,7 @@ class BatchPrefetcher:
 # -----------------------------
 # A model class takes Hyperparameters and returns per-token losses (B, T) from
 # forward(input_ids, target_ids); with DOC_ATTENTION=1 (set_attention) its attention never crosses a BOS. For the
-# optimizers it sorts its parameters into param_groups() (matrix -> Muon; embed, head, scalar -> Adam) with
+# optimizers it sorts its parameters by param_kind into param_groups() (matrix -> Muon; embed, head, scalar: Adam) with
 # learning_rates(args) and weight_decays(args) per group. It hooks after_optimizer_step() and after_load() (weights
 # replaced by the EMA or a dequantized copy): a sphere-constrained model renormalizes in both, and any code that
 # steps an optimizer on it, test-time training included, calls after_optimizer_step().
@@ -1825,11 +1827,15 @@ def stored_fp32(name: str, t: Tensor) -> bool:
     return param_kind(name, t) in ("gate", "control")
 
 
+# Tensor class -> the settings (attribute names) of its precision and SDClip k; None: k = 0, no clipping.
+QUANT_SETTINGS = {"attn": ("quant_attn", "sdclip_k_attn"), "mlp": ("quant_mlp", "sdclip_k_mlp"),
+                  "embed": ("quant_embed", "sdclip_k_embed"), "gate": ("quant_gate", None)}
+
+
 def quant_plan(args: Hyperparameters) -> dict[str, tuple[int, float]]:
-    """Tensor class -> (bits, SDClip k); k = 0: no clipping. A float gate stays as the control tensor it is."""
-    return {"attn": (QUANT_BITS[args.quant_attn], args.sdclip_k_attn), "mlp": (QUANT_BITS[args.quant_mlp], args.sdclip_k_mlp),
-            "embed": (QUANT_BITS[args.quant_embed], args.sdclip_k_embed),
-            "gate": (QUANT_BITS.get(args.quant_gate, 32), 0.0)}
+    """Tensor class -> (bits, SDClip k). A float gate (32 bits) stays as the control tensor it is."""
+    return {cls: (QUANT_BITS.get(getattr(args, bits), 32), getattr(args, k) if k else 0.0)
+            for cls, (bits, k) in QUANT_SETTINGS.items()}
 
 
 def sdclip_scales(w: Tensor, qmax: int, k: float) -> Tensor:
