@@ -1940,7 +1940,7 @@ def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, he
         bits, k = plan[cls]
         qmax = 2 ** (bits - 1) - 1
         scale = sdclip_scales(t, qmax, k)
-        H = (hessians or {}).get(name) if cls in ("attn", "mlp") or cls == "embed" and args.gptq_embed else None
+        H = (hessians or {}).get(name) if cls != "gate" and (cls != "embed" or args.gptq_embed) else None
         q = gptq(t, scale, qmax, H.to(t.device), args.gptq_damp, args.gptq_block, args.gptq_fp64) if H is not None \
             else (t.float() / scale[:, None]).round().clamp(-qmax, qmax)
         out[name] = {"q": q.to(torch.int8).cpu().contiguous(), "scale": scale.half().cpu(), "dtype": dtype}
