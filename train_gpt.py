@@ -151,7 +151,7 @@ class Setting:
 
 S, COUNT, NONNEG, POS, FRAC, BETA = Setting, "[1, inf)", "[0, inf)", "(0, inf)", "[0, 1]", "[0, 1)"  # intervals
 QUANTS = ("int5", "int6", "int7", "int8", "fp16")
-# Every setting, in reading order (a Derived default reads only the ones above it), by section; README "Settings".
+# Every setting, in reading order (a Derived default reads only the ones above it), by section; docs/settings.md.
 SETTING_SECTIONS = {
     "Run": (
         S("SMOKE", _flag, False, None, "the CPU smoke preset: tiny model, embedded dataset built on first use"),
