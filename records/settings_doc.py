@@ -19,10 +19,16 @@ PRESETS = {"smoke": tg.SMOKE_PRESET, "smoke on the recipe": tg.SMOKE_RECIPE_PRES
            "STACK=1.1194": tg.STACK_1194_PRESET, "BASELINE=1": tg.BASELINE_PRESET}
 
 
+def escaped(text: str) -> str:
+    # Markdown table text: a pipe ends a cell, <NAME> reads as an HTML tag.
+    return text.replace("|", "\\|").replace("<", "\\<")
+
+
 def cell(value) -> str:
-    text = value.doc if isinstance(value, tg.Derived) else str(int(value) if isinstance(value, bool) else value)
-    text = text.replace(str(tg.SCRIPT_DIR) + "/", "").replace("|", "\\|")
-    return f"`{text}`" if text and not isinstance(value, tg.Derived) else text or "empty"
+    if isinstance(value, tg.Derived):
+        return escaped(value.doc)
+    text = str(int(value) if isinstance(value, bool) else value).replace(str(tg.SCRIPT_DIR) + "/", "")
+    return f"`{text}`" if text else "empty"
 
 
 def check_cell(s: tg.Setting) -> str:
@@ -44,7 +50,7 @@ def settings_markdown() -> str:
             presets = "; ".join(f"{label}: {cell(p[s.name])}" for label, p in PRESETS.items() if s.name in p)
             kind = "flag" if s.cast is tg._flag else s.cast.__name__
             out.append(f"| `{s.name}` | {kind} | {cell(s.default)} | {check_cell(s)} | {s.model or 'all'} | {presets} | "
-                       f"{s.doc.replace('|', chr(92) + '|')} |")
+                       f"{escaped(s.doc)} |")
         out.append("")
     return "\n".join(out)
 
