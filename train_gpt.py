@@ -2,7 +2,7 @@
 
 Record run:  torchrun --standalone --nproc_per_node=8 train_gpt.py
 CPU smoke:   SMOKE=1 python3 train_gpt.py   (builds an embedded dataset if missing; no GPU, no network)
-Every knob is an env var (README.md lists them); importing this file runs nothing.
+Every knob is an env var, declared in SETTING_SECTIONS (docs/settings.md lists them); importing this file runs nothing.
 """
 
 from __future__ import annotations
@@ -92,7 +92,6 @@ STACK_1194_PRESET = {
     "LORA_WARM_A": "0", "LORA_SCALE": "1.0", "LORA_BETA1": "0.9", "LORA_BETA2": "0.95", "LORA_EPS": "1e-8",
     "LORA_WD": "0.0", "PHASED_TTT_ENABLED": "0",
 }
-STACKS = ("1.0611", "1.1194")  # STACK=<name>: the default recipe, or the stack before it
 
 # BASELINE=1: the starter's configuration, for every default of the record stack (README "Default stack");
 # SMOKE=1 and explicit env vars win over it, so SMOKE=1 BASELINE=1 is the starter at the smoke scale.
@@ -116,53 +115,259 @@ def _flag(raw: str) -> bool:
     return raw == "1"
 
 
-# Settings that only one MODEL reads: a run logs and stores only the settings its model reads, and setting one of
-# the other model's explicitly is an error.
-MODEL_ONLY_SETTINGS = {
-    "gpt": frozenset("MLP_ACT NORM_PCT_DROPOUT VALUE_EMBED_LAYERS LN_SCALE ORTHO_INIT PARALLEL_RESID_FROM "
-                     "PARALLEL_LANES_FROM SKIP_GATE SMEAR_GATE SMEAR_GATE_DIMS RECUR_LAYERS RECUR_LOOPS "
-                     "RECUR_START_FRAC QK_GAIN_INIT LOGIT_SOFTCAP SOFTCAP_FP32 TIED_EMBED_INIT_STD XSA_LAST_N "
-                     "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_WD".split()),
-    "ngpt": frozenset("NGPT_ALPHA_INIT NGPT_ALPHA_SCALE NGPT_LOGIT_SCALE_INIT NGPT_NORM_EMBED NGPT_OPAQUE_NORM "
-                      "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR".split()),
-}
-# Settings a resumed run may change (README "Checkpoints and resume"): where things are, what is logged, the cap.
-# The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
-CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
-RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
-                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES".split())
-# The range of every numeric setting but SEED, as an interval; validate() checks them with the other rules.
-SETTING_RANGES = {
-    "[1, inf)": "VAL_BATCH_SIZE TTT_CHUNK_TOKENS TTT_EPOCHS LORA_RANK LORA_CHUNK_TOKENS LORA_SLOTS PHASED_TTT_NUM_PHASES "
-                "ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_DIM "
-                "MUON_BACKEND_STEPS GPTQ_CALIB_BATCHES GPTQ_BLOCK PLAN_WORLD_SIZE CHECKPOINT_KEEP",
-    "[2, inf)": "VOCAB_SIZE RECUR_LOOPS",
-    "[0, inf)": "PREFETCH_BATCHES VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
-                "LORA_WD PHASED_TTT_PREFIX_DOCS "
-                "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
-                "ATTN_GATE_DIMS SMEAR_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS "
-                "NGPT_MATRIX_LR NGPT_EMBED_LR NGPT_HEAD_LR NGPT_SCALAR_LR "
-                "EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS GRAD_CLIP_NORM MUON_WD ADAM_WD "
-                "EMBED_WD GPTQ_RESERVE_SECONDS GPTQ_DAMP LOWRANK_RANK LOWRANK_TENSORS LOWRANK_GROUP SIZE_MARGIN_BYTES "
-                "CHECKPOINT_EVERY_SECONDS",
-    "(0, inf)": "ROPE_BASE LOGIT_SOFTCAP QK_GAIN_INIT ATTN_GATE_MAX ATTN_GATE_SCALE NGPT_ALPHA_INIT NGPT_ALPHA_SCALE "
-                "NGPT_LOGIT_SCALE_INIT ADAM_EPS LORA_SCALE LORA_EPS SDCLIP_K_ATTN SDCLIP_K_MLP SDCLIP_K_EMBED",
-    "[0, 1)": "TTT_MOMENTUM LORA_BETA1 LORA_BETA2 NORM_PCT_DROPOUT MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 "
-              "NORMUON_BETA2 EMA_DECAY",
-    "[0, 1]": "RECUR_START_FRAC WARMDOWN_FRAC MIN_LR_FRAC MIN_LR QAT_START",
-    "[-1, inf)": "PARALLEL_RESID_FROM PARALLEL_LANES_FROM",
-}
-
-
 def in_interval(value: float, interval: str) -> bool:
     """Whether value lies in an interval written "[lo, hi)" (square: closed, round: open)."""
     lo, hi = (float(v) for v in interval[1:-1].split(","))
     return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
 
 
+@dataclass(frozen=True)
+class Derived:
+    """A default that follows from the settings read before it (attributes of the Hyperparameters being built)."""
+    doc: str
+    rule: Callable
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One env var, declared once: reading, validation, the log and docs/settings.md derive from it. check: an
+    interval "[lo, hi)" or a tuple of choices (each comma-separated item with many=True); model: the one MODEL that
+    reads it, None for all."""
+    name: str
+    cast: Callable
+    default: object
+    check: str | tuple | None
+    doc: str
+    model: str | None = None
+    many: bool = False
+
+    def check_value(self, value) -> None:
+        if isinstance(self.check, str) and not in_interval(value, self.check):
+            raise ConfigError(f"{self.name}={value} is out of range: it must lie in {self.check}")
+        if isinstance(self.check, tuple) and not set(value.split(",") if self.many else [value]) <= set(self.check):
+            what = "a comma-separated subset" if self.many else "one"
+            raise ConfigError(f"{self.name}={value!r} is unknown; choose {what} of {list(self.check)}")
+
+
+S, COUNT, NONNEG, POS, FRAC, BETA = Setting, "[1, inf)", "[0, inf)", "(0, inf)", "[0, 1]", "[0, 1)"  # intervals
+QUANTS = ("int5", "int6", "int7", "int8", "fp16")
+# Every setting, in reading order (a Derived default reads only the ones above it), by section; docs/settings.md.
+SETTING_SECTIONS = {
+    "Run": (
+        S("SMOKE", _flag, False, None, "the CPU smoke preset: tiny model, embedded dataset built on first use"),
+        S("BASELINE", _flag, False, None, "the starter's configuration (on STACK=1.1194); SMOKE and explicit env win"),
+        S("STACK", str, "1.0611", ("1.0611", "1.1194"), "1.1194: the stack before the 1.0611 recipe"),
+        S("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", None,
+          "folder of fineweb_train_*.bin / fineweb_val_*.bin shards (+ byte sidecar, manifest.json)"),
+        S("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", None,
+          "SentencePiece model for the byte tables"),
+        S("RUN_ID", str, Derived("a random uuid", lambda a: str(uuid.uuid4())), None, "names logs/<RUN_ID>.txt"),
+        S("SEED", int, 1337, None, "seeds Python, NumPy and torch"),
+        S("TOKEN_LOSS_PATH", str, "", None, "if set, save the submission's per-target losses (float32 .npy, nats)"),
+        S("PLAN", _flag, False, None, "print the run's plan (README \"Plan a run\") and exit, training nothing"),
+        S("PLAN_WORLD_SIZE", int, Derived("WORLD_SIZE if above 1, else 8",
+                                          lambda a: a.world_size if a.world_size > 1 else 8), COUNT,
+          "GPUs the plan is for"),
+        S("PLAN_GPU", str, "H100", ("H100", "H200", "A100"), "GPU the plan is for"),
+        S("PLAN_TORCH", str, Derived("the installed torch", lambda a: torch.__version__.split("+")[0]), None,
+          "torch version whose autocast rules the plan follows"),
+    ),
+    "Training": (
+        S("ITERATIONS", int, 20000, COUNT, "training steps at most"),
+        S("WARMDOWN_ITERS", int, 1200, NONNEG, "linear LR decay over the last this-many steps (WARMDOWN_FRAC=0)"),
+        S("WARMUP_STEPS", int, 20, NONNEG, "compile warm-up steps, undone before training starts"),
+        S("TRAIN_BATCH_TOKENS", int, 786_432, COUNT, "global tokens per step"),
+        S("TRAIN_SEQ_LEN", int, 2048, COUNT, "training sequence length"),
+        S("MAX_WALLCLOCK_SECONDS", float, 600.0, NONNEG, "training-time cap; 0: none"),
+        S("GRAD_ACCUM_STEPS", int, 0, NONNEG, "micro-steps per step per process; 0: 8 // world_size, as the starter"),
+        S("COMPILE", _flag, Derived("1 on CUDA, 0 on CPU", lambda a: torch.cuda.is_available()), None,
+          "torch.compile the model and Muon's Newton-Schulz"),
+        S("SDP_BACKENDS", str, "flash,mem_efficient,math", ("flash", "mem_efficient", "math", "cudnn"),
+          "CUDA attention kernels PyTorch may pick from, the rest off", many=True),
+        S("CHECKPOINT_EVERY_SECONDS", float, 0.0, NONNEG, "checkpoint every this many s of training; 0: on signals"),
+        S("CHECKPOINT_DIR", str, Derived("checkpoints/<RUN_ID>", lambda a: f"checkpoints/{a.run_id}"), None,
+          "folder of the checkpoints"),
+        S("CHECKPOINT_KEEP", int, 2, COUNT, "keep the newest this-many checkpoints"),
+        S("RESUME", str, "", None, "continue from a checkpoint file, or auto: the newest in CHECKPOINT_DIR"),
+    ),
+    "Evaluation": (
+        S("VAL_BATCH_SIZE", int, 524_288, COUNT, "global tokens per validation batch"),
+        S("VAL_LOSS_EVERY", int, 1000, NONNEG, "validate every N steps and at the end; 0: only at the end"),
+        S("TRAIN_LOG_EVERY", int, 200, NONNEG, "log the train loss every N steps (and the first 10)"),
+        S("EVAL_SEQ_LEN", int, 0, NONNEG, "window of the sliding and TTT paths; 0: TRAIN_SEQ_LEN (logged resolved)"),
+        S("EVAL_STRIDE", int, 0, NONNEG, "targets between sliding windows, at most EVAL_SEQ_LEN; 0: no sliding path"),
+        S("EVAL_MAX_SECONDS", float, 540.0, NONNEG, "adaptive paths stop adapting past this pace; scoring goes on"),
+        S("TTT_ENABLED", _flag, False, None, "score-first TTT path"),
+        S("TTT_CHUNK_TOKENS", int, 32768, COUNT, "TTT chunk, scored then trained on; a multiple of EVAL_SEQ_LEN"),
+        S("TTT_EPOCHS", int, 1, COUNT, "TTT SGD steps per chunk"),
+        S("TTT_LR", float, 0.001, NONNEG, "TTT SGD learning rate, cosine-decayed over the chunks"),
+        S("TTT_MOMENTUM", float, 0.9, BETA, "TTT SGD momentum"),
+        S("TTT_GRAD_CLIP", float, 1.0, NONNEG, "TTT gradient-norm clip; 0: off"),
+        S("TTT_PARAMS", str, "*", None, "parameters TTT adapts: comma-separated shell patterns over names"),
+        S("LORA_TTT_ENABLED", _flag, False, None, "per-document LoRA TTT path"),
+        S("LORA_TARGETS", str, "*.c_q,*.c_k,*.c_v,*.attn,*.mlp,tied_head,lm_head", None,
+          "modules given adapters: comma-separated shell patterns over module names"),
+        S("LORA_RANK", int, 80, COUNT, "adapter rank"),
+        S("LORA_LR", float, 0.0001, NONNEG, "adapter Adam learning rate"),
+        S("LORA_CHUNK_TOKENS", int, 48, COUNT, "targets scored, then trained on, per document per step"),
+        S("LORA_SLOTS", int, 64, COUNT, "documents adapted side by side per rank"),
+        S("LORA_WARM_A", _flag, True, None, "a slot's A matrices carry over to its next document"),
+        S("LORA_SCALE", float, 1.8, POS, "adapter output multiplier"),
+        S("LORA_BETA1", float, 0.0, BETA, "adapter Adam beta1"),
+        S("LORA_BETA2", float, 0.99, BETA, "adapter Adam beta2"),
+        S("LORA_EPS", float, 1e-10, POS, "adapter Adam eps"),
+        S("LORA_WD", float, 0.5, NONNEG, "adapter decoupled weight decay"),
+        S("PHASED_TTT_ENABLED", _flag, True, None, "phased TTT path (the 1.0611 record's): LoRA TTT + SGD phases"),
+        S("PHASED_TTT_PREFIX_DOCS", int, 2500, NONNEG, "phased TTT: documents the model trains on; 0: LoRA only"),
+        S("PHASED_TTT_NUM_PHASES", int, 3, COUNT, "phased TTT: global SGD passes over the prefix documents"),
+    ),
+    "Model": (
+        S("MODEL", str, "gpt", ("gpt", "ngpt"), "architecture: the starter's GPT with options, or nGPT"),
+        S("VOCAB_SIZE", int, 8192, "[2, inf)", "must equal the tokenizer's vocabulary"),
+        S("NUM_LAYERS", int, 11, COUNT, "transformer blocks"),
+        S("MODEL_DIM", int, 512, COUNT, "residual width"),
+        S("NUM_HEADS", int, 8, COUNT, "attention heads"),
+        S("NUM_KV_HEADS", int, 4, COUNT, "key/value heads (grouped-query attention)"),
+        S("MLP_MULT", int, 4, COUNT, "MLP hidden width = MLP_MULT x MODEL_DIM"),
+        S("TIE_EMBEDDINGS", _flag, True, None, "the output head shares the token embedding"),
+        S("ROPE_BASE", float, 10000.0, POS, "rotary embedding base"),
+        S("LOGIT_SOFTCAP", float, 30.0, POS, "logits = softcap * tanh(logits / softcap)", "gpt"),
+        S("SOFTCAP_FP32", _flag, True, None, "the softcap in fp32; 0: in the logits' dtype (the starter's)", "gpt"),
+        S("ROPE_FP32", _flag, True, None, "RoPE's angles stay fp32 under a bf16 body; 0: bf16 (the starter's)"),
+        S("QK_GAIN_INIT", float, 5.0, POS, "initial per-head query gain after QK-norm", "gpt"),
+        S("TIED_EMBED_INIT_STD", float, 0.005, NONNEG, "init std of the tied embedding", "gpt"),
+        S("DOC_ATTENTION", _flag, True, None, "attention within documents (each BOS starts one), training and eval"),
+        S("MLP_ACT", str, "leaky2", ("relu2", "leaky2", "swiglu"), "MLP activation", "gpt"),
+        S("NORM_PCT_DROPOUT", float, 0.0, BETA, "zero this fraction of MLP hidden rows of largest norm", "gpt"),
+        S("ROPE_DIMS", int, 16, NONNEG, "partial RoPE: rotated dims per head (even); 0: all"),
+        S("XSA_LAST_N", int, 11, NONNEG, "XSA on the last N layers: the own-value projection removed", "gpt"),
+        S("ATTN_GATE_DIMS", int, 12, NONNEG, "per-head sigmoid attention gate read from the first N dims; 0: off"),
+        S("ATTN_GATE_MAX", float, 1.0, POS, "attention gate = ATTN_GATE_MAX * sigmoid(ATTN_GATE_SCALE * w . x)"),
+        S("ATTN_GATE_SCALE", float, 0.5, POS, "scale of the attention gate's logit"),
+        S("VALUE_EMBED_LAYERS", int, 0, NONNEG, "the last N layers add a shared value embedding", "gpt"),
+        S("LN_SCALE", _flag, True, None, "block norms scaled by 1/sqrt(layer+1)", "gpt"),
+        S("ORTHO_INIT", _flag, True, None, "orthogonal init of every non-zero-init linear weight", "gpt"),
+        S("PARALLEL_RESID_FROM", int, -1, "[-1, inf)", "parallel residuals from this layer on; -1: off", "gpt"),
+        S("PARALLEL_LANES_FROM", int, Derived("8; -1 with PARALLEL_RESID_FROM on or NUM_LAYERS <= 8",
+                                              lambda a: 8 if a.parallel_resid_from < 0 and a.num_layers > 8 else -1),
+          "[-1, inf)", "two-lane parallel decoder from this layer on; -1: off", "gpt"),
+        S("SKIP_GATE", _flag, True, None, "U-Net skips mixed in through a learned sigmoid gate", "gpt"),
+        S("SMEAR_GATE", _flag, True, None, "SmearGate: mix in the previous token's embedding (not across BOS)", "gpt"),
+        S("SMEAR_GATE_DIMS", int, Derived("12; 0 with SMEAR_GATE=0", lambda a: 12 if a.smear_gate else 0), NONNEG,
+          "SmearGate's gate read from the first N dims; 0: the per-dim mix", "gpt"),
+        S("BIGRAM_BUCKETS", int, 0, NONNEG, "BigramHash buckets of (previous, current) token; 0: off (1 refused)"),
+        S("BIGRAM_DIM", int, 128, COUNT, "BigramHash embedding width"),
+        S("RECUR_LAYERS", str, Derived("3-5; empty below 6 layers", lambda a: "3-5" if a.num_layers >= 6 else ""), None,
+          "depth recurrence: layers first-last rerun as a loop once on; empty: off", "gpt"),
+        S("RECUR_LOOPS", int, 3, "[2, inf)", "passes over RECUR_LAYERS once recurrence is on", "gpt"),
+        S("RECUR_START_FRAC", float, 0.35, FRAC, "recurrence switches on after this fraction of the run", "gpt"),
+        S("NGPT_ALPHA_INIT", float, 0.05, POS, "initial step size alpha of every residual update", "ngpt"),
+        S("NGPT_ALPHA_SCALE", float, Derived("1/sqrt(MODEL_DIM)", lambda a: a.model_dim ** -0.5), POS,
+          "alpha stored as this, used times ALPHA_INIT / ALPHA_SCALE", "ngpt"),
+        S("NGPT_LOGIT_SCALE_INIT", float, 1.0, POS, "initial per-vocabulary logit scale s_z", "ngpt"),
+        S("NGPT_NORM_EMBED", _flag, False, None, "the token embedding's rows on the sphere too", "ngpt"),
+        S("NGPT_OPAQUE_NORM", _flag, True, None, "normalize through one opaque fp32 op under torch.compile", "ngpt"),
+        S("NGPT_MATRIX_LR", float, 0.04, NONNEG, "Muon LR of the sphere matrices", "ngpt"),
+        S("NGPT_EMBED_LR", float, 0.05, NONNEG, "Adam LR of the token embedding", "ngpt"),
+        S("NGPT_HEAD_LR", float, 0.008, NONNEG, "Adam LR of an untied output head", "ngpt"),
+        S("NGPT_SCALAR_LR", float, 0.04, NONNEG, "Adam LR of alpha, s_qk, s_uv and s_z", "ngpt"),
+    ),
+    "Optimizers": (
+        S("EMBED_LR", float, 0.6, NONNEG, "Adam LR of an untied embedding", "gpt"),
+        S("HEAD_LR", float, 0.008, NONNEG, "Adam LR of an untied output head", "gpt"),
+        S("TIED_EMBED_LR", float, 0.03, NONNEG, "Adam LR of the tied embedding", "gpt"),
+        S("MATRIX_LR", float, 0.026, NONNEG, "Muon LR of block matrices", "gpt"),
+        S("SCALAR_LR", float, 0.02, NONNEG, "Adam LR of gains, mixes and skip weights", "gpt"),
+        S("MUON_MOMENTUM", float, 0.97, BETA, "Muon momentum after warm-up"),
+        S("MUON_BACKEND_STEPS", int, 5, COUNT, "Newton-Schulz iterations"),
+        S("MUON_MOMENTUM_WARMUP_START", float, 0.92, BETA, "Muon momentum at step 0"),
+        S("MUON_MOMENTUM_WARMUP_STEPS", int, 1500, NONNEG, "steps of linear momentum warm-up"),
+        S("BETA1", float, 0.9, BETA, "Adam beta1"),
+        S("BETA2", float, 0.99, BETA, "Adam beta2"),
+        S("ADAM_EPS", float, 1e-8, POS, "Adam epsilon"),
+        S("GRAD_CLIP_NORM", float, 0.3, NONNEG, "global gradient-norm clip; 0: off"),
+        S("MUON_NS_COEFFS", str, "polar_express_plain", ("quintic", "polar_express", "polar_express_plain"),
+          "Newton-Schulz coefficients"),
+        S("MUON_BF16", _flag, True, None, "Muon's momentum and Newton-Schulz in bf16 on every device"),
+        S("MUON_ROW_NORM", _flag, True, None, "MuonEq-R: momentum rows normalized before Newton-Schulz"),
+        S("MUON_POST_NS_ROW_NORM", _flag, False, None, "update rows rescaled to equal norm, total norm kept"),
+        S("NORMUON_BETA2", float, 0.0, BETA, "NorMuon's per-neuron second-moment beta2; 0: off"),
+        S("MUON_WD", float, 0.095, NONNEG, "decoupled weight decay of Muon matrices", "gpt"),
+        S("ADAM_WD", float, 0.02, NONNEG, "decoupled weight decay of Adam parameters"),
+        S("EMBED_WD", float, 0.085, NONNEG, "decoupled weight decay of the embedding tables"),
+        S("CAUTIOUS_WD", _flag, False, None, "decay only where the step already moves the weight toward zero"),
+        S("WARMDOWN_FRAC", float, 0.85, FRAC, "if > 0: warm down over this fraction of the run, not WARMDOWN_ITERS"),
+        S("MIN_LR_FRAC", float, 0.0, FRAC, "warmdown ends at this fraction of each LR"),
+        S("MIN_LR", float, 0.1, FRAC, "floor of the LR multiplier"),
+        S("EMA_DECAY", float, 0.9965, BETA, "if > 0: an fp32 EMA of the weights replaces them at the end"),
+        S("EMA_WARMUP", _flag, False, None, "the EMA's decay warmed up as min(EMA_DECAY, n / (n + 9))"),
+        S("TRAIN_LOADER", str, "sequential", ("sequential", "shuffled"), "order of the training sequences"),
+        S("PREFETCH_BATCHES", int, 2, NONNEG, "batches a background thread builds ahead; 0: none"),
+    ),
+    "Export": (
+        S("EXPORT_FORMAT", str, "pgolf", ("pgolf", "starter"), "this script's export, or the starter's int8 + zlib"),
+        S("QUANT", str, "int6", QUANTS, "precision of block matrices (per row); names the format"),
+        S("QUANT_ATTN", str, Derived("QUANT", lambda a: a.quant), QUANTS, "precision of .attn. matrices"),
+        S("QUANT_MLP", str, Derived("QUANT", lambda a: a.quant), QUANTS, "precision of every other block matrix"),
+        S("QUANT_EMBED", str, "int7", QUANTS, "precision of the embedding and output head"),
+        S("SDCLIP_K_ATTN", float, 13.0, POS, "SDClip: clip rows at k standard deviations (attention matrices)"),
+        S("SDCLIP_K_MLP", float, 11.5, POS, "SDClip k of the other block matrices"),
+        S("SDCLIP_K_EMBED", float, 14.0, POS, "SDClip k of the embedding and head"),
+        S("QUANT_GATE", str, "int8", ("float", "int8"), "attention-gate matrices: float, or int8 per row at |w|max"),
+        S("QUANT_CONTROL", str, "fp16", ("fp32", "fp16"), "how control tensors kept float are stored"),
+        S("QAT_START", float, 1.0, FRAC, "fraction of training after which matrices train fake-quantized; 1: never"),
+        S("GPTQ", _flag, True, None, "GPTQ on Hessians from training batches; 0: round to nearest"),
+        S("GPTQ_EMBED", _flag, True, None, "GPTQ for the embedding too"),
+        S("GPTQ_CALIB_BATCHES", int, 2, COUNT, "training batches read for the Hessians"),
+        S("GPTQ_RESERVE_SECONDS", float, 0.5, NONNEG, "seconds of MAX_WALLCLOCK_SECONDS kept for the calibration"),
+        S("GPTQ_DAMP", float, 0.01, NONNEG, "damping added to the Hessian diagonal, times its mean"),
+        S("GPTQ_BLOCK", int, 128, COUNT, "GPTQ column block size"),
+        S("GPTQ_FP64", _flag, False, None, "invert the Hessian in float64; 0: float32, as the 1.0611 record"),
+        S("LOWRANK_RANK", int, 4, NONNEG, "rank of the low-rank correction of quantization errors; 0: off"),
+        S("LOWRANK_TENSORS", int, 3, NONNEG, "matrices (largest errors first) given the correction"),
+        S("LOWRANK_GROUP", int, 64, NONNEG, "0: fp16 factors; g: int2 A, int4 B in groups of g"),
+        S("COMPRESSOR", str, "best", None, "artifact compressor, or best: the smallest of zlib, zstd, lzma, brotli"),
+        S("BYTE_SHUFFLE", _flag, True, None, "store multi-byte tensors byte-plane by byte-plane"),
+        S("CODE_PACK", _flag, True, None, "count (and write) the self-extracting packed copy of the script"),
+        S("SIZE_MARGIN_BYTES", int, 0, NONNEG, "the cap remedy aims this many bytes under the cap"),
+        S("ARTIFACT_PATH", str, Derived("final_model.<QUANT>.pgolf (.ptz: EXPORT_FORMAT=starter)", lambda a: (
+            f"final_model.{a.quant}.{'ptz' if a.export_format == 'starter' else 'pgolf'}")), None,
+          "where the artifact is written"),
+        S("SCORE_ARTIFACT", str, "", None, "if set, train nothing: score this artifact in a fresh process"),
+    ),
+}
+SETTINGS = {s.name: s for section in SETTING_SECTIONS.values() for s in section}
+
+
+# Settings a resumed run may change (README "Checkpoints and resume"): where things are, what is logged, the cap.
+# The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
+CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
+RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
+                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES".split())
+
+
+def available_compressors() -> list[str]:
+    """COMPRESSOR's choices: every compressor whose module imports here (brotli and zpaq are optional)."""
+    names = []
+    for name, module in (("zlib", "zlib"), ("zstd", "zstandard"), ("lzma", "lzma"), ("brotli", "brotli"),
+                         ("zpaq", "zpaq")):
+        try:
+            __import__(module)
+            names.append(name)
+        except ImportError:
+            pass
+    return names
+
+
+def grad_accum(args: Hyperparameters, world_size: int) -> int:
+    # GRAD_ACCUM_STEPS=0 keeps the starter's 8 // world_size, so the global batch is the same on 1 to 8 GPUs.
+    return args.grad_accum_steps or max(1, 8 // world_size)
+
+
 class Hyperparameters:
-    """Every knob, read from the environment (or a mapping, for tests); `settings` holds the resolved values of
-    the settings this MODEL reads. validate() holds every rule, checked before any data is read."""
+    """Every setting of SETTINGS, read from the environment (or a mapping, for tests) into the attribute of its name
+    in lower case; `settings` holds the resolved values of those this MODEL reads. validate() checks them all before
+    any data is read."""
 
     def __init__(self, env=None):
         env = dict(os.environ if env is None else env)
@@ -174,257 +379,45 @@ class Hyperparameters:
         env = {**presets, **env}
         self.settings: dict[str, object] = {}
         self.world_size = int(env.get("WORLD_SIZE", "1"))  # torchrun's; needed by the batch rule
-        ignored = MODEL_ONLY_SETTINGS["ngpt" if env.get("MODEL", "gpt") == "gpt" else "gpt"]
-
-        def get(name, default, cast=str):
-            raw = env.get(name)
+        model = env.get("MODEL", "gpt")
+        for s in SETTINGS.values():
+            raw, read = env.get(s.name), s.model in (None, model)  # the other model's settings keep their defaults
             try:
-                value = default if raw is None or name in ignored else cast(raw)
+                value = s.cast(raw) if raw is not None and read else \
+                    s.default.rule(self) if isinstance(s.default, Derived) else s.default
             except ValueError as e:
-                raise ConfigError(f"{name}={raw!r} is not a valid {cast.__name__.lstrip('_')} ({e}); fix or unset it")
-            if name not in ignored:
-                self.settings[name] = value
-            return value
-
-        for read in (self._read_run, self._read_training, self._read_evaluation, self._read_model,
-                     self._read_optimizers, self._read_export):
-            read(get)
-        self.validate()
-
-    def _read_run(self, get) -> None:
-        # Data and run identity.
-        self.smoke = get("SMOKE", False, _flag)
-        get("BASELINE", False, _flag)  # applied with the presets above; read here so the log records it
-        get("STACK", "1.0611")  # applied with the presets above; read so the log records it and validate() checks it
-        self.data_path = get("DATA_PATH", "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
+                kind = s.cast.__name__.lstrip("_")
+                raise ConfigError(f"{s.name}={raw!r} is not a valid {kind} ({e}); fix or unset it")
+            setattr(self, s.name.lower(), value)
+            if read:
+                self.settings[s.name] = value
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
         self.val_files = os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")  # not the fineweb_val_bytes_* sidecar
-        self.tokenizer_path = get("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
-        self.run_id = get("RUN_ID", str(uuid.uuid4()))
-        self.seed = get("SEED", 1337, int)
-        self.token_loss_path = get("TOKEN_LOSS_PATH", "")
-
-        # PLAN=1: print the run's plan (memory, time, steps, bytes; README "Plan a run") and exit, training nothing.
-        self.plan = get("PLAN", False, _flag)
-        self.plan_world_size = get("PLAN_WORLD_SIZE", self.world_size if self.world_size > 1 else 8, int)
-        self.plan_gpu = get("PLAN_GPU", "H100")
-        self.plan_torch = get("PLAN_TORCH", torch.__version__.split("+")[0])
-
-    def _read_training(self, get) -> None:
-        # Training length and batch.
-        self.iterations = get("ITERATIONS", 20000, int)
-        self.warmdown_iters = get("WARMDOWN_ITERS", 1200, int)
-        self.warmup_steps = get("WARMUP_STEPS", 20, int)
-        self.train_batch_tokens = get("TRAIN_BATCH_TOKENS", 786_432, int)
-        self.train_seq_len = get("TRAIN_SEQ_LEN", 2048, int)
-        self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0, float)
-        self.grad_accum_steps = get("GRAD_ACCUM_STEPS", 0, int)  # 0: 8 // world_size, as the starter
-        self.compile = get("COMPILE", torch.cuda.is_available(), _flag)
-        self.sdp_backends = get("SDP_BACKENDS", "flash,mem_efficient,math")
-
-        # Checkpoints and resume (README "Checkpoints and resume"); they never change what a run computes.
-        self.checkpoint_every_seconds = get("CHECKPOINT_EVERY_SECONDS", 0.0, float)  # of training time; 0: off
-        self.checkpoint_dir = get("CHECKPOINT_DIR", f"checkpoints/{self.run_id}")
-        self.checkpoint_keep = get("CHECKPOINT_KEEP", 2, int)
-        self.resume = get("RESUME", "")  # a checkpoint's path, or auto: the newest in CHECKPOINT_DIR
-
-    def _read_evaluation(self, get) -> None:
-        # Validation cadence and batch size; validation always covers the whole val split.
-        self.val_batch_size = get("VAL_BATCH_SIZE", 524_288, int)
-        self.val_loss_every = get("VAL_LOSS_EVERY", 1000, int)
-        self.train_log_every = get("TRAIN_LOG_EVERY", 200, int)
-
-        # Evaluation of the exported model: sliding windows, longer context, score-first test-time training
-        # (README "Evaluation"). Every path that runs prints final_<what>; the best one is the submission's score.
-        # The resolved sequence length and stride are what the log and the artifact record.
-        self.eval_seq_len = self.settings["EVAL_SEQ_LEN"] = get("EVAL_SEQ_LEN", 0, int) or self.train_seq_len
-        self.eval_stride = self.settings["EVAL_STRIDE"] = min(get("EVAL_STRIDE", 0, int), self.eval_seq_len)
-        self.eval_max_seconds = get("EVAL_MAX_SECONDS", 540.0, float)
-        self.ttt_enabled = get("TTT_ENABLED", False, _flag)
-        self.ttt_chunk_tokens = get("TTT_CHUNK_TOKENS", 32768, int)
-        self.ttt_epochs = get("TTT_EPOCHS", 1, int)
-        self.ttt_lr = get("TTT_LR", 0.001, float)
-        self.ttt_momentum = get("TTT_MOMENTUM", 0.9, float)
-        self.ttt_grad_clip = get("TTT_GRAD_CLIP", 1.0, float)
-        self.ttt_params = get("TTT_PARAMS", "*")
-        self.lora_ttt_enabled = get("LORA_TTT_ENABLED", False, _flag)
-        self.lora_targets = get("LORA_TARGETS", "*.c_q,*.c_k,*.c_v,*.attn,*.mlp,tied_head,lm_head")
-        self.lora_rank = get("LORA_RANK", 80, int)
-        self.lora_lr = get("LORA_LR", 0.0001, float)
-        self.lora_chunk_tokens = get("LORA_CHUNK_TOKENS", 48, int)
-        self.lora_slots = get("LORA_SLOTS", 64, int)
-        self.lora_warm_a = get("LORA_WARM_A", True, _flag)
-        self.lora_scale = get("LORA_SCALE", 1.8, float)
-        self.lora_beta1 = get("LORA_BETA1", 0.0, float)
-        self.lora_beta2 = get("LORA_BETA2", 0.99, float)
-        self.lora_eps = get("LORA_EPS", 1e-10, float)
-        self.lora_wd = get("LORA_WD", 0.5, float)
-        # Phased TTT (the 1.0611 record's evaluation): LoRA TTT in batches of similar-length documents, and the model
-        # itself trained by TTT's SGD on the scored documents at PHASED_TTT_NUM_PHASES points of the first
-        # PHASED_TTT_PREFIX_DOCS; its LoRA_* and TTT_* settings are the two paths' own.
-        self.phased_ttt_enabled = get("PHASED_TTT_ENABLED", True, _flag)
-        self.phased_ttt_prefix_docs = get("PHASED_TTT_PREFIX_DOCS", 2500, int)
-        self.phased_ttt_num_phases = get("PHASED_TTT_NUM_PHASES", 3, int)
-
-    def _read_model(self, get) -> None:
-        # Model shape.
-        self.model = get("MODEL", "gpt")
-        self.vocab_size = get("VOCAB_SIZE", 8192, int)
-        self.num_layers = get("NUM_LAYERS", 11, int)
-        self.model_dim = get("MODEL_DIM", 512, int)
-        self.num_heads = get("NUM_HEADS", 8, int)
-        self.num_kv_heads = get("NUM_KV_HEADS", 4, int)
-        self.mlp_mult = get("MLP_MULT", 4, int)
-        self.tie_embeddings = get("TIE_EMBEDDINGS", True, _flag)
-        self.rope_base = get("ROPE_BASE", 10000.0, float)
-        self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, float)
-        self.softcap_fp32 = get("SOFTCAP_FP32", True, _flag)
-        self.rope_fp32 = get("ROPE_FP32", True, _flag)
-        self.qk_gain_init = get("QK_GAIN_INIT", 5.0, float)
-        self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, float)
-        # A token attends only to earlier tokens of its own document (each BOS starts one), in training and in every
-        # evaluation path; 0: plain causal attention over the whole window, as the starter.
-        self.doc_attention = get("DOC_ATTENTION", True, _flag)
-
-        # Architecture options (README "Architecture options"); defaults: the 1.0611 recipe, those that hang on another
-        # setting off where it rules them out. nGPT reads ROPE_DIMS, ATTN_GATE_* and BigramHash; the others are GPT's.
-        self.mlp_act = get("MLP_ACT", "leaky2")
-        self.norm_pct_dropout = get("NORM_PCT_DROPOUT", 0.0, float)
-        self.rope_dims = get("ROPE_DIMS", 16, int)
-        self.xsa_last_n = get("XSA_LAST_N", 11, int)
-        self.attn_gate_dims = get("ATTN_GATE_DIMS", 12, int)
-        self.attn_gate_max = get("ATTN_GATE_MAX", 1.0, float)
-        self.attn_gate_scale = get("ATTN_GATE_SCALE", 0.5, float)
-        self.value_embed_layers = get("VALUE_EMBED_LAYERS", 0, int)
-        self.ln_scale = get("LN_SCALE", True, _flag)
-        self.ortho_init = get("ORTHO_INIT", True, _flag)
-        self.parallel_resid_from = get("PARALLEL_RESID_FROM", -1, int)
-        lanes = 8 if self.parallel_resid_from < 0 and self.num_layers > 8 else -1
-        self.parallel_lanes_from = get("PARALLEL_LANES_FROM", lanes, int)
-        self.skip_gate = get("SKIP_GATE", True, _flag)
-        self.smear_gate = get("SMEAR_GATE", True, _flag)
-        self.smear_gate_dims = get("SMEAR_GATE_DIMS", 12 if self.smear_gate else 0, int)
-        self.bigram_buckets = get("BIGRAM_BUCKETS", 0, int)
-        self.bigram_dim = get("BIGRAM_DIM", 128, int)
-        self.recur_layers = get("RECUR_LAYERS", "3-5" if self.num_layers >= 6 else "")  # no default loop below 6
-        self.recur_loops = get("RECUR_LOOPS", 3, int)
-        self.recur_start_frac = get("RECUR_START_FRAC", 0.35, float)
-
-        # nGPT (MODEL=ngpt). alpha is stored as ALPHA_SCALE and used times ALPHA_INIT / ALPHA_SCALE (the paper's
-        # reparametrization: a smaller scale makes Adam move alpha faster); its LRs are its own, GPT's stay put.
-        self.ngpt_alpha_init = get("NGPT_ALPHA_INIT", 0.05, float)
-        self.ngpt_alpha_scale = get("NGPT_ALPHA_SCALE", self.model_dim ** -0.5, float)
-        self.ngpt_logit_scale_init = get("NGPT_LOGIT_SCALE_INIT", 1.0, float)
-        self.ngpt_norm_embed = get("NGPT_NORM_EMBED", False, _flag)
-        self.ngpt_opaque_norm = get("NGPT_OPAQUE_NORM", True, _flag)
-        self.ngpt_matrix_lr = get("NGPT_MATRIX_LR", 0.04, float)
-        self.ngpt_embed_lr = get("NGPT_EMBED_LR", 0.05, float)
-        self.ngpt_head_lr = get("NGPT_HEAD_LR", 0.008, float)
-        self.ngpt_scalar_lr = get("NGPT_SCALAR_LR", 0.04, float)
-
-    def _read_optimizers(self, get) -> None:
-        # Optimizers.
-        self.embed_lr = get("EMBED_LR", 0.6, float)
-        self.head_lr = get("HEAD_LR", 0.008, float)
-        self.tied_embed_lr = get("TIED_EMBED_LR", 0.03, float)
-        self.matrix_lr = get("MATRIX_LR", 0.026, float)
-        self.scalar_lr = get("SCALAR_LR", 0.02, float)
-        self.muon_momentum = get("MUON_MOMENTUM", 0.97, float)
-        self.muon_backend_steps = get("MUON_BACKEND_STEPS", 5, int)
-        self.muon_momentum_warmup_start = get("MUON_MOMENTUM_WARMUP_START", 0.92, float)
-        self.muon_momentum_warmup_steps = get("MUON_MOMENTUM_WARMUP_STEPS", 1500, int)
-        self.beta1 = get("BETA1", 0.9, float)
-        self.beta2 = get("BETA2", 0.99, float)
-        self.adam_eps = get("ADAM_EPS", 1e-8, float)
-        self.grad_clip_norm = get("GRAD_CLIP_NORM", 0.3, float)
-
-        # Optimizer, schedule and data-order options (README "Optimizer, schedule and data options").
-        self.muon_ns_coeffs = get("MUON_NS_COEFFS", "polar_express_plain")
-        self.muon_bf16 = get("MUON_BF16", True, _flag)
-        self.muon_row_norm = get("MUON_ROW_NORM", True, _flag)
-        self.muon_post_ns_row_norm = get("MUON_POST_NS_ROW_NORM", False, _flag)
-        self.normuon_beta2 = get("NORMUON_BETA2", 0.0, float)
-        self.muon_wd = get("MUON_WD", 0.095, float)
-        self.adam_wd = get("ADAM_WD", 0.02, float)
-        self.embed_wd = get("EMBED_WD", 0.085, float)
-        self.cautious_wd = get("CAUTIOUS_WD", False, _flag)
-        self.warmdown_frac = get("WARMDOWN_FRAC", 0.85, float)
-        self.min_lr_frac = get("MIN_LR_FRAC", 0.0, float)
-        self.min_lr = get("MIN_LR", 0.1, float)
-        self.ema_decay = get("EMA_DECAY", 0.9965, float)
-        self.ema_warmup = get("EMA_WARMUP", False, _flag)
-        self.train_loader = get("TRAIN_LOADER", "sequential")
-        self.prefetch_batches = get("PREFETCH_BATCHES", 2, int)  # built ahead by a background thread; 0: none
-
-    def _read_export(self, get) -> None:
-        # Export: precision per tensor class (.attn. matrices, other block matrices, embedding/head), SDClip k,
-        # late QAT, GPTQ calibrated inside the training budget, compression, counted code and the size cap.
-        self.export_format = get("EXPORT_FORMAT", "pgolf")
-        self.quant = get("QUANT", "int6")
-        self.quant_attn = get("QUANT_ATTN", self.quant)
-        self.quant_mlp = get("QUANT_MLP", self.quant)
-        self.quant_embed = get("QUANT_EMBED", "int7")
-        self.sdclip_k_attn = get("SDCLIP_K_ATTN", 13.0, float)
-        self.sdclip_k_mlp = get("SDCLIP_K_MLP", 11.5, float)
-        self.sdclip_k_embed = get("SDCLIP_K_EMBED", 14.0, float)
-        self.quant_gate = get("QUANT_GATE", "int8")  # int8: attention-gate matrices per row, at |w|max
-        self.quant_control = get("QUANT_CONTROL", "fp16")  # how control tensors kept float are stored
-        self.qat_start = get("QAT_START", 1.0, float)  # off: on the smoke model it lost to GPTQ alone
-        self.gptq = get("GPTQ", True, _flag)
-        self.gptq_embed = get("GPTQ_EMBED", True, _flag)
-        self.gptq_calib_batches = get("GPTQ_CALIB_BATCHES", 2, int)
-        self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 0.5, float)
-        self.gptq_damp = get("GPTQ_DAMP", 0.01, float)
-        self.gptq_block = get("GPTQ_BLOCK", 128, int)
-        self.gptq_fp64 = get("GPTQ_FP64", False, _flag)  # 0: the Hessian's inverse in float32, as the 1.0611 record
-        self.lowrank_rank = get("LOWRANK_RANK", 4, int)
-        self.lowrank_tensors = get("LOWRANK_TENSORS", 3, int)
-        self.lowrank_group = get("LOWRANK_GROUP", 64, int)  # 0: fp16 factors; g: int2 A, int4 B in groups of g
-        self.compressor = get("COMPRESSOR", "best")
-        self.byte_shuffle = get("BYTE_SHUFFLE", True, _flag)
-        self.code_pack = get("CODE_PACK", True, _flag)
-        self.size_margin_bytes = get("SIZE_MARGIN_BYTES", 0, int)
-        suffix = "ptz" if self.export_format == "starter" else "pgolf"  # .ptz: the starter's name for its file
-        self.artifact_path = get("ARTIFACT_PATH", f"final_model.{self.quant}.{suffix}")
-        self.score_artifact = get("SCORE_ARTIFACT", "")
-
+        # The resolved evaluation length and stride are what the log and the artifact record.
+        self.eval_seq_len = self.settings["EVAL_SEQ_LEN"] = self.eval_seq_len or self.train_seq_len
+        self.eval_stride = self.settings["EVAL_STRIDE"] = min(self.eval_stride, self.eval_seq_len)
+        self.validate()
 
     def validate(self) -> None:
         """Every rule of the configuration; the first broken one is raised as a one-line ConfigError."""
-        s = self.settings
-        if self.model not in MODELS:
-            raise ConfigError(f"MODEL={self.model!r} is unknown; choose one of {sorted(MODELS)}")
-        other = MODEL_ONLY_SETTINGS["ngpt" if self.model == "gpt" else "gpt"]
-        if self.explicit & other:
-            raise ConfigError(f"{', '.join(sorted(self.explicit & other))}: not read by MODEL={self.model}; unset them")
+        for name, value in self.settings.items():
+            SETTINGS[name].check_value(value)
+        other = {s.name for s in SETTINGS.values() if s.model not in (None, self.model)} & self.explicit
+        if other:
+            raise ConfigError(f"{', '.join(sorted(other))}: not read by MODEL={self.model}; unset them")
         if "EVAL_ISOLATE_DOCS" in self.explicit:
             raise ConfigError("EVAL_ISOLATE_DOCS is gone: DOC_ATTENTION (default 1) keeps attention within documents in "
                               "training and every evaluation path; unset EVAL_ISOLATE_DOCS")
-        for interval, names in SETTING_RANGES.items():
-            for name in names.split():
-                if name in s and not in_interval(s[name], interval):
-                    raise ConfigError(f"{name}={s[name]} is out of range: it must lie in {interval}")
-        for name, choices in (("MUON_NS_COEFFS", NS_COEFFS), ("TRAIN_LOADER", TRAIN_LOADERS), ("MLP_ACT", MLP_ACTS),
-                              ("QUANT", QUANT_BITS), ("QUANT_ATTN", QUANT_BITS), ("QUANT_MLP", QUANT_BITS),
-                              ("QUANT_EMBED", QUANT_BITS), ("QUANT_GATE", ("float", "int8")),
-                              ("QUANT_CONTROL", ("fp32", "fp16")), ("PLAN_GPU", GPU_SPECS), ("STACK", STACKS)):
-            if name in s and s[name] not in choices:
-                raise ConfigError(f"{name}={s[name]!r} is unknown; choose one of {sorted(choices)}")
         if self.compressor not in [*available_compressors(), "best"]:
             raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli; "
                               "zpaq: pip install zpaq); "
                               f"choose best or one of {available_compressors()}")
-        if self.export_format not in EXPORT_FORMATS:
-            raise ConfigError(f"EXPORT_FORMAT={self.export_format!r} is unknown; choose one of {list(EXPORT_FORMATS)}")
-        int8 = {self.quant, self.quant_attn, self.quant_mlp, self.quant_embed} == {"int8"}
+        int8 = {v for name, v in self.settings.items() if SETTINGS[name].check == QUANTS} == {"int8"}
         if self.export_format == "starter" and (not int8 or self.compressor != "zlib" or self.lowrank_rank
                                                 or self.qat_start < 1):
             raise ConfigError("EXPORT_FORMAT=starter is the starter's int8 + zlib export: set QUANT=int8 (QUANT_ATTN, "
                               "QUANT_MLP, QUANT_EMBED too), COMPRESSOR=zlib, LOWRANK_RANK=0, QAT_START=1 (BASELINE=1 does)")
-        backends = self.sdp_backends.split(",")
-        if not set(backends) <= set(SDP_BACKENDS):
-            raise ConfigError(f"SDP_BACKENDS={self.sdp_backends!r}: give a comma-separated subset of {','.join(SDP_BACKENDS)}")
-        if self.doc_attention and not {"mem_efficient", "math"} & set(backends):
+        if self.doc_attention and not {"mem_efficient", "math"} & set(self.sdp_backends.split(",")):
             raise ConfigError(f"DOC_ATTENTION=1 needs a masked-attention kernel where varlen_attn is missing (before "
                               f"sm80, GPTQ's fp32 calibration): add mem_efficient or math to SDP_BACKENDS={self.sdp_backends!r}")
         head_dim = self.model_dim // self.num_heads
@@ -489,11 +482,6 @@ class Hyperparameters:
             if close:
                 out.append(f"env {key} is not a setting; did you mean {close[0]}?")
         return out
-
-
-def grad_accum(args: Hyperparameters, world_size: int) -> int:
-    # GRAD_ACCUM_STEPS=0 keeps the starter's 8 // world_size, so the global batch is the same on 1 to 8 GPUs.
-    return args.grad_accum_steps or max(1, 8 // world_size)
 
 
 # -----------------------------
@@ -788,7 +776,7 @@ class BatchPrefetcher:
 # -----------------------------
 # A model class takes Hyperparameters and returns per-token losses (B, T) from
 # forward(input_ids, target_ids); with DOC_ATTENTION=1 (set_attention) its attention never crosses a BOS. For the
-# optimizers it sorts its parameters into param_groups() (matrix -> Muon; embed, head, scalar -> Adam) with
+# optimizers it sorts its parameters by param_kind into param_groups() (matrix -> Muon; embed, head, scalar: Adam) with
 # learning_rates(args) and weight_decays(args) per group. It hooks after_optimizer_step() and after_load() (weights
 # replaced by the EMA or a dequantized copy): a sphere-constrained model renormalizes in both, and any code that
 # steps an optimizer on it, test-time training included, calls after_optimizer_step().
@@ -798,13 +786,41 @@ class BatchPrefetcher:
 CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
                                 "attn_gate", "smear_gate", "lambda", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk",
                                 "s_uv", "s_z")
+# Embedding tables (nn.Embedding weights) other than the token embedding.
+TABLE_NAMES = ("bigram.", "value_embed.")
+
+
+def param_kind(name: str, t: Tensor) -> str:
+    """What a parameter (or state-dict tensor) is, by name and shape: 'embed' (token embedding), 'table' (other
+    embedding tables), 'head' (untied output head), 'gate' (attention-gate matrix), 'control' (other gains and
+    mixes), 'vector' (any other non-matrix), 'attn' (.attn. matrices), 'mlp' (every other matrix). The optimizer
+    split (param_groups), the CUDA layout, QAT, the quantizer and the size estimate all ask this."""
+    if t.ndim == 2 and "attn_gate" in name:
+        return "gate"
+    if any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
+        return "control"
+    if t.ndim != 2:
+        return "vector"
+    if "tok_emb" in name or "lm_head" in name:
+        return "embed" if "tok_emb" in name else "head"
+    if any(pat in name for pat in TABLE_NAMES):
+        return "table"
+    return "attn" if ".attn." in name else "mlp"
+
+
+def kind_groups(named_params, group_of: dict[str, str]) -> dict[str, list[nn.Parameter]]:
+    """A model's param_groups(): each parameter in the optimizer group its kind maps to, in the given order."""
+    groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    for name, p in named_params:
+        groups[group_of[param_kind(name, p)]].append(p)
+    return groups
 
 
 class CastedLinear(nn.Linear):
-    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. QAT: with qat = (qmax, k)
-    # set, the forward uses the export grid (straight-through gradient) while the qat_on buffer is 1; a buffer,
-    # not a Python flag, because torch.compile freezes Python flags but reads buffers on every call.
-    qat: tuple[int, float] | None = None
+    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. QAT: with qat set (configure_qat
+    # installs the export grid's rounding), the forward uses it (straight-through gradient) while the qat_on buffer
+    # is 1; a buffer, not a Python flag, because torch.compile freezes Python flags but reads buffers on every call.
+    qat: Callable[[Tensor], Tensor] | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -813,7 +829,7 @@ class CastedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if self.qat is not None:
-            w = w + self.qat_on * (fake_quantize(w.detach(), *self.qat) - w.detach())
+            w = w + self.qat_on * (self.qat(w.detach()) - w.detach())
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -836,12 +852,9 @@ class Rotary(nn.Module):
         return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
 
 
-SDP_BACKENDS = ("flash", "mem_efficient", "math", "cudnn")
-
-
 def enable_sdp_backends(names: str) -> None:
     """SDP_BACKENDS: the CUDA attention kernels PyTorch may choose from, the others switched off."""
-    for backend in SDP_BACKENDS:
+    for backend in SETTINGS["SDP_BACKENDS"].check:
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend in names.split(","))
 
 
@@ -1008,9 +1021,6 @@ def norm_pct_dropout(h: Tensor, frac: float) -> Tensor:
     norms = h.detach().float().norm(dim=-1).flatten()
     keep = torch.ones_like(norms).scatter_(0, norms.topk(max(1, int(frac * norms.numel()))).indices, 0.0)
     return h * keep.view(*h.shape[:-1], 1).to(h.dtype)
-
-
-MLP_ACTS = ("relu2", "leaky2", "swiglu")
 
 
 class MLP(nn.Module):
@@ -1224,20 +1234,12 @@ class GPT(nn.Module):
                 skips.append(x)
         return x if lane1 is None else 0.5 * (x + lane1)
 
+    # matrix -> Muon; embed, head, scalar -> Adam with their own learning rates.
+    GROUP_OF = {"embed": "embed", "table": "embed", "head": "head", "gate": "scalar", "control": "scalar",
+                "vector": "scalar", "attn": "matrix", "mlp": "matrix"}
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """matrix -> Muon; embed, head, scalar -> Adam with their own learning rates."""
-        groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
-        embeds = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        for name, p in self.named_parameters():
-            if id(p) in embeds:
-                groups["embed"].append(p)
-            elif self.lm_head is not None and p is self.lm_head.weight:
-                groups["head"].append(p)
-            elif p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
-                groups["scalar"].append(p)
-            else:
-                groups["matrix"].append(p)
-        return groups
+        return kind_groups(self.named_parameters(), self.GROUP_OF)
 
     def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
         return {"matrix": args.matrix_lr, "embed": args.tied_embed_lr if args.tie_embeddings else args.embed_lr,
@@ -1385,18 +1387,14 @@ class NGPT(nn.Module):
         logits = (self.s_z * self.s_z_gain) * F.linear(h, w.to(h.dtype)).float()
         return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
+    # Sphere matrices (then projected), attention gates and BigramHash's projection -> Muon; embeddings, head,
+    # alpha, s_qk, s_uv, s_z -> Adam.
+    GROUP_OF = {**GPT.GROUP_OF, "gate": "matrix"}
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Sphere matrices (then projected) and BigramHash's projection -> Muon; embeddings, head, alpha, s_qk, s_uv,
-        s_z -> Adam."""
-        groups = {"matrix": [], "embed": [self.tok_emb.weight], "head": [], "scalar": [self.s_z]}
-        for p in self.blocks.parameters():
-            groups["matrix" if p.ndim == 2 else "scalar"].append(p)
-        if self.lm_head is not None:
-            groups["head"].append(self.lm_head.weight)
-        if self.bigram is not None:
-            groups["embed"].append(self.bigram.weight)
-            groups["matrix"].append(self.bigram_proj.weight)
-        return groups
+        # s_z, then the blocks, then the rest: the order its optimizers (and checkpoints) have always had
+        named = sorted(self.named_parameters(), key=lambda np: (np[0] != "s_z", not np[0].startswith("blocks.")))
+        return kind_groups(named, self.GROUP_OF)
 
     def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
         return {"matrix": args.ngpt_matrix_lr, "embed": args.ngpt_embed_lr, "head": args.ngpt_head_lr,
@@ -1437,7 +1435,7 @@ def cuda_layout(model: nn.Module, args: Hyperparameters) -> nn.Module:
     inv_freqs = {m: m.inv_freq for m in model.modules() if isinstance(m, Rotary)}
     model.bfloat16()
     for name, p in model.named_parameters():
-        if isinstance(p, nn.Parameter) and (p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS)):
+        if isinstance(p, nn.Parameter) and param_kind(name, p) in ("gate", "control", "vector"):
             p.data = p.data.float()
     for m in model.modules():
         if isinstance(m, CastedLinear):
@@ -1771,7 +1769,6 @@ class WeightEMA:
 
 ARTIFACT_MAGIC = b"PGOLF1"
 ARTIFACT_VERSION = 2
-EXPORT_FORMATS = ("pgolf", "starter")
 QUANT_BITS = {"int5": 5, "int6": 6, "int7": 7, "int8": 8, "fp16": 16}
 KEEP_FLOAT_MAX_NUMEL = 4096  # tiny matrices: too few bytes to be worth any error
 STARTER_KEEP_FLOAT_MAX_NUMEL = 65_536
@@ -1811,38 +1808,34 @@ COMPRESSORS = {
 BEST_COMPRESSORS = ("zlib", "zstd", "lzma", "brotli")  # COMPRESSOR=best: zpaq only by name, for its time
 
 
-def available_compressors() -> list[str]:
-    """Every compressor whose module imports here (brotli and zpaq are optional)."""
-    names = []
-    for name, module in (("zlib", "zlib"), ("zstd", "zstandard"), ("lzma", "lzma"), ("brotli", "brotli"),
-                         ("zpaq", "zpaq")):
-        try:
-            __import__(module)
-            names.append(name)
-        except ImportError:
-            pass
-    return names
+# Parameter kind -> the precision setting it follows (quant_plan's class): the token embedding and the head are
+# QUANT_EMBED's, the other tables QUANT_MLP's; control tensors and vectors stay float.
+QUANT_CLASS = {"embed": "embed", "head": "embed", "table": "mlp", "gate": "gate", "attn": "attn", "mlp": "mlp"}
 
 
 def tensor_class(name: str, t: Tensor) -> str | None:
-    """The precision setting a tensor follows: 'gate' (attention-gate matrices), 'embed' (embedding, head), 'attn'
-    (.attn. matrices), 'mlp' (other matrices); None for tensors kept float (vectors, other control tensors, tiny
-    matrices)."""
-    if t.is_floating_point() and t.ndim == 2 and "attn_gate" in name:
-        return "gate"
-    if not t.is_floating_point() or t.ndim != 2 or t.numel() <= KEEP_FLOAT_MAX_NUMEL \
-            or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
+    """The precision setting a tensor follows: 'gate', 'embed', 'attn', 'mlp'; None for tensors kept float (control
+    tensors, vectors, integers, tiny matrices other than gates)."""
+    kind = param_kind(name, t)
+    if not t.is_floating_point() or kind not in QUANT_CLASS or kind != "gate" and t.numel() <= KEEP_FLOAT_MAX_NUMEL:
         return None
-    if "tok_emb" in name or "lm_head" in name:
-        return "embed"
-    return "attn" if ".attn." in name else "mlp"
+    return QUANT_CLASS[kind]
+
+
+def stored_fp32(name: str, t: Tensor) -> bool:
+    # Control tensors kept float are stored in fp32 (QUANT_CONTROL=fp32, the starter's), other floats in fp16.
+    return param_kind(name, t) in ("gate", "control")
+
+
+# Tensor class -> the settings (attribute names) of its precision and SDClip k; None: k = 0, no clipping.
+QUANT_SETTINGS = {"attn": ("quant_attn", "sdclip_k_attn"), "mlp": ("quant_mlp", "sdclip_k_mlp"),
+                  "embed": ("quant_embed", "sdclip_k_embed"), "gate": ("quant_gate", None)}
 
 
 def quant_plan(args: Hyperparameters) -> dict[str, tuple[int, float]]:
-    """Tensor class -> (bits, SDClip k); k = 0: no clipping. A float gate stays as the control tensor it is."""
-    return {"attn": (QUANT_BITS[args.quant_attn], args.sdclip_k_attn), "mlp": (QUANT_BITS[args.quant_mlp], args.sdclip_k_mlp),
-            "embed": (QUANT_BITS[args.quant_embed], args.sdclip_k_embed),
-            "gate": (QUANT_BITS.get(args.quant_gate, 32), 0.0)}
+    """Tensor class -> (bits, SDClip k). A float gate (32 bits) stays as the control tensor it is."""
+    return {cls: (QUANT_BITS.get(getattr(args, bits), 32), getattr(args, k) if k else 0.0)
+            for cls, (bits, k) in QUANT_SETTINGS.items()}
 
 
 def sdclip_scales(w: Tensor, qmax: int, k: float) -> Tensor:
@@ -1872,7 +1865,7 @@ def configure_qat(model: nn.Module, args: Hyperparameters) -> None:
         if isinstance(m, CastedLinear):
             cls = tensor_class(f"{name}.weight", m.weight)
             if cls is not None and plan[cls][0] < 16:
-                m.qat = (2 ** (plan[cls][0] - 1) - 1, plan[cls][1])
+                m.qat = partial(fake_quantize, qmax=2 ** (plan[cls][0] - 1) - 1, k=plan[cls][1])
 
 
 def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
@@ -1940,14 +1933,14 @@ def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, he
         dtype = str(t.dtype).removeprefix("torch.")
         cls = tensor_class(name, t)
         if cls is None or plan[cls][0] >= 16:
-            control = any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS) and args.quant_control == "fp32"
+            control = stored_fp32(name, t) and args.quant_control == "fp32"
             keep = torch.float32 if control else torch.float16
             out[name] = {"w": (t.to(keep) if t.is_floating_point() else t).cpu().contiguous(), "dtype": dtype}
             continue
         bits, k = plan[cls]
         qmax = 2 ** (bits - 1) - 1
         scale = sdclip_scales(t, qmax, k)
-        H = (hessians or {}).get(name) if cls in ("attn", "mlp") or cls == "embed" and args.gptq_embed else None
+        H = (hessians or {}).get(name) if cls != "gate" and (cls != "embed" or args.gptq_embed) else None
         q = gptq(t, scale, qmax, H.to(t.device), args.gptq_damp, args.gptq_block, args.gptq_fp64) if H is not None \
             else (t.float() / scale[:, None]).round().clamp(-qmax, qmax)
         out[name] = {"q": q.to(torch.int8).cpu().contiguous(), "scale": scale.half().cpu(), "dtype": dtype}
@@ -1994,7 +1987,7 @@ def quantize_starter_int8(state_dict: dict[str, Tensor]) -> dict[str, dict]:
         if not t.is_floating_point():
             out[name] = {"w": t, "dtype": dtype}
         elif t.numel() <= STARTER_KEEP_FLOAT_MAX_NUMEL:
-            if any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):  # kept and restored as fp32
+            if stored_fp32(name, t):  # kept and restored as fp32
                 out[name] = {"w": t.float(), "dtype": "float32"}
             else:
                 out[name] = {"w": t.half() if t.dtype in (torch.float32, torch.bfloat16) else t, "dtype": dtype}
@@ -2825,7 +2818,7 @@ def estimate_model_bytes(args: Hyperparameters, state: dict[str, Tensor]) -> int
     for name, t in state.items():
         cls = tensor_class(name, t)
         if cls is None or plan[cls][0] >= 16:  # stored as quantize_state_dict keeps it: fp32 control, fp16 other floats
-            control = any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS)
+            control = stored_fp32(name, t)
             total += t.numel() * (t.element_size() if not t.is_floating_point() else 4 if control else 2)
             continue
         total += t.numel() * code_bits(*plan[cls]) / 8 * PLAN_COMPRESSION_OVERHEAD + 2 * t.size(0)

@@ -26,8 +26,8 @@ ENV = {
 
 def args_with(**env) -> tg.Hyperparameters:
     env = {**ENV, **{k: str(v) for k, v in env.items()}}
-    other = tg.MODEL_ONLY_SETTINGS["ngpt" if env.get("MODEL", "gpt") == "gpt" else "gpt"]
-    return tg.Hyperparameters({k: v for k, v in env.items() if k not in other})
+    model = env.get("MODEL", "gpt")
+    return tg.Hyperparameters({k: v for k, v in env.items() if tg.SETTINGS[k].model in (None, model)})
 
 
 def model_for(args, seed=0):

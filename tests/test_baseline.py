@@ -98,13 +98,13 @@ def test_baseline_with_gptq_is_valid_and_exports_as_the_starter():
 
 
 def test_sdp_backends_switch_the_cuda_kernels():
-    saved = {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in tg.SDP_BACKENDS}
+    saved = {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in tg.SETTINGS['SDP_BACKENDS'].check}
     try:
         tg.enable_sdp_backends("flash")
-        assert {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in tg.SDP_BACKENDS} == \
+        assert {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in tg.SETTINGS['SDP_BACKENDS'].check} == \
             {"flash": True, "mem_efficient": False, "math": False, "cudnn": False}
         tg.enable_sdp_backends(tg.Hyperparameters({}).sdp_backends)
-        assert {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in tg.SDP_BACKENDS} == \
+        assert {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in tg.SETTINGS['SDP_BACKENDS'].check} == \
             {"flash": True, "mem_efficient": True, "math": True, "cudnn": False}
     finally:
         for b, on in saved.items():

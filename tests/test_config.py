@@ -1,11 +1,12 @@
 """The HYPERPARAMETERS section: env vars and presets, every rule of validate() (ranges, names, shapes, settings of
-the other MODEL), and the README documenting every setting."""
+the other MODEL), the declarations resolving as the code before them did, and docs/settings.md generated from them."""
 
-import re
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import train_gpt as tg
 from conftest import ROOT, tiny_args
@@ -76,24 +77,55 @@ def test_each_broken_rule_is_a_one_line_config_error_naming_the_variable(env, ne
     assert "\n" not in str(e.value)
 
 
-def test_every_numeric_setting_has_a_range():
-    ranged = {name for names in tg.SETTING_RANGES.values() for name in names.split()}
-    numeric = set()
-    for model in tg.MODELS:
-        settings = tg.Hyperparameters({"MODEL": model}).settings
-        numeric |= {k for k, v in settings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert numeric - ranged == {"SEED"} and ranged <= numeric  # no unchecked setting, no stale name
+def test_every_numeric_setting_has_a_range_and_every_check_holds_its_default():
+    unchecked = {s.name for s in tg.SETTINGS.values() if s.cast in (int, float) and not isinstance(s.check, str)}
+    assert unchecked == {"SEED"}
+    assert all(s.check is None for s in tg.SETTINGS.values() if s.cast is tg._flag)
+    for model in ("gpt", "ngpt"):
+        for name, value in tg.Hyperparameters({"MODEL": model}).settings.items():
+            tg.SETTINGS[name].check_value(value)
     assert all(tg.in_interval(0.5, i) for i in ("[0, 1)", "(0, inf)", "[0, 1]"))
     assert not any(tg.in_interval(v, i) for v, i in ((1.0, "[0, 1)"), (0.0, "(0, inf)"), (-1.0, "[0, 1]")))
 
 
 def test_each_model_reads_and_logs_only_its_own_settings():
+    only = {m: {s.name for s in tg.SETTINGS.values() if s.model == m} for m in ("gpt", "ngpt")}
     gpt, ngpt = (set(tg.Hyperparameters({"MODEL": m}).settings) for m in ("gpt", "ngpt"))
-    assert not gpt & tg.MODEL_ONLY_SETTINGS["ngpt"] and not ngpt & tg.MODEL_ONLY_SETTINGS["gpt"]
-    assert tg.MODEL_ONLY_SETTINGS["gpt"] <= gpt and tg.MODEL_ONLY_SETTINGS["ngpt"] <= ngpt
+    assert gpt == set(tg.SETTINGS) - only["ngpt"] and ngpt == set(tg.SETTINGS) - only["gpt"]
+    assert only["ngpt"] == {name for name in tg.SETTINGS if name.startswith("NGPT_")}
     # Presets may set the other model's settings: only an explicit one is refused.
     args = tg.Hyperparameters({"MODEL": "ngpt", "BASELINE": "1", "SMOKE": "1"})
     assert args.mlp_mult == 2 and args.num_layers == 4 and "SMEAR_GATE" not in args.settings
+
+
+@pytest.mark.parametrize("preset", ["SMOKE_PRESET", "SMOKE_RECIPE_PRESET", "STACK_1194_PRESET", "BASELINE_PRESET"])
+def test_every_preset_entry_is_a_declared_setting_whose_value_parses_and_lies_in_range(preset):
+    for name, raw in getattr(tg, preset).items():
+        setting = tg.SETTINGS[name]
+        setting.check_value(setting.cast(raw))
+
+
+def test_each_setting_choice_has_an_implementation():
+    # The choices are declared with the setting (validation needs nothing defined later); the code behind them agrees.
+    choices = {name: set(s.check) for name, s in tg.SETTINGS.items() if isinstance(s.check, tuple)}
+    assert choices["MODEL"] == set(tg.MODELS) and choices["MUON_NS_COEFFS"] == set(tg.NS_COEFFS)
+    assert choices["TRAIN_LOADER"] == set(tg.TRAIN_LOADERS) and choices["PLAN_GPU"] == set(tg.GPU_SPECS)
+    assert all(choices[q] == set(tg.QUANT_BITS) for q in ("QUANT", "QUANT_ATTN", "QUANT_MLP", "QUANT_EMBED"))
+
+
+# The resolved settings (in order, with their types) and attributes of the code before the declarations, dumped from
+# it for these environments; COMPILE and PLAN_TORCH depend on the machine and are checked against their rule.
+BEFORE = json.loads((ROOT / "tests/data/settings_before_decl.json").read_text().replace("<root>", str(tg.SCRIPT_DIR)))
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE))
+def test_declared_settings_resolve_as_the_code_before_them(case):
+    before = BEFORE[case]
+    args = tg.Hyperparameters({"RUN_ID": "decl", **before["env"]})
+    now = [[k, v, type(v).__name__] for k, v in args.settings.items() if k not in ("COMPILE", "PLAN_TORCH")]
+    assert now == before["settings"]
+    assert {k: [getattr(args, k), type(getattr(args, k)).__name__] for k in before["attrs"]} == before["attrs"]
+    assert (args.compile, args.plan_torch) == (torch.cuda.is_available(), torch.__version__.split("+")[0])
 
 
 def test_config_errors_come_before_any_data_is_read(tmp_path):
@@ -106,9 +138,7 @@ def test_config_errors_come_before_any_data_is_read(tmp_path):
     assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
 
 
-def test_readme_documents_every_env_var():
-    readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", readme, re.M))
-    settings = {name for model in tg.MODELS for name in tg.Hyperparameters({"MODEL": model}).settings}
-    assert settings - documented == set(), "settings missing from README"
-    assert documented - settings == set(), "README lists env vars the script does not read"
+def test_docs_settings_table_is_generated_from_the_declarations():
+    from settings_doc import settings_markdown
+
+    assert (ROOT / "docs/settings.md").read_text() == settings_markdown(), "run python3 records/settings_doc.py"

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_a_compressor_whose_module_is_missing_is_refused_with_its_install_comman
 
 def test_ste_passes_the_gradient_of_the_quantized_forward():
     layer = tg.CastedLinear(64, 32, bias=False)
-    layer.qat = (31, 12.85)
+    layer.qat = partial(tg.fake_quantize, qmax=31, k=12.85)
     tg.set_qat(layer, True)
     x = torch.randn(8, 64)
     layer(x).square().sum().backward()
