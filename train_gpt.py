@@ -137,7 +137,7 @@ SETTING_RANGES = {
                 "ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_DIM "
                 "MUON_BACKEND_STEPS GPTQ_CALIB_BATCHES GPTQ_BLOCK PLAN_WORLD_SIZE CHECKPOINT_KEEP",
     "[2, inf)": "VOCAB_SIZE RECUR_LOOPS",
-    "[0, inf)": "PREFETCH_BATCHES VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
+    "[0, inf)": "VAL_DOCS PREFETCH_BATCHES VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
                 "LORA_WD PHASED_TTT_PREFIX_DOCS "
                 "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
                 "ATTN_GATE_DIMS SMEAR_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS "
@@ -231,6 +231,8 @@ class Hyperparameters:
     def _read_evaluation(self, get) -> None:
         # Validation cadence and batch size; validation always covers the whole val split.
         self.val_batch_size = get("VAL_BATCH_SIZE", 524_288, int)
+        # Score only the val split's first N documents (0: all): quick ablations and the smoke; never a submission.
+        self.val_docs = get("VAL_DOCS", 0, int)
         self.val_loss_every = get("VAL_LOSS_EVERY", 1000, int)
         self.train_log_every = get("TRAIN_LOG_EVERY", 200, int)
 
@@ -3254,6 +3256,15 @@ def load_val_data(run: Run) -> ValData:
     check_val_split(args.data_path, tokens.numel())
     luts = val_byte_counter(args, sp, tokens.numel(), run.device)
     run.log(f"val_loader:shards pattern={args.val_files} tokens:{tokens.numel()}")
+    docs = val_documents(tokens)
+    if 0 < args.val_docs < len(docs):
+        # A prefix of whole documents; verify.py refuses such a log as a submission.
+        end = docs[args.val_docs][0]
+        if end - 1 < seq_len:
+            raise ConfigError(f"VAL_DOCS={args.val_docs} keeps {end} val tokens, fewer than one window of {seq_len + 1}: "
+                              "raise VAL_DOCS or shorten the sequences")
+        run.log(f"val_prefix:docs={args.val_docs} of:{len(docs)} tokens:{end} of:{tokens.numel()} (not a submission score)")
+        tokens, luts = tokens[:end], luts[:end] if isinstance(luts, Tensor) else luts
     run.log(f"val_bytes:{'sidecar' if isinstance(luts, Tensor) else 'tokenizer_tables'}")
     return ValData(tokens, luts)
 
