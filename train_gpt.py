@@ -192,6 +192,8 @@ SETTING_SECTIONS = {
     ),
     "Evaluation": (
         S("VAL_BATCH_SIZE", int, 524_288, COUNT, "global tokens per validation batch"),
+        S("VAL_DOCS", int, 0, NONNEG, "score only the val split's first N documents (0: all); logged as val_prefix:, "
+          "never a submission score (records/verify.py refuses it)"),
         S("VAL_LOSS_EVERY", int, 1000, NONNEG, "validate every N steps and at the end; 0: only at the end"),
         S("TRAIN_LOG_EVERY", int, 200, NONNEG, "log the train loss every N steps (and the first 10)"),
         S("EVAL_SEQ_LEN", int, 0, NONNEG, "window of the sliding and TTT paths; 0: TRAIN_SEQ_LEN (logged resolved)"),
@@ -3247,6 +3249,15 @@ def load_val_data(run: Run) -> ValData:
     check_val_split(args.data_path, tokens.numel())
     luts = val_byte_counter(args, sp, tokens.numel(), run.device)
     run.log(f"val_loader:shards pattern={args.val_files} tokens:{tokens.numel()}")
+    docs = val_documents(tokens)
+    if 0 < args.val_docs < len(docs):
+        # A prefix of whole documents; verify.py refuses such a log as a submission.
+        end = docs[args.val_docs][0]
+        if end - 1 < seq_len:
+            raise ConfigError(f"VAL_DOCS={args.val_docs} keeps {end} val tokens, fewer than one window of {seq_len + 1}: "
+                              "raise VAL_DOCS or shorten the sequences")
+        run.log(f"val_prefix:docs={args.val_docs} of:{len(docs)} tokens:{end} of:{tokens.numel()} (not a submission score)")
+        tokens, luts = tokens[:end], luts[:end] if isinstance(luts, Tensor) else luts
     run.log(f"val_bytes:{'sidecar' if isinstance(luts, Tensor) else 'tokenizer_tables'}")
     return ValData(tokens, luts)
 

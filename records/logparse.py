@@ -386,6 +386,10 @@ def run_checks(log: RunLog, time_limits: bool = True) -> list[Check]:
         f"score line {tag}", score_ok,
         f"submission {sub['what']} val_loss {sub['val_loss']:.8f} val_bpb {sub['val_bpb']:.8f}; "
         f"last line {log.last_line!r}"))
+    val_docs = log.settings.get("VAL_DOCS", "0")
+    checks.append(Check(f"whole val split {tag}", val_docs == "0",
+                        "every val document scored" if val_docs == "0" else
+                        f"VAL_DOCS={val_docs}: only a prefix of the val split was scored, not a submission score"))
     checks.append(eval_path_check(log))
     return checks
 

@@ -135,6 +135,24 @@ def test_artifact_alone_rebuilds_the_scored_model(tiny_run, tiny_data):
     x, y = val[:64][None], val[1:65][None]
     assert torch.allclose(model(x, y)[0], torch.from_numpy(np.load(loss_path)[:64]), atol=1e-5)
 
+def test_val_docs_scores_a_declared_prefix_of_whole_documents(tiny_data, tmp_path, monkeypatch):
+    losses = tmp_path / "prefix.npy"
+    run_train(tmp_path, data_env(tiny_data, RUN_ID="prefix", ITERATIONS="2", VAL_DOCS="3", TOKEN_LOSS_PATH=str(losses)))
+    log = (tmp_path / "logs" / "prefix.txt").read_text()
+    val = tg.load_validation_tokens(str(tiny_data[0] / "fineweb_val_*.bin"))
+    end = int(np.flatnonzero(val.numpy() == tg.BOS_ID)[3])  # the fourth document's BOS: three whole documents
+    assert f"val_prefix:docs=3 of:40 tokens:{end} of:{val.numel()} (not a submission score)" in log
+    assert np.load(losses).shape == (end - 1,)
+    # a prefix shorter than one evaluation window is refused before anything trains
+    monkeypatch.chdir(tmp_path)
+    first_doc = int(np.flatnonzero(val.numpy() == tg.BOS_ID)[1])
+    for name, value in {**TINY_ENV, **data_env(tiny_data, RUN_ID="short", VAL_DOCS="1",
+                                                EVAL_SEQ_LEN=str(first_doc))}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(tg.ConfigError, match="VAL_DOCS=1 keeps"):
+        tg.main()
+
+
 @pytest.mark.slow  # whole runs: keeps the README command under 5 minutes on 2 cores
 def test_validation_pauses_and_every_switch_is_logged_at_its_fraction(tiny_data, tmp_path):
     run_train(tmp_path, data_env(tiny_data, RUN_ID="val", SEED="1", ITERATIONS="4", VAL_LOSS_EVERY="2",

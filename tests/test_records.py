@@ -384,6 +384,14 @@ def test_verify_flags_an_eval_time_planted_in_a_log(frozen, capsys):
     assert code == 1 and "FAIL eval time train_seed3.log" in out
 
 
+def test_verify_flags_a_log_that_scored_only_a_prefix_of_the_val_split(frozen, capsys):
+    log = frozen / "train_seed1.log"
+    text = log.read_text()
+    log.write_text(text.replace("setting:SEED=1\n", "setting:SEED=1\nsetting:VAL_DOCS=3\n", 1))
+    code, out = run_verify(capsys, frozen)
+    assert code == 1 and "FAIL whole val split train_seed1.log: VAL_DOCS=3" in out, out
+
+
 def test_verify_flags_scores_that_disagree_with_the_logs(frozen, capsys):
     sub = json.loads((frozen / "submission.json").read_text())
     sub["seed_results"][1]["val_bpb"] -= 0.01
