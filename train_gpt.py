@@ -506,6 +506,8 @@ BOS_ID = 1
 
 def shard_token_count(file: Path) -> int:
     """Validate a shard's header and size; return its token count."""
+    if not file.is_file():
+        raise ConfigError(f"{file}: not a file but matches the shard pattern; rename or move it out of DATA_PATH")
     header = np.fromfile(file, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
         got = f"magic {int(header[0])}, version {int(header[1])}" if header.size >= 2 else "no header"
@@ -521,6 +523,8 @@ def shard_token_count(file: Path) -> int:
             f"{file}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes: "
             "it is truncated or corrupt; re-download it (python3 data/cached_challenge_fineweb.py replaces bad shards)"
         )
+    if num_tokens == 0:  # no build writes one; the sequential loader would wait on it forever
+        raise ConfigError(f"{file}: a valid header but 0 tokens; remove it or rebuild the data with data/build_shards.py")
     return num_tokens
 
 

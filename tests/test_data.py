@@ -91,3 +91,20 @@ def test_a_prefetch_thread_error_is_raised_in_the_training_thread(tmp_path):
     with pytest.raises(tg.ConfigError, match="no sequence of TRAIN_SEQ_LEN"):
         ahead.next_batch(64, 16, 1)
     assert ahead.thread is None
+
+
+@pytest.mark.parametrize("loader", sorted(tg.TRAIN_LOADERS))
+def test_a_train_shard_of_zero_tokens_is_refused_by_either_loader(tmp_path, loader):
+    write_shard(tmp_path / "fineweb_train_000000.bin", [])
+    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90", "TRAIN_LOADER": loader})
+    with pytest.raises(tg.ConfigError, match="fineweb_train_000000.bin: a valid header but 0 tokens; remove it"):
+        tg.TRAIN_LOADERS[loader](args, 0, 1).next_batch(64, 16, 1)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_folder_named_like_a_shard_is_refused_in_one_line(tmp_path, split):
+    write_shard(tmp_path / f"fineweb_{split}_000000.bin", np.arange(100))
+    (tmp_path / f"fineweb_{split}_000001.bin").mkdir()
+    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90"})
+    with pytest.raises(tg.ConfigError, match=f"fineweb_{split}_000001.bin: not a file but matches the shard pattern"):
+        tg.TRAIN_LOADERS["sequential"](args, 0, 1) if split == "train" else tg.load_validation_tokens(args.val_files)
