@@ -59,8 +59,6 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 # TTT evaluation included).
 # Env vars set explicitly still win over these.
 SMOKE_PRESET = {
-    "DATA_PATH": str(SCRIPT_DIR / "data/datasets/smoke_sp1024"),
-    "TOKENIZER_PATH": str(SCRIPT_DIR / "data/tokenizers/smoke_1024_bpe.model"),
     "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "VAL_BATCH_SIZE": "65536",
     "ITERATIONS": "80", "WARMUP_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0",
@@ -68,6 +66,15 @@ SMOKE_PRESET = {
     "EVAL_STRIDE": "128", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096", "TTT_EPOCHS": "1", "TTT_LR": "0.05",
     "WARMDOWN_FRAC": "0.3", "VOCAB_SIZE": "1024", "MUON_BF16": "0", "EMA_WARMUP": "1",
 }
+SMOKE_CACHE = SCRIPT_DIR / "data"  # the only place SMOKE=1's auto-build writes
+
+
+def smoke_cache(vocab_size: str) -> dict[str, str]:
+    """SMOKE=1's own dataset and tokenizer, named by the vocabulary size, so one size's cache never serves another."""
+    return {"DATA_PATH": str(SMOKE_CACHE / f"datasets/smoke_sp{vocab_size}"),
+            "TOKENIZER_PATH": str(SMOKE_CACHE / f"tokenizers/smoke_{vocab_size}_bpe.model")}
+
+
 # SMOKE=1 on the recipe (not STACK=1.1194, not BASELINE=1): its layer-indexed parts fitted to the smoke's 4 layers.
 # Its evaluation is the recipe's phased TTT instead of full TTT, at a CPU's scale: prefix half the smoke's 80 val
 # documents, rank-8 adapters, 256-token chunks (the recipe's 48-token chunks and rank 80 take ~20 min here).
@@ -170,7 +177,8 @@ class Hyperparameters:
         baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
         older = baseline or env.get("STACK") == "1.1194"
         presets = {**(STACK_1194_PRESET if older else {}), **(BASELINE_PRESET if baseline else {}),
-                   **(SMOKE_PRESET if smoke else {}), **(SMOKE_RECIPE_PRESET if smoke and not older else {})}
+                   **(SMOKE_PRESET | smoke_cache(env.get("VOCAB_SIZE", SMOKE_PRESET["VOCAB_SIZE"])) if smoke else {}),
+                   **(SMOKE_RECIPE_PRESET if smoke and not older else {})}
         env = {**presets, **env}
         self.settings: dict[str, object] = {}
         self.world_size = int(env.get("WORLD_SIZE", "1"))  # torchrun's; needed by the batch rule
@@ -3229,12 +3237,22 @@ def activate_attention(run: Run) -> None:
 
 
 def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
-    """SMOKE=1 builds the embedded dataset and tokenizer once, if they are missing (rank 0 builds, others wait)."""
-    if not args.smoke or (glob.glob(args.train_files) and Path(args.tokenizer_path).is_file()):
+    """SMOKE=1 builds the embedded dataset and tokenizer once, if they are missing (rank 0 builds, others wait),
+    only into its own cache: a DATA_PATH or TOKENIZER_PATH elsewhere is the user's and is never written."""
+    has_shards, has_tokenizer = bool(glob.glob(args.train_files)), Path(args.tokenizer_path).is_file()
+    if not args.smoke or (has_shards and has_tokenizer):
         return
+    own, paths = smoke_cache(str(args.vocab_size)), {"DATA_PATH": args.data_path, "TOKENIZER_PATH": args.tokenizer_path}
+    foreign = [name for name, path in paths.items() if Path(path).resolve() != Path(own[name]).resolve()]
+    if foreign:
+        missing = "DATA_PATH" if not has_shards else "TOKENIZER_PATH"
+        what = "has no train shards (fineweb_train_*.bin)" if missing == "DATA_PATH" else "does not exist"
+        raise ConfigError(f"SMOKE=1: {missing}={paths[missing]} {what}, and the smoke builds data only into its own "
+                          f"cache, not {', '.join(f'{n}={paths[n]}' for n in foreign)}: fix {missing}, or unset "
+                          f"{' and '.join(foreign)} to build the smoke's own")
     if master:
         cmd = [sys.executable, str(SCRIPT_DIR / "data/build_shards.py"), "--embedded", "--out-dir", args.data_path,
-               "--train-tokenizer", args.tokenizer_path, "--vocab-size", str(args.vocab_size)]
+               "--train-tokenizer", args.tokenizer_path, "--vocab-size", str(args.vocab_size), "--overwrite"]
         print("smoke: building the embedded dataset: " + " ".join(cmd), flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise ConfigError("smoke: data/build_shards.py failed (see above); fix it or set DATA_PATH and TOKENIZER_PATH")

@@ -1,5 +1,9 @@
 """The DATA section: shards, the sequential and shuffled train loaders, the val split."""
 
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +112,59 @@ def test_a_folder_named_like_a_shard_is_refused_in_one_line(tmp_path, split):
     args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90"})
     with pytest.raises(tg.ConfigError, match=f"fineweb_{split}_000001.bin: not a file but matches the shard pattern"):
         tg.TRAIN_LOADERS["sequential"](args, 0, 1) if split == "train" else tg.load_validation_tokens(args.val_files)
+
+
+# SMOKE=1's auto-build: it writes only into its own cache; the user's DATA_PATH and TOKENIZER_PATH are never touched.
+def snapshot(folder) -> dict[str, tuple[bytes, int]]:
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def user_files(root, train: bool):
+    (root / "ds").mkdir()
+    if train:
+        write_shard(root / "ds" / "fineweb_train_000000.bin", np.arange(1000) % 90)
+    write_shard(root / "ds" / "fineweb_val_000000.bin", np.arange(500) % 90)
+    write_shard(root / "ds" / "fineweb_val_000001.bin", np.arange(300) % 90)
+    (root / "tok.model").write_bytes(b"the user's tokenizer")
+
+
+SMOKE_FOREIGN_CASES = {  # case: (the user's data has train shards, DATA_PATH, TOKENIZER_PATH, the error's start)
+    "data_path_and_mistyped_tokenizer": (True, "ds", "tokk.model", "SMOKE=1: TOKENIZER_PATH={root}/tokk.model does "
+                                         "not exist, and the smoke builds data only into its own cache, not "
+                                         "DATA_PATH={root}/ds, TOKENIZER_PATH={root}/tokk.model: fix TOKENIZER_PATH"),
+    "folder_of_val_shards_only": (False, "ds", "tok.model", "SMOKE=1: DATA_PATH={root}/ds has no train shards"),
+    "mistyped_data_path": (True, "dss", "tok.model", "SMOKE=1: DATA_PATH={root}/dss has no train shards"),
+    "data_path_without_tokenizer_path": (True, "ds", None, "SMOKE=1: TOKENIZER_PATH="),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMOKE_FOREIGN_CASES))
+def test_smoke_never_builds_into_the_users_paths(tmp_path, monkeypatch, case):
+    monkeypatch.setattr(tg, "SMOKE_CACHE", tmp_path / "cache", raising=False)  # the smoke's own tokenizer: missing
+    train, data, tok, expected = SMOKE_FOREIGN_CASES[case]
+    user_files(tmp_path, train)
+    before = snapshot(tmp_path)
+    env = {"SMOKE": "1", "DATA_PATH": str(tmp_path / data)} | ({"TOKENIZER_PATH": str(tmp_path / tok)} if tok else {})
+    with pytest.raises(tg.ConfigError) as excinfo:
+        tg.ensure_smoke_data(tg.Hyperparameters(env), True)
+    assert str(excinfo.value).startswith(expected.format(root=tmp_path)) and "\n" not in str(excinfo.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_smoke_cache_is_named_by_its_vocab_size_and_built_there_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(tg, "SMOKE_CACHE", tmp_path)
+    builds = []
+    monkeypatch.setattr(tg.subprocess, "run", lambda cmd: builds.append(cmd) or SimpleNamespace(returncode=0))
+    args = tg.Hyperparameters({"SMOKE": "1", "VOCAB_SIZE": "512"})
+    own = (str(tmp_path / "datasets/smoke_sp512"), str(tmp_path / "tokenizers/smoke_512_bpe.model"))
+    assert (args.data_path, args.tokenizer_path) == own
+    assert tg.Hyperparameters({"SMOKE": "1"}).data_path == str(tmp_path / "datasets/smoke_sp1024")
+    tg.ensure_smoke_data(args, True)
+    assert builds == [[sys.executable, str(tg.SCRIPT_DIR / "data/build_shards.py"), "--embedded", "--out-dir", own[0],
+                       "--train-tokenizer", own[1], "--vocab-size", "512", "--overwrite"]]
+    user_files(tmp_path, train=True)
+    for made, path in zip((tmp_path / "ds", tmp_path / "tok.model"), own):
+        Path(path).parent.mkdir()
+        made.rename(path)
+    tg.ensure_smoke_data(args, True)  # found: nothing built
+    assert len(builds) == 1
