@@ -137,7 +137,8 @@ MODEL_ONLY_SETTINGS = {
 # The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
 CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
 RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
-                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES".split())
+                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES "
+                                                    "ALLOW_OTHER_TOKENIZER".split())
 # The range of every numeric setting but SEED, as an interval; validate() checks them with the other rules.
 SETTING_RANGES = {
     "[1, inf)": "VAL_BATCH_SIZE TTT_CHUNK_TOKENS TTT_EPOCHS LORA_RANK LORA_CHUNK_TOKENS LORA_SLOTS PHASED_TTT_NUM_PHASES "
@@ -208,6 +209,7 @@ class Hyperparameters:
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
         self.val_files = os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")  # not the fineweb_val_bytes_* sidecar
         self.tokenizer_path = get("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+        self.allow_other_tokenizer = get("ALLOW_OTHER_TOKENIZER", False, _flag)  # not the one manifest.json records
         self.run_id = get("RUN_ID", str(uuid.uuid4()))
         self.seed = get("SEED", 1337, int)
         self.token_loss_path = get("TOKEN_LOSS_PATH", "")
@@ -597,19 +599,33 @@ CHALLENGE_VAL_TOKENS = {
 }
 
 
+MANIFEST_FIELDS = ("variant", "val_docs", "shuffle_seed", "val_tokens", "challenge_docs", "tokenizer_sha256")
+
+
+def read_manifest(data_path: str) -> dict | None:
+    """The manifest.json data/build_shards.py writes beside its shards, with the fields read here; None if absent."""
+    path = Path(data_path) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+        missing = [k for k in MANIFEST_FIELDS if k not in m] if isinstance(m, dict) else ["not a JSON object"]
+    except (OSError, ValueError) as e:
+        missing = [repr(e)]
+    if missing:
+        raise ConfigError(f"{path} is unreadable or incomplete ({', '.join(missing)}); rebuild the data with "
+                          "data/build_shards.py")
+    return m
+
+
 def check_val_split(data_path: str, num_tokens: int) -> None:
     """Refuse a val split that is not the challenge's first 50,000 documents (the rest would be in training),
     told cheaply: from the manifest.json data/build_shards.py writes beside its shards, else, for a published
     dataset's folder, from its val token count."""
-    manifest_path = Path(data_path) / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            m = json.loads(manifest_path.read_text(encoding="utf-8"))
-            variant, val_docs, shuffle_seed = m["variant"], m["val_docs"], m["shuffle_seed"]
-            val_tokens, challenge = m["val_tokens"], m["challenge_docs"] or variant in CHALLENGE_VAL_TOKENS
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{manifest_path} is unreadable or incomplete ({e!r}); rebuild the data with "
-                              "data/build_shards.py")
+    manifest_path, m = Path(data_path) / "manifest.json", read_manifest(data_path)
+    if m is not None:
+        variant, val_docs, shuffle_seed, val_tokens = (m[k] for k in MANIFEST_FIELDS[:4])
+        challenge = m["challenge_docs"] or variant in CHALLENGE_VAL_TOKENS
         if val_tokens != num_tokens:
             raise ConfigError(f"{manifest_path} records {val_tokens} val tokens but the val shards hold {num_tokens}: "
                               "the shards changed since the build; rebuild them with data/build_shards.py")
@@ -625,6 +641,23 @@ def check_val_split(data_path: str, num_tokens: int) -> None:
                           f"first {CHALLENGE_VAL_DOCS} documents) has {expected[0]}-{expected[1]}: a build with fewer val "
                           "documents puts the rest into training (issue #2127: CaseOps prep's --val-docs=10000); "
                           "download it with data/cached_challenge_fineweb.py or rebuild it with data/build_shards.py")
+
+
+def check_tokenizer_sha256(data_path: str, tokenizer_path: str, allowed: bool,
+                           override: str = "ALLOW_OTHER_TOKENIZER=1") -> str:
+    """Refuse a tokenizer other than the one the shards were built with (manifest.json records its sha256): one of
+    the same vocabulary size counts other bytes per token, a wrong bpb. Returns the line to log."""
+    m = read_manifest(data_path)
+    if m is None:
+        return f"tokenizer_check:none (no manifest.json in {data_path})"
+    sha256 = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    if sha256 == m["tokenizer_sha256"]:
+        return f"tokenizer_check:ok sha256:{sha256[:12]}"
+    mismatch = (f"{tokenizer_path} (sha256 {sha256[:12]}) is not the tokenizer the shards in {data_path} were built "
+                f"with (its manifest.json records {m['tokenizer_sha256'][:12]})")
+    if not allowed:
+        raise ConfigError(f"{mismatch}: point the tokenizer path at that one, or set {override} to score with this one")
+    return f"warning:tokenizer_check:overridden by {override}: {mismatch}"
 
 
 class TokenStream:
@@ -3161,7 +3194,8 @@ def read_settings() -> Hyperparameters:
     if not path.is_file():
         raise ConfigError(f"SCORE_ARTIFACT={path} does not exist; give the path of an artifact file")
     _, stored = unpack_artifact(path.read_bytes(), str(path))
-    stored = {k: v for k, v in (stored or {}).items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")}
+    stored = {k: v for k, v in (stored or {}).items()
+              if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH", "ALLOW_OTHER_TOKENIZER")}
     return Hyperparameters({**settings_env(stored), **os.environ})
 
 
@@ -3274,6 +3308,7 @@ def load_val_data(run: Run) -> ValData:
     seq_len = max(args.train_seq_len, args.eval_seq_len)
     tokens = load_validation_tokens(args.val_files, args.vocab_size, seq_len).to(run.device, torch.int64)
     check_val_split(args.data_path, tokens.numel())
+    run.log(check_tokenizer_sha256(args.data_path, args.tokenizer_path, args.allow_other_tokenizer))
     luts = val_byte_counter(args, sp, tokens.numel(), run.device)
     run.log(f"val_loader:shards pattern={args.val_files} tokens:{tokens.numel()}")
     run.log(f"val_bytes:{'sidecar' if isinstance(luts, Tensor) else 'tokenizer_tables'}")

@@ -1,11 +1,13 @@
 """The DATA section: shards, the sequential and shuffled train loaders, the val split."""
 
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 
 import train_gpt as tg
@@ -168,3 +170,48 @@ def test_smoke_cache_is_named_by_its_vocab_size_and_built_there_once(tmp_path, m
         made.rename(path)
     tg.ensure_smoke_data(args, True)  # found: nothing built
     assert len(builds) == 1
+
+
+# The manifest ties the shards to their tokenizer: another one of the same vocabulary size is refused.
+@pytest.fixture(scope="module")
+def other_tokenizer(tiny_data, tmp_path_factory):
+    """A tokenizer of tiny_data's vocabulary size (384), trained on other documents."""
+    import pydoc_data.topics
+    from build_shards import train_sentencepiece
+
+    path = tmp_path_factory.mktemp("other") / "other.model"
+    train_sentencepiece(list(pydoc_data.topics.topics.values()), path, 384, 10**6, 1, lambda *a: None)
+    return path
+
+
+def test_a_tokenizer_other_than_the_manifests_is_refused(tiny_data, other_tokenizer, tmp_path):
+    import compare
+
+    data_path, tok = tiny_data
+    assert tg.check_tokenizer_sha256(str(data_path), str(tok), False).startswith("tokenizer_check:ok sha256:")
+    with pytest.raises(tg.ConfigError) as excinfo:  # train_gpt.py's load_val_data (below: it logs the override)
+        tg.check_tokenizer_sha256(str(data_path), str(other_tokenizer), False)
+    err = str(excinfo.value)
+    assert err.startswith(f"{other_tokenizer} (sha256 ") and f"not the tokenizer the shards in {data_path} were " \
+        "built with" in err and err.endswith("or set ALLOW_OTHER_TOKENIZER=1 to score with this one")
+    with pytest.raises(compare.CompareError, match="or set --allow-other-tokenizer to score with this one"):
+        sp = spm.SentencePieceProcessor(model_file=str(other_tokenizer))
+        compare.load_val_and_bytes(compare.val_pattern(str(data_path)), sp, str(other_tokenizer))
+
+
+def test_the_tokenizer_override_is_logged_and_data_without_a_manifest_is_not_checked(tiny_data, other_tokenizer,
+                                                                                     tmp_path):
+    from conftest import data_env, run_train
+
+    # RESUME of a missing checkpoint stops the run right after the val data is read and checked
+    env = data_env(tiny_data, TOKENIZER_PATH=str(other_tokenizer), ALLOW_OTHER_TOKENIZER="1", RUN_ID="other",
+                   RESUME=str(tmp_path / "none.pt"))
+    assert run_train(tmp_path, env, check=False).returncode == 2
+    log = (tmp_path / "logs" / "other.txt").read_text()
+    assert re.search(r"^warning:tokenizer_check:overridden by ALLOW_OTHER_TOKENIZER=1: \S+other.model \(sha256 ", log,
+                     re.M)
+    (tmp_path / "ds").mkdir()
+    for shard in tiny_data[0].glob("fineweb_*.bin"):
+        (tmp_path / "ds" / shard.name).write_bytes(shard.read_bytes())
+    assert tg.check_tokenizer_sha256(str(tmp_path / "ds"), str(other_tokenizer), False) == \
+        f"tokenizer_check:none (no manifest.json in {tmp_path / 'ds'})"
