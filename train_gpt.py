@@ -565,6 +565,12 @@ def shard_files(pattern: str, split: str) -> list[Path]:
     return files
 
 
+def train_data_sha256(pattern: str) -> str:
+    """The train shards' names and token counts, hashed: from their headers, cheap; RESUME compares it."""
+    return hashlib.sha256(json.dumps([[f.name, shard_token_count(f)] for f in shard_files(pattern, "train")])
+                          .encode()).hexdigest()
+
+
 def load_validation_tokens(pattern: str, vocab_size: int | None = None, seq_len: int = 1) -> Tensor:
     """All val tokens, every shard in sorted order: the whole split is scored, in windows of up to seq_len."""
     tokens = torch.cat([load_data_shard(f, vocab_size) for f in shard_files(pattern, "val")]).contiguous()
@@ -3550,6 +3556,7 @@ def training_state(run: Run, t: Training, clock: TrainClock) -> dict | None:
         return None
     parts = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in parts]
     return {"code_sha256": code_sha256(run), "settings": dict(run.args.settings), "world_size": run.world_size,
+            "train_data_sha256": train_data_sha256(run.args.train_files),
             "step": clock.step, "train_ms": clock.banked_ms, "switched": dict(t.switched),
             "model": _cpu(t.base_model.state_dict()), "loader": t.loader.state_dict(), "ranks": parts,
             "ema": None if t.ema is None else {"updates": t.ema.updates, "average": _cpu(t.ema.average)}}
@@ -3614,9 +3621,12 @@ def read_checkpoint(run: Run) -> tuple[Path, dict]:
         differ.append(f"world_size {run.world_size} (checkpoint: {state['world_size']})")
     if state["code_sha256"] != code_sha256(run):
         differ.append(f"code sha256 {code_sha256(run)[:12]} (checkpoint: {state['code_sha256'][:12]})")
+    if state["train_data_sha256"] != (data := train_data_sha256(run.args.train_files)):
+        differ.append(f"train shards of DATA_PATH={run.args.data_path}: names and token counts sha256 {data[:12]} "
+                      f"(checkpoint: {state['train_data_sha256'][:12]})")
     if differ:
         raise ConfigError(f"RESUME={path}: this run would compute differently: {'; '.join(differ)}; resume with "
-                          "the checkpoint's settings, code and world size")
+                          "the checkpoint's settings, code, world size and train data")
     return path, state
 
 
