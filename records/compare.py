@@ -73,10 +73,10 @@ def load_val_and_bytes(pattern: str, sp, tokenizer_path: str, chunk: int = 1 << 
     shards were built with (their manifest.json's tokenizer sha256) unless allow_other_tokenizer."""
     import torch
     tg = import_train_gpt()
-    tokens = tg.load_validation_tokens(pattern).to(torch.int64)
     where = SimpleNamespace(data_path=str(Path(pattern).parent), tokenizer_path=tokenizer_path,
                             vocab_size=sp.get_piece_size())
     try:
+        tokens = tg.load_validation_tokens(pattern).to(torch.int64)
         check = tg.check_tokenizer_sha256(where.data_path, tokenizer_path, allow_other_tokenizer,
                                           "--allow-other-tokenizer")
         counter = tg.val_byte_counter(where, sp, tokens.numel(), torch.device("cpu"))

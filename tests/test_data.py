@@ -116,6 +116,16 @@ def test_a_folder_named_like_a_shard_is_refused_in_one_line(tmp_path, split):
         tg.TRAIN_LOADERS["sequential"](args, 0, 1) if split == "train" else tg.load_validation_tokens(args.val_files)
 
 
+def test_compare_refuses_a_folder_named_like_a_val_shard_in_one_line(tiny_data, tmp_path, capsys):
+    import compare
+
+    (tmp_path / "fineweb_val_000000.bin").mkdir()
+    np.save(tmp_path / "a.npy", np.zeros(10, dtype=np.float32))
+    assert compare.main([str(tmp_path / "a.npy"), "--data-path", str(tmp_path), "--tokenizer", str(tiny_data[1])]) == 2
+    assert capsys.readouterr().err == f"compare: error: {tmp_path / 'fineweb_val_000000.bin'}: not a file but matches " \
+        "the shard pattern; rename or move it out of DATA_PATH\n"
+
+
 # SMOKE=1's auto-build: it writes only into its own cache; the user's DATA_PATH and TOKENIZER_PATH are never touched.
 def snapshot(folder) -> dict[str, tuple[bytes, int]]:
     return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
