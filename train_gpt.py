@@ -137,8 +137,8 @@ MODEL_ONLY_SETTINGS = {
 # The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
 CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
 RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
-                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES "
-                                                    "ALLOW_OTHER_TOKENIZER".split())
+                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES".split()) | {
+                                                    "ALLOW_OTHER_TOKENIZER"}
 # The range of every numeric setting but SEED, as an interval; validate() checks them with the other rules.
 SETTING_RANGES = {
     "[1, inf)": "VAL_BATCH_SIZE TTT_CHUNK_TOKENS TTT_EPOCHS LORA_RANK LORA_CHUNK_TOKENS LORA_SLOTS PHASED_TTT_NUM_PHASES "
@@ -534,7 +534,8 @@ def shard_token_count(file: Path) -> int:
             "it is truncated or corrupt; re-download it (python3 data/cached_challenge_fineweb.py replaces bad shards)"
         )
     if num_tokens == 0:  # no build writes one; the sequential loader would wait on it forever
-        raise ConfigError(f"{file}: a valid header but 0 tokens; remove it or rebuild the data with data/build_shards.py")
+        raise ConfigError(f"{file}: a valid header but 0 tokens; remove it or rebuild the data with "
+                          "data/build_shards.py")
     return num_tokens
 
 

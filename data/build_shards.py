@@ -347,7 +347,8 @@ def check_outputs(out_dir, tokenizer_path, train_tokenizer: bool, overwrite: boo
         raise UsageError(f"--out-dir {out_dir} already holds a dataset ({len(old)} files, e.g. {old[0].name}); "
                          "pass --overwrite to replace it, or give an empty folder")
     if train_tokenizer and Path(tokenizer_path).exists() and not overwrite:
-        raise UsageError(f"--train-tokenizer {tokenizer_path} exists; pass --overwrite to replace it, or give a new path")
+        raise UsageError(f"--train-tokenizer {tokenizer_path} exists; pass --overwrite to replace it, "
+                         "or give a new path")
 
 
 def train_sentencepiece(docs: list[str], model_path: Path, vocab_size: int, max_bytes: int, workers: int, log,

@@ -122,8 +122,9 @@ def test_compare_refuses_a_folder_named_like_a_val_shard_in_one_line(tiny_data, 
     (tmp_path / "fineweb_val_000000.bin").mkdir()
     np.save(tmp_path / "a.npy", np.zeros(10, dtype=np.float32))
     assert compare.main([str(tmp_path / "a.npy"), "--data-path", str(tmp_path), "--tokenizer", str(tiny_data[1])]) == 2
-    assert capsys.readouterr().err == f"compare: error: {tmp_path / 'fineweb_val_000000.bin'}: not a file but matches " \
-        "the shard pattern; rename or move it out of DATA_PATH\n"
+    folder = tmp_path / "fineweb_val_000000.bin"
+    assert capsys.readouterr().err == f"compare: error: {folder}: not a file but matches the shard pattern; rename " \
+        "or move it out of DATA_PATH\n"
 
 
 # SMOKE=1's auto-build: it writes only into its own cache; the user's DATA_PATH and TOKENIZER_PATH are never touched.
