@@ -15,7 +15,6 @@ import glob
 import hashlib
 import importlib.util
 import io
-import itertools
 import json
 import lzma
 import math
@@ -59,8 +58,6 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 # TTT evaluation included).
 # Env vars set explicitly still win over these.
 SMOKE_PRESET = {
-    "DATA_PATH": str(SCRIPT_DIR / "data/datasets/smoke_sp1024"),
-    "TOKENIZER_PATH": str(SCRIPT_DIR / "data/tokenizers/smoke_1024_bpe.model"),
     "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "VAL_BATCH_SIZE": "65536",
     "ITERATIONS": "80", "WARMUP_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0",
@@ -68,6 +65,15 @@ SMOKE_PRESET = {
     "EVAL_STRIDE": "128", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096", "TTT_EPOCHS": "1", "TTT_LR": "0.05",
     "WARMDOWN_FRAC": "0.3", "VOCAB_SIZE": "1024", "MUON_BF16": "0", "EMA_WARMUP": "1",
 }
+SMOKE_CACHE = SCRIPT_DIR / "data"  # the only place SMOKE=1's auto-build writes
+
+
+def smoke_cache(vocab_size: str) -> dict[str, str]:
+    """SMOKE=1's own dataset and tokenizer, named by the vocabulary size, so one size's cache never serves another."""
+    return {"DATA_PATH": str(SMOKE_CACHE / f"datasets/smoke_sp{vocab_size}"),
+            "TOKENIZER_PATH": str(SMOKE_CACHE / f"tokenizers/smoke_{vocab_size}_bpe.model")}
+
+
 # SMOKE=1 on the recipe (not STACK=1.1194, not BASELINE=1): its layer-indexed parts fitted to the smoke's 4 layers.
 # Its evaluation is the recipe's phased TTT instead of full TTT, at a CPU's scale: prefix half the smoke's 80 val
 # documents, rank-8 adapters, 256-token chunks (the recipe's 48-token chunks and rank 80 take ~20 min here).
@@ -161,6 +167,8 @@ SETTING_SECTIONS = {
           "folder of fineweb_train_*.bin / fineweb_val_*.bin shards (+ byte sidecar, manifest.json)"),
         S("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", None,
           "SentencePiece model for the byte tables"),
+        S("ALLOW_OTHER_TOKENIZER", _flag, False, None,
+          "accept a tokenizer other than the one the data's manifest.json records (logged as a warning)"),
         S("RUN_ID", str, Derived("a random uuid", lambda a: str(uuid.uuid4())), None, "names logs/<RUN_ID>.txt"),
         S("SEED", int, 1337, None, "seeds Python, NumPy and torch"),
         S("TOKEN_LOSS_PATH", str, "", None, "if set, save the submission's per-target losses (float32 .npy, nats)"),
@@ -345,7 +353,8 @@ SETTINGS = {s.name: s for section in SETTING_SECTIONS.values() for s in section}
 # The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
 CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
 RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
-                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES".split())
+                                                    "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES "
+                                                    "ALLOW_OTHER_TOKENIZER".split())
 
 
 def available_compressors() -> list[str]:
@@ -377,7 +386,8 @@ class Hyperparameters:
         baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
         older = baseline or env.get("STACK") == "1.1194"
         presets = {**(STACK_1194_PRESET if older else {}), **(BASELINE_PRESET if baseline else {}),
-                   **(SMOKE_PRESET if smoke else {}), **(SMOKE_RECIPE_PRESET if smoke and not older else {})}
+                   **(SMOKE_PRESET | smoke_cache(env.get("VOCAB_SIZE", SMOKE_PRESET["VOCAB_SIZE"])) if smoke else {}),
+                   **(SMOKE_RECIPE_PRESET if smoke and not older else {})}
         env = {**presets, **env}
         self.settings: dict[str, object] = {}
         self.world_size = int(env.get("WORLD_SIZE", "1"))  # torchrun's; needed by the batch rule
@@ -496,6 +506,8 @@ BOS_ID = 1
 
 def shard_token_count(file: Path) -> int:
     """Validate a shard's header and size; return its token count."""
+    if not file.is_file():
+        raise ConfigError(f"{file}: not a file but matches the shard pattern; rename or move it out of DATA_PATH")
     header = np.fromfile(file, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
         got = f"magic {int(header[0])}, version {int(header[1])}" if header.size >= 2 else "no header"
@@ -511,6 +523,9 @@ def shard_token_count(file: Path) -> int:
             f"{file}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes: "
             "it is truncated or corrupt; re-download it (python3 data/cached_challenge_fineweb.py replaces bad shards)"
         )
+    if num_tokens == 0:  # no build writes one; the sequential loader would wait on it forever
+        raise ConfigError(f"{file}: a valid header but 0 tokens; remove it or rebuild the data with "
+                          "data/build_shards.py")
     return num_tokens
 
 
@@ -539,6 +554,12 @@ def shard_files(pattern: str, split: str) -> list[Path]:
     for f in files:
         shard_token_count(f)
     return files
+
+
+def train_data_sha256(pattern: str) -> str:
+    """The train shards' names and token counts, hashed: from their headers, cheap; RESUME compares it."""
+    return hashlib.sha256(json.dumps([[f.name, shard_token_count(f)] for f in shard_files(pattern, "train")])
+                          .encode()).hexdigest()
 
 
 def load_validation_tokens(pattern: str, vocab_size: int | None = None, seq_len: int = 1) -> Tensor:
@@ -575,19 +596,33 @@ CHALLENGE_VAL_TOKENS = {
 }
 
 
+MANIFEST_FIELDS = ("variant", "val_docs", "shuffle_seed", "val_tokens", "challenge_docs", "tokenizer_sha256")
+
+
+def read_manifest(data_path: str) -> dict | None:
+    """The manifest.json data/build_shards.py writes beside its shards, with the fields read here; None if absent."""
+    path = Path(data_path) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+        missing = [k for k in MANIFEST_FIELDS if k not in m] if isinstance(m, dict) else ["not a JSON object"]
+    except (OSError, ValueError) as e:
+        missing = [repr(e)]
+    if missing:
+        raise ConfigError(f"{path} is unreadable or incomplete ({', '.join(missing)}); rebuild the data with "
+                          "data/build_shards.py")
+    return m
+
+
 def check_val_split(data_path: str, num_tokens: int) -> None:
     """Refuse a val split that is not the challenge's first 50,000 documents (the rest would be in training),
     told cheaply: from the manifest.json data/build_shards.py writes beside its shards, else, for a published
     dataset's folder, from its val token count."""
-    manifest_path = Path(data_path) / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            m = json.loads(manifest_path.read_text(encoding="utf-8"))
-            variant, val_docs, shuffle_seed = m["variant"], m["val_docs"], m["shuffle_seed"]
-            val_tokens, challenge = m["val_tokens"], m["challenge_docs"] or variant in CHALLENGE_VAL_TOKENS
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{manifest_path} is unreadable or incomplete ({e!r}); rebuild the data with "
-                              "data/build_shards.py")
+    manifest_path, m = Path(data_path) / "manifest.json", read_manifest(data_path)
+    if m is not None:
+        variant, val_docs, shuffle_seed, val_tokens = (m[k] for k in MANIFEST_FIELDS[:4])
+        challenge = m["challenge_docs"] or variant in CHALLENGE_VAL_TOKENS
         if val_tokens != num_tokens:
             raise ConfigError(f"{manifest_path} records {val_tokens} val tokens but the val shards hold {num_tokens}: "
                               "the shards changed since the build; rebuild them with data/build_shards.py")
@@ -603,6 +638,23 @@ def check_val_split(data_path: str, num_tokens: int) -> None:
                           f"first {CHALLENGE_VAL_DOCS} documents) has {expected[0]}-{expected[1]}: a build with fewer val "
                           "documents puts the rest into training (issue #2127: CaseOps prep's --val-docs=10000); "
                           "download it with data/cached_challenge_fineweb.py or rebuild it with data/build_shards.py")
+
+
+def check_tokenizer_sha256(data_path: str, tokenizer_path: str, allowed: bool,
+                           override: str = "ALLOW_OTHER_TOKENIZER=1") -> str:
+    """Refuse a tokenizer other than the one the shards were built with (manifest.json records its sha256): one of
+    the same vocabulary size counts other bytes per token, a wrong bpb. Returns the line to log."""
+    m = read_manifest(data_path)
+    if m is None:
+        return f"tokenizer_check:none (no manifest.json in {data_path})"
+    sha256 = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    if sha256 == m["tokenizer_sha256"]:
+        return f"tokenizer_check:ok sha256:{sha256[:12]}"
+    mismatch = (f"{tokenizer_path} (sha256 {sha256[:12]}) is not the tokenizer the shards in {data_path} were built "
+                f"with (its manifest.json records {m['tokenizer_sha256'][:12]})")
+    if not allowed:
+        raise ConfigError(f"{mismatch}: point the tokenizer path at that one, or set {override} to score with this one")
+    return f"warning:tokenizer_check:overridden by {override}: {mismatch}"
 
 
 class TokenStream:
@@ -3144,7 +3196,8 @@ def read_settings() -> Hyperparameters:
     if not path.is_file():
         raise ConfigError(f"SCORE_ARTIFACT={path} does not exist; give the path of an artifact file")
     _, stored = unpack_artifact(path.read_bytes(), str(path))
-    stored = {k: v for k, v in (stored or {}).items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")}
+    stored = {k: v for k, v in (stored or {}).items()
+              if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH", "ALLOW_OTHER_TOKENIZER")}
     return Hyperparameters({**settings_env(stored), **os.environ})
 
 
@@ -3220,12 +3273,22 @@ def activate_attention(run: Run) -> None:
 
 
 def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
-    """SMOKE=1 builds the embedded dataset and tokenizer once, if they are missing (rank 0 builds, others wait)."""
-    if not args.smoke or (glob.glob(args.train_files) and Path(args.tokenizer_path).is_file()):
+    """SMOKE=1 builds the embedded dataset and tokenizer once, if they are missing (rank 0 builds, others wait),
+    only into its own cache: a DATA_PATH or TOKENIZER_PATH elsewhere is the user's and is never written."""
+    has_shards, has_tokenizer = bool(glob.glob(args.train_files)), Path(args.tokenizer_path).is_file()
+    if not args.smoke or (has_shards and has_tokenizer):
         return
+    own, paths = smoke_cache(str(args.vocab_size)), {"DATA_PATH": args.data_path, "TOKENIZER_PATH": args.tokenizer_path}
+    foreign = [name for name, path in paths.items() if Path(path).resolve() != Path(own[name]).resolve()]
+    if foreign:
+        missing = "DATA_PATH" if not has_shards else "TOKENIZER_PATH"
+        what = "has no train shards (fineweb_train_*.bin)" if missing == "DATA_PATH" else "does not exist"
+        raise ConfigError(f"SMOKE=1: {missing}={paths[missing]} {what}, and the smoke builds data only into its own "
+                          f"cache, not {', '.join(f'{n}={paths[n]}' for n in foreign)}: fix {missing}, or unset "
+                          f"{' and '.join(foreign)} to build the smoke's own")
     if master:
         cmd = [sys.executable, str(SCRIPT_DIR / "data/build_shards.py"), "--embedded", "--out-dir", args.data_path,
-               "--train-tokenizer", args.tokenizer_path, "--vocab-size", str(args.vocab_size)]
+               "--train-tokenizer", args.tokenizer_path, "--vocab-size", str(args.vocab_size), "--overwrite"]
         print("smoke: building the embedded dataset: " + " ".join(cmd), flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise ConfigError("smoke: data/build_shards.py failed (see above); fix it or set DATA_PATH and TOKENIZER_PATH")
@@ -3247,6 +3310,7 @@ def load_val_data(run: Run) -> ValData:
     seq_len = max(args.train_seq_len, args.eval_seq_len)
     tokens = load_validation_tokens(args.val_files, args.vocab_size, seq_len).to(run.device, torch.int64)
     check_val_split(args.data_path, tokens.numel())
+    run.log(check_tokenizer_sha256(args.data_path, args.tokenizer_path, args.allow_other_tokenizer))
     luts = val_byte_counter(args, sp, tokens.numel(), run.device)
     run.log(f"val_loader:shards pattern={args.val_files} tokens:{tokens.numel()}")
     docs = val_documents(tokens)
@@ -3497,6 +3561,7 @@ def training_state(run: Run, t: Training, clock: TrainClock) -> dict | None:
         return None
     parts = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in parts]
     return {"code_sha256": code_sha256(run), "settings": dict(run.args.settings), "world_size": run.world_size,
+            "train_data_sha256": train_data_sha256(run.args.train_files),
             "step": clock.step, "train_ms": clock.banked_ms, "switched": dict(t.switched),
             "model": _cpu(t.base_model.state_dict()), "loader": t.loader.state_dict(), "ranks": parts,
             "ema": None if t.ema is None else {"updates": t.ema.updates, "average": _cpu(t.ema.average)}}
@@ -3561,9 +3626,12 @@ def read_checkpoint(run: Run) -> tuple[Path, dict]:
         differ.append(f"world_size {run.world_size} (checkpoint: {state['world_size']})")
     if state["code_sha256"] != code_sha256(run):
         differ.append(f"code sha256 {code_sha256(run)[:12]} (checkpoint: {state['code_sha256'][:12]})")
+    if state["train_data_sha256"] != (data := train_data_sha256(run.args.train_files)):
+        differ.append(f"train shards of DATA_PATH={run.args.data_path}: names and token counts sha256 {data[:12]} "
+                      f"(checkpoint: {state['train_data_sha256'][:12]})")
     if differ:
         raise ConfigError(f"RESUME={path}: this run would compute differently: {'; '.join(differ)}; resume with "
-                          "the checkpoint's settings, code and world size")
+                          "the checkpoint's settings, code, world size and train data")
     return path, state
 
 

@@ -339,6 +339,18 @@ def check_tokenizer_args(tokenizer_path, train_tokenizer: bool, vocab_size) -> N
         raise UsageError(f"--tokenizer {path}: no such file; pass an existing .model or use --train-tokenizer")
 
 
+def check_outputs(out_dir, tokenizer_path, train_tokenizer: bool, overwrite: bool) -> None:
+    """Nothing already there is deleted or replaced without --overwrite: checked before anything is written."""
+    out_dir = Path(out_dir)
+    old = sorted(out_dir.glob("fineweb_*.bin")) + sorted(out_dir.glob(MANIFEST_NAME))
+    if old and not overwrite:
+        raise UsageError(f"--out-dir {out_dir} already holds a dataset ({len(old)} files, e.g. {old[0].name}); "
+                         "pass --overwrite to replace it, or give an empty folder")
+    if train_tokenizer and Path(tokenizer_path).exists() and not overwrite:
+        raise UsageError(f"--train-tokenizer {tokenizer_path} exists; pass --overwrite to replace it, "
+                         "or give a new path")
+
+
 def train_sentencepiece(docs: list[str], model_path: Path, vocab_size: int, max_bytes: int, workers: int, log,
                         caseops: bool = False) -> None:
     sample, sample_bytes = [], 0
@@ -444,19 +456,22 @@ def build(
     challenge_docs=False,
     shuffle_seed=None,
     shard_tokens=100_000_000,
+    overwrite=False,
     tokenizer_train_bytes=DEFAULT_TOKENIZER_TRAIN_BYTES,
     workers=None,
     log=print,
 ) -> dict:
     """Val = docs[:val_docs], train = the rest less exact copies of a val document; a trained tokenizer sees
     train docs only (no val leakage). caseops: CaseOps-encode the text and write the val byte sidecar.
-    Writes manifest.json beside the shards: variant (default: the folder's name), tokenizer hash, split."""
+    Writes manifest.json beside the shards: variant (default: the folder's name), tokenizer hash, split.
+    overwrite: replace the shards already in out_dir and a trained tokenizer's file (else refused)."""
     t0 = time.perf_counter()
     out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
     workers = workers or os.cpu_count() or 1
     if shard_tokens < 1 or workers < 1:
         raise UsageError(f"--shard-tokens {shard_tokens} and --workers {workers} must both be >= 1")
     check_tokenizer_args(tokenizer_path, train_tokenizer, vocab_size)
+    check_outputs(out_dir, tokenizer_path, train_tokenizer, overwrite)
     if not 0 < val_docs < len(docs):
         raise UsageError(f"--val-docs {val_docs}: need 1 <= val-docs < {len(docs)} (the document count)")
     val = docs[:val_docs]
@@ -560,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--txt-docs", default="blank", choices=("file", "blank", "line"),
                    help=".txt: one doc per file/para/line")
     p.add_argument("--text-field", default="text", help=".jsonl: field holding the text")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards and manifest already in --out-dir and an existing --train-tokenizer file")
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
     p.add_argument("--tokenizer-train-bytes", type=int, default=DEFAULT_TOKENIZER_TRAIN_BYTES)
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="encoding processes, tokenizer-training threads")
@@ -571,6 +588,7 @@ def main(argv=None) -> dict:
     try:
         tokenizer_path = args.train_tokenizer or args.tokenizer
         check_tokenizer_args(tokenizer_path, bool(args.train_tokenizer), args.vocab_size)
+        check_outputs(args.out_dir, tokenizer_path, bool(args.train_tokenizer), args.overwrite)
         if args.embedded:
             docs = embedded_documents()[: args.max_docs]
             shuffle_seed = EMBEDDED_SHUFFLE_SEED if args.shuffle_seed is None else args.shuffle_seed
@@ -597,6 +615,7 @@ def main(argv=None) -> dict:
             challenge_docs=challenge_docs,
             shuffle_seed=shuffle_seed,
             shard_tokens=args.shard_tokens,
+            overwrite=args.overwrite,
             tokenizer_train_bytes=args.tokenizer_train_bytes,
             workers=args.workers,
             log=lambda msg: print(msg, flush=True),

@@ -58,7 +58,7 @@ def import_train_gpt():
     sys.path.insert(0, str(REPO_ROOT))
     try:
         import train_gpt
-        for name in ("load_validation_tokens", "val_byte_counter", "count_target_bytes"):
+        for name in ("load_validation_tokens", "val_byte_counter", "count_target_bytes", "check_tokenizer_sha256"):
             getattr(train_gpt, name)
     except (ImportError, AttributeError) as exc:
         raise CompareError(f"compare needs train_gpt.py's load_validation_tokens, val_byte_counter and "
@@ -66,18 +66,24 @@ def import_train_gpt():
     return train_gpt
 
 
-def load_val_and_bytes(pattern: str, sp, tokenizer_path: str, chunk: int = 1 << 23) -> tuple[np.ndarray, np.ndarray]:
+def load_val_and_bytes(pattern: str, sp, tokenizer_path: str, chunk: int = 1 << 23,
+                       allow_other_tokenizer: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(val tokens as int32, bytes of each target token i+1) counted as the scorer counts them: the val byte sidecar
-    beside the shards when there is one (CaseOps data), else the tokenizer's tables."""
+    beside the shards when there is one (CaseOps data), else the tokenizer's tables, which must be the ones the
+    shards were built with (their manifest.json's tokenizer sha256) unless allow_other_tokenizer."""
     import torch
     tg = import_train_gpt()
-    tokens = tg.load_validation_tokens(pattern).to(torch.int64)
     where = SimpleNamespace(data_path=str(Path(pattern).parent), tokenizer_path=tokenizer_path,
                             vocab_size=sp.get_piece_size())
     try:
+        tokens = tg.load_validation_tokens(pattern).to(torch.int64)
+        check = tg.check_tokenizer_sha256(where.data_path, tokenizer_path, allow_other_tokenizer,
+                                          "--allow-other-tokenizer")
         counter = tg.val_byte_counter(where, sp, tokens.numel(), torch.device("cpu"))
     except tg.ConfigError as exc:
         raise CompareError(str(exc)) from None
+    if check.startswith("warning:"):
+        print(check, file=sys.stderr)
     if isinstance(counter, torch.Tensor):  # the sidecar: bytes per val token, target i+1's at i+1
         return tokens.to(torch.int32).numpy(), counter[1:].numpy().astype(np.int32)
     nbytes = np.empty(tokens.numel() - 1, dtype=np.int32)
@@ -373,6 +379,8 @@ def main(argv=None) -> int:
     ap.add_argument("b", nargs="?", help="run B's dump on the same val data")
     ap.add_argument("--data-path", required=True, help="the val shards' folder (or a glob of them)")
     ap.add_argument("--tokenizer", required=True, help="the SentencePiece .model both runs used")
+    ap.add_argument("--allow-other-tokenizer", action="store_true",
+                    help="count bytes with a tokenizer other than the one the shards' manifest.json records")
     ap.add_argument("--labels", default="A,B", help="names of the two runs, e.g. GPT,nGPT")
     ap.add_argument("--block-docs", type=int, default=1, help="pair over blocks of this many documents")
     ap.add_argument("--logs", nargs=2, metavar=("LOG_A", "LOG_B"), help="the runs' logs: show the logged scores")
@@ -393,7 +401,8 @@ def main(argv=None) -> int:
         loss_a = load_losses(args.a)
         loss_b = load_losses(args.b) if args.b else None
         pattern = val_pattern(args.data_path)
-        tokens, nbytes = load_val_and_bytes(pattern, sp, args.tokenizer)
+        tokens, nbytes = load_val_and_bytes(pattern, sp, args.tokenizer,
+                                            allow_other_tokenizer=args.allow_other_tokenizer)
         lines, numbers = analyse(tokens, nbytes, loss_a, loss_b, token_class_lut(sp), args.block_docs, labels)
         lines.insert(0, f"val data: {pattern}, {len(tokens):,} tokens; tokenizer {args.tokenizer}")
         lines.insert(0, f"compare: {labels[0]} = {args.a}" + (f", {labels[1]} = {args.b}" if args.b else ""))

@@ -7,7 +7,8 @@
 writes records/track_10min_16mb/YYYY-MM-DD_11L_int6_TTT/ with train_gpt.py (the exact bytes that ran, taken
 from the logs), one train_seed<SEED>.log per seed, submission.json and a README.md skeleton. Only real
 FineWeb val runs may go under records/track_*; smoke runs and runs on other text are frozen with --out.
-Exit codes: 0 written, 2 bad input (one line on stderr saying why).
+Exit codes: 0 written, 2 bad input (one line on stderr saying why), NaN or infinite scores included
+(--allow-non-finite freezes them anyway).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ast
 import datetime
 import importlib.metadata
 import json
+import math
 import re
 import shlex
 import sys
@@ -311,6 +313,14 @@ def freeze(args, records_dir: Path | None = None) -> Path:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FreezeError(f"{out} exists and is not empty (--force overwrites)")
     submission = build_submission(logs, args, track, date)
+    try:
+        json.dumps(submission, allow_nan=args.allow_non_finite)
+    except ValueError:
+        bad = [f"{g.path} val_loss {g.submission['val_loss']} val_bpb {g.submission['val_bpb']}" for g in logs
+               if not math.isfinite(g.submission["val_loss"] + g.submission["val_bpb"])]
+        where = "; ".join(bad) or "a figure derived from the logs"
+        raise FreezeError(f"submission.json would hold NaN or infinity ({where}): a diverged run is no result; "
+                          "rerun it, or pass --allow-non-finite to freeze it as is")
     for g in logs:
         for check in lp.run_checks(g, time_limits=True):
             if not check.ok:
@@ -362,6 +372,8 @@ def parse_args(argv):
     ap.add_argument("--requirements", help="a requirements.txt to include as is")
     ap.add_argument("--plot", action="store_true", help=f"also draw {plot.PLOT_NAME}")
     ap.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    ap.add_argument("--allow-non-finite", action="store_true",
+                    help="freeze runs whose scores are NaN or infinite (submission.json then holds NaN)")
     return ap.parse_args(argv)
 
 

@@ -210,6 +210,27 @@ def test_bad_checkpoints_are_refused_in_one_line(runs, tiny_settings, tmp_path):
         assert "\n" not in str(e.value)
 
 
+def test_a_resume_on_other_train_data_is_refused_in_one_line(tmp_path):
+    for folder, lengths in (("a", (500, 300)), ("b", (500, 301))):  # b: one shard a token longer
+        (tmp_path / folder).mkdir()
+        for i, n in enumerate(lengths):
+            write_shard(tmp_path / folder / f"fineweb_train_{i:06d}.bin", [j % 100 for j in range(n)])
+    settings = {**TINY_ENV, "VOCAB_SIZE": "100"}
+    run = SimpleNamespace(args=tg.Hyperparameters({**settings, "DATA_PATH": str(tmp_path / "a")}), world_size=1,
+                          code=(ROOT / "train_gpt.py").read_bytes())
+    state = {"settings": dict(run.args.settings), "world_size": 1, "code_sha256": tg.code_sha256(run),
+             "train_data_sha256": tg.train_data_sha256(run.args.train_files)}
+    payload = tg.to_bytes(state)
+    path = tmp_path / "step_0000005.pt"
+    path.write_bytes(tg.CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    (tmp_path / "a").rename(tmp_path / "moved")  # the same shards in another folder: the same data
+    assert read_checkpoint(path, {**settings, "DATA_PATH": str(tmp_path / "moved")})[1] == state
+    with pytest.raises(tg.ConfigError) as e:
+        read_checkpoint(path, {**settings, "DATA_PATH": str(tmp_path / "b")})
+    assert f"train shards of DATA_PATH={tmp_path / 'b'}: names and token counts sha256 " in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_a_bad_resume_stops_the_run_with_exit_2(tiny_data, tmp_path):
     proc = run_train(tmp_path, data_env(tiny_data, RESUME=str(tmp_path / "none.pt")), check=False)
     assert proc.returncode == 2

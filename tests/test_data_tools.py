@@ -173,12 +173,42 @@ def test_parallel_encoding_matches_single_process(docs, built, tmp_path, monkeyp
     assert outputs[0] == outputs[1]
 
 
-def test_rebuild_removes_stale_shards(docs, built, tmp_path):
+def test_rebuild_with_overwrite_removes_stale_shards(docs, built, tmp_path):
     out = tmp_path / "shards"
     out.mkdir()
     build_shards.write_shard(out / "fineweb_train_000099.bin", [1, 2, 3])
-    summary = build_shards.build(docs, out, built[0]["tokenizer"], val_docs=NUM_VAL_DOCS, workers=1, log=quiet)
+    summary = build_shards.build(docs, out, built[0]["tokenizer"], val_docs=NUM_VAL_DOCS, workers=1, log=quiet,
+                                 overwrite=True)
     assert sorted(str(p) for p in out.glob("fineweb_*.bin")) == sorted(summary["files"])
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_existing_shards_are_kept_without_overwrite(docs, built, tmp_path, capsys):
+    out = tmp_path / "shards"
+    out.mkdir()
+    build_shards.write_shard(out / "fineweb_val_000000.bin", [1, 2, 3])
+    before = snapshot(tmp_path)
+    with pytest.raises(build_shards.UsageError, match="--overwrite"):
+        build_shards.build(docs, out, built[0]["tokenizer"], val_docs=NUM_VAL_DOCS, workers=1, log=quiet)
+    argv = ["--embedded", "--out-dir", str(out), "--tokenizer", built[0]["tokenizer"]]
+    with pytest.raises(SystemExit) as excinfo:
+        build_shards.main(argv)
+    assert f"--out-dir {out} already holds a dataset" in one_line_error(capsys, excinfo, 2)
+    assert snapshot(tmp_path) == before
+
+
+def test_existing_tokenizer_is_kept_without_overwrite(built, tmp_path, capsys):
+    tok = tmp_path / "mine.model"
+    shutil.copy(built[0]["tokenizer"], tok)
+    before = snapshot(tmp_path)
+    argv = ["--embedded", "--out-dir", str(tmp_path / "new"), "--train-tokenizer", str(tok), "--vocab-size", "384"]
+    with pytest.raises(SystemExit) as excinfo:
+        build_shards.main(argv)
+    assert f"--train-tokenizer {tok} exists; pass --overwrite" in one_line_error(capsys, excinfo, 2)
+    assert snapshot(tmp_path) == before
 
 
 # -----------------------------

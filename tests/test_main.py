@@ -88,6 +88,7 @@ LOG_LINES = [
     r"^step:30/30 val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
     r"^train_done steps:30 train_time:\d+ms step_avg:\d+\.\d{2}ms tokens_per_s:\d+$",
     r"^train_loader:dataset:ds train_shards:\d+ prefetch_batches:2 pinned:0$",
+    r"^tokenizer_check:ok sha256:[0-9a-f]{12}$",
     r"^final_prequant_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
     r"^Total submission size int6\+\w+: \d+ bytes$",
     r"^artifact:\S+ format:int6_\w+ model_bytes:\d+ code_bytes:\d+ total_bytes:\d+ cap:16000000 under_cap:1$",

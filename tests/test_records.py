@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -318,6 +319,21 @@ def test_freeze_refuses_seeds_of_different_configs(tmp_path, capsys):
     assert do_freeze(again, tmp_path / "out") == 2
     assert "SEED=1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_freeze_refuses_nan_scores_unless_allowed(tmp_path, capsys):
+    logs = [run_fake(tmp_path, 1), run_fake(tmp_path, 2)]
+    text = logs[1].read_text()
+    head, end, tail = text.rpartition("\nsource_end\n")  # seed 2 diverged: every score after the source NaN
+    logs[1].write_text(head + end + re.sub(r"val_loss:\S+ val_bpb:\S+", "val_loss:nan val_bpb:nan", tail))
+    assert logs[1].read_text() != text
+    assert do_freeze(logs, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"freeze: error: submission.json would hold NaN or infinity ({logs[1]} val_loss nan "
+                          "val_bpb nan): a diverged run is no result") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    assert do_freeze(logs, tmp_path / "out", "--allow-non-finite") == 0
+    assert '"val_bpb": NaN' in (tmp_path / "out" / "submission.json").read_text()
 
 
 def test_freeze_lists_only_imports_beyond_the_base_environment():
