@@ -1763,7 +1763,8 @@ class WeightEMA:
 # but for the attention gate (QUANT_GATE=int8: per row at |w|max, the 1.0611 record's gate quantization).
 # Steps: SDClip scales -> GPTQ on Hessians from training batches -> optional low-rank correction -> pack ->
 # smallest of the compressors -> if over the cap, zero the smallest weights until it fits.
-# Artifact = MAGIC + compressor name + compressed(payload); payload = 4-byte manifest length + JSON manifest
+# Artifact = SEAL_MAGIC + CRC-32 of the rest + inner container, checked before anything decompresses it; inner
+# container = MAGIC + compressor name + compressed(payload); payload = 4-byte manifest length + JSON manifest
 # (format version, settings, tensor table, byte shuffle) + raw tensor bytes. It loads with the requirements alone.
 # EXPORT_FORMAT=starter (BASELINE=1) is the challenge starter's export instead, byte for byte: float tensors of at
 # most 65,536 values kept (fp16; control tensors fp32), larger matrices int8 per row, clipped at the 99.99984th
@@ -1778,6 +1779,7 @@ STARTER_KEEP_FLOAT_MAX_NUMEL = 65_536
 STARTER_CLIP_Q = 99.99984 / 100
 STARTER_QUANT_FORMAT = "int8_clean_per_row_v1"
 STARTER_MAGIC = b"\x78\xda"  # the starter's container has no header: this is how a level-9 zlib stream starts
+SEAL_MAGIC = b"PGSUM1"  # the outer container; the starter's has none: zlib's own Adler-32 is its checksum
 
 
 def _zstd():
@@ -2068,11 +2070,30 @@ def pack_starter(qsd: dict[str, dict]) -> bytes:
     return zlib.compress(buf.getvalue(), 9)
 
 
+def seal_artifact(inner: bytes) -> bytes:
+    return SEAL_MAGIC + zlib.crc32(inner).to_bytes(4, "little") + inner
+
+
+def unseal_artifact(blob: bytes, source: str = "artifact") -> bytes:
+    """The inner container, its checksum verified; an artifact without a seal (the starter's, or one written before
+    seals) passes through unchanged."""
+    if not blob.startswith(SEAL_MAGIC):
+        return blob
+    n = len(SEAL_MAGIC) + 4
+    if len(blob) < n or zlib.crc32(memoryview(blob)[n:]) != int.from_bytes(blob[n - 4 : n], "little"):
+        raise ConfigError(f"corrupt artifact {source}: checksum mismatch ({len(blob)} bytes); re-export or re-download it")
+    return blob[n:]
+
+
 def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
     try:
-        obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=True)
+        raw = zlib.decompress(blob)
+    except zlib.error as e:  # its Adler-32 (or the stream itself) does not check out
+        raise ConfigError(f"corrupt artifact {source}: checksum mismatch ({e}); re-export or re-download it") from None
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         starter = isinstance(obj, dict) and obj.get("__quant_format__") == STARTER_QUANT_FORMAT
-    except (zlib.error, RuntimeError, pickle.UnpicklingError):
+    except (RuntimeError, pickle.UnpicklingError):
         starter = False
     if not starter:
         raise ConfigError(f"{source}: a zlib stream but not the starter's int8 export ({STARTER_QUANT_FORMAT}); give a "
@@ -2085,10 +2106,12 @@ def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
 
 
 def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
+    blob = unseal_artifact(blob, source)
     if blob.startswith(STARTER_MAGIC):
         return "zlib"
     if not blob.startswith(ARTIFACT_MAGIC):
-        raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic); give a file written by train_gpt.py")
+        raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic): corrupt, or not written by train_gpt.py; "
+                          "re-export or re-download it, or give a file train_gpt.py wrote")
     compressor = blob[len(ARTIFACT_MAGIC) + 1 : len(ARTIFACT_MAGIC) + 1 + blob[len(ARTIFACT_MAGIC)]].decode()
     if compressor not in available_compressors():
         raise ConfigError(f"{source}: compressor {compressor!r} is unknown or not installed here "
@@ -2099,6 +2122,7 @@ def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict | None]:
     """Inverse of pack_artifact: (quantized state dict, settings the model was built with; None for the starter's
     container, which carries none)."""
+    blob = unseal_artifact(blob, source)
     compressor = artifact_compressor(blob, source)
     if blob.startswith(STARTER_MAGIC):
         return unpack_starter(blob, source), None
@@ -2121,8 +2145,13 @@ def prune_to_fit(qsd: dict[str, dict], settings: dict, compressor: str, shuffle:
                  export_format: str = "pgolf"):
     """The cap remedy: zero the smallest-magnitude quantized weights (|code| x row scale), fewest first, until the
     artifact has at most max_bytes. Returns (qsd, blob, weights zeroed); the blob may still be over if even
-    zeroing every code does not fit."""
-    blob = pack_artifact(qsd, settings, compressor, shuffle, export_format)
+    zeroing every code does not fit. The blob is sealed (SEAL_MAGIC), but for the starter's format."""
+
+    def pack(q):
+        blob = pack_artifact(q, settings, compressor, shuffle, export_format)
+        return blob if export_format == "starter" else seal_artifact(blob)
+
+    blob = pack(qsd)
     names = [n for n, e in qsd.items() if "q" in e]
     if len(blob) <= max_bytes or not names:
         return qsd, blob, 0
@@ -2141,7 +2170,7 @@ def prune_to_fit(qsd: dict[str, dict], settings: dict, compressor: str, shuffle:
             q = qsd[n]["q"]
             out[n] = {**qsd[n], "q": q * keep[offset : offset + q.numel()].view_as(q)}
             offset += q.numel()
-        blob = pack_artifact(out, settings, compressor, shuffle, export_format)
+        blob = pack(out)
     return out, blob, pruned
 
 
@@ -3822,6 +3851,8 @@ def score_artifact(run: Run, data: ValData, path: Path, train_ms: float, eval_t0
     if run.distributed:
         dist.barrier()
     blob = path.read_bytes()
+    if not blob.startswith((SEAL_MAGIC, STARTER_MAGIC)):  # accepted: an older train_gpt.py's artifact
+        run.log(f"warning: {path} carries no checksum (written before artifacts had one): scored unverified")
     fmt, total_bytes = log_artifact_size(run, path, blob)
     under_cap = total_bytes <= SIZE_CAP_BYTES
     fresh, _ = model_from_artifact(blob, run.device, str(path), run.args)
