@@ -54,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # -----------------------------
 
 SIZE_CAP_BYTES = 16_000_000
+MAX_PARAMS = 2**30
 SCRIPT_DIR = Path(__file__).resolve().parent
 # SMOKE=1 defaults: a tiny model on the embedded corpus, about three minutes on 2 CPU cores (sliding-window and
 # TTT evaluation included).
@@ -110,6 +111,32 @@ class ConfigError(Exception):
     """Bad input: main() prints it as one line naming the file or variable and the fix."""
 
 
+class LaunchError(ConfigError):
+    """A stray or inconsistent torchrun variable: every process prints it, as there may be no rank 0."""
+
+
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_launch(env) -> None:
+    """torchrun sets all of TORCHRUN_VARS; one set alone would score a wrong share of the data or wait for ranks
+    that never come."""
+    given = [k for k in TORCHRUN_VARS if k in env]
+    if not given:
+        return
+    if len(given) < len(TORCHRUN_VARS):
+        missing = ", ".join(k for k in TORCHRUN_VARS if k not in env)
+        raise LaunchError(f"{', '.join(f'{k}={env[k]}' for k in given)} set without {missing}: launch with torchrun "
+                          "(it sets them all) or unset them to run one process")
+    try:
+        world, rank, local = (int(env[k]) for k in TORCHRUN_VARS[:3])
+    except ValueError:
+        world = rank = local = -1
+    if not 0 <= local <= rank < world:
+        raise LaunchError(f"WORLD_SIZE={env['WORLD_SIZE']}, RANK={env['RANK']}, LOCAL_RANK={env['LOCAL_RANK']} are "
+                          "inconsistent (integers, 0 <= LOCAL_RANK <= RANK < WORLD_SIZE): launch with torchrun")
+
+
 def _flag(raw: str) -> bool:
     if raw not in ("0", "1"):
         raise ValueError("expected 0 or 1")
@@ -129,10 +156,11 @@ MODEL_ONLY_SETTINGS = {
 # Settings a resumed run may change (README "Checkpoints and resume"): where things are, what is logged, the cap.
 # The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
 CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
-RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
+RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("ALLOW_ENV RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
                                                     "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES".split())
-# The range of every numeric setting but SEED, as an interval; validate() checks them with the other rules.
+# The range of every numeric setting, as an interval; validate() checks them with the other rules.
 SETTING_RANGES = {
+    "[0, 4294967295]": "SEED",  # what NumPy's seed takes
     "[1, inf)": "VAL_BATCH_SIZE TTT_CHUNK_TOKENS TTT_EPOCHS LORA_RANK LORA_CHUNK_TOKENS LORA_SLOTS PHASED_TTT_NUM_PHASES "
                 "ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_DIM "
                 "MUON_BACKEND_STEPS GPTQ_CALIB_BATCHES GPTQ_BLOCK PLAN_WORLD_SIZE CHECKPOINT_KEEP",
@@ -202,6 +230,7 @@ class Hyperparameters:
         self.tokenizer_path = get("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
         self.run_id = get("RUN_ID", str(uuid.uuid4()))
         self.seed = get("SEED", 1337, int)
+        self.allow_env = get("ALLOW_ENV", "")  # env names the misspelling check lets through, comma-separated
         self.token_loss_path = get("TOKEN_LOSS_PATH", "")
 
         # PLAN=1: print the run's plan (memory, time, steps, bytes; README "Plan a run") and exit, training nothing.
@@ -392,6 +421,10 @@ class Hyperparameters:
     def validate(self) -> None:
         """Every rule of the configuration; the first broken one is raised as a one-line ConfigError."""
         s = self.settings
+        typos = self.misspellings()
+        if typos:
+            raise ConfigError(f"{'; '.join(typos)}: fix the name, or set ALLOW_ENV={','.join(t.split()[1] for t in typos)} "
+                              "to run with it unread")
         if self.model not in MODELS:
             raise ConfigError(f"MODEL={self.model!r} is unknown; choose one of {sorted(MODELS)}")
         other = MODEL_ONLY_SETTINGS["ngpt" if self.model == "gpt" else "gpt"]
@@ -427,6 +460,12 @@ class Hyperparameters:
         if self.doc_attention and not {"mem_efficient", "math"} & set(backends):
             raise ConfigError(f"DOC_ATTENTION=1 needs a masked-attention kernel where varlen_attn is missing (before "
                               f"sm80, GPTQ's fp32 calibration): add mem_efficient or math to SDP_BACKENDS={self.sdp_backends!r}")
+        # attention and MLP matrices, embedding: a bound without building the model, far past what 16 MB can hold
+        params = self.num_layers * self.model_dim ** 2 * (4 + 2 * self.mlp_mult) + 2 * self.vocab_size * self.model_dim
+        if params > MAX_PARAMS:
+            raise ConfigError(f"MODEL_DIM={self.model_dim}, NUM_LAYERS={self.num_layers}, MLP_MULT={self.mlp_mult}, "
+                              f"VOCAB_SIZE={self.vocab_size} make about {params:.2e} parameters, over the {MAX_PARAMS:.2e} "
+                              "this script builds (the 16 MB cap holds ~1.3e8 even at one bit each); lower them")
         head_dim = self.model_dim // self.num_heads
         if self.model_dim % self.num_heads or head_dim % 2:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
@@ -478,14 +517,16 @@ class Hyperparameters:
             raise ConfigError(f"RECUR_LAYERS={self.recur_layers!r} must be 'first-last' within NUM_LAYERS={self.num_layers}")
         return first, last
 
-    def misspellings(self, env=None) -> list[str]:
-        """Env vars that look like a mistyped setting name, with the likely intended name."""
-        env = os.environ if env is None else env
+    def misspellings(self) -> list[str]:
+        """Env vars that look like a mistyped setting name (close to one, or one in lower case), with the likely
+        intended name; ALLOW_ENV's are let through."""
+        known = set(self.settings) | MODEL_ONLY_SETTINGS["gpt"] | MODEL_ONLY_SETTINGS["ngpt"]
         out = []
-        for key in sorted(env):
-            if key in self.settings or not key.isupper():
-                continue
-            close = difflib.get_close_matches(key, list(self.settings), n=1, cutoff=0.85)
+        for key in sorted(self.explicit - known - set(self.allow_env.split(","))):
+            if key.upper() in known:
+                close = [key.upper()]
+            else:
+                close = difflib.get_close_matches(key, list(self.settings), n=1, cutoff=0.85) if key.isupper() else []
             if close:
                 out.append(f"env {key} is not a setting; did you mean {close[0]}?")
         return out
@@ -3227,8 +3268,6 @@ def log_header(run: Run) -> None:
     for name in sorted(args.settings):
         if name in os.environ:
             run.log(f"env:{name}={os.environ[name]}")
-    for w in args.misspellings():
-        run.log(f"warning:{w}")
     code_path = Path(__file__).resolve()
     run.log(f"code_sha256:{hashlib.sha256(run.code).hexdigest()} code_bytes:{len(run.code)} code_path:{code_path}")
     run.log(f"code plain_bytes:{len(source)} packed_bytes:{len(counted_code(run.code, True))} "
@@ -3882,6 +3921,7 @@ def score_artifact(run: Run, data: ValData, path: Path, train_ms: float, eval_t0
 
 
 def main() -> None:
+    check_launch(os.environ)
     args = read_settings()
     if args.plan:  # PLAN=1: predict the run (README "Plan a run"), train nothing
         raise SystemExit(print_plan(args))
@@ -3910,7 +3950,7 @@ if __name__ == "__main__":
     try:
         main()
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, LaunchError):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunStopped as e:  # logged where it stopped

@@ -68,6 +68,30 @@ def test_each_bad_input_gets_a_one_line_error(tmp_path, tiny_data, monkeypatch):
                 tg.main()
         assert "\n" not in str(e.value) and needle in str(e.value), (case, str(e.value))
 
+TORCHRUN = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 set without RANK, LOCAL_RANK"), ({"RANK": "1"}, "RANK=1 set without WORLD_SIZE"),
+    ({"LOCAL_RANK": "0"}, "LOCAL_RANK=0 set without WORLD_SIZE, RANK"),
+    ({**TORCHRUN, "LOCAL_RANK": "2"}, "inconsistent"), ({**TORCHRUN, "RANK": "2"}, "inconsistent"),
+    ({**TORCHRUN, "RANK": "one"}, "inconsistent")])
+def test_a_stray_or_inconsistent_torchrun_variable_is_refused(env, needle):
+    with pytest.raises(tg.LaunchError, match=needle) as e:
+        tg.check_launch(env)
+    assert "\n" not in str(e.value)
+    tg.check_launch(TORCHRUN)  # what torchrun sets passes
+    tg.check_launch({})
+
+
+def test_a_stray_rank_is_one_line_on_stderr_before_anything_runs(tmp_path):
+    # RANK=1 alone: no rank 0 exists to speak, so this process does; nothing is read or written.
+    proc = run_train(tmp_path, {"RANK": "1", "DATA_PATH": str(tmp_path / "none")}, check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and list(tmp_path.iterdir()) == []
+    assert proc.stderr.strip().splitlines() == ["error: RANK=1 set without WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
+                                                "MASTER_PORT: launch with torchrun (it sets them all) or unset them to run one process"]
+
+
 def test_no_data_without_smoke_names_download_and_smoke(tmp_path):
     proc = run_train(tmp_path, {"DATA_PATH": str(tmp_path / "none")}, check=False)
     err = proc.stderr.strip().splitlines()
