@@ -3223,6 +3223,21 @@ def read_settings() -> Hyperparameters:
     return Hyperparameters({**settings_env(stored), **os.environ})
 
 
+def check_outputs(args: Hyperparameters) -> None:
+    """Every place the run writes, checked before anything is read or trained: a failure there after training would
+    lose the model. Folders that the run makes (logs, CHECKPOINT_DIR) need a writable nearest existing parent."""
+    places = [("logs", "logs/log.txt", True)] + ([("TOKEN_LOSS_PATH", args.token_loss_path, False)] if args.token_loss_path else [])
+    if not args.score_artifact:
+        places += [("ARTIFACT_PATH", args.artifact_path, False), ("CHECKPOINT_DIR", f"{args.checkpoint_dir}/step.pt", True)]
+    for name, file, made in places:
+        folder = Path(file).absolute().parent
+        while made and not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise ConfigError(f"{name}: {folder} is not a writable folder (missing, a file, or read-only); create it or "
+                              f"fix it{'' if name == 'logs' else f', or set {name} elsewhere'}")
+
+
 def prepare_device(args: Hyperparameters, device: torch.device) -> None:
     """A CUDA device as every run sets it: TF32 matmuls, the attention kernels SDP_BACKENDS allows."""
     if device.type == "cuda":
@@ -3511,6 +3526,17 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+class Interrupted(RunStopped):
+    """A SIGTERM or SIGINT after training: main() keeps the artifact and logs the scores so far."""
+
+
+class EvaluationSignals(StopSignals):
+    """After training nothing waits for a step boundary: a signal stops the export or evaluation at once."""
+
+    def _handle(self, signum, frame) -> None:
+        raise Interrupted(128 + signum, signal.Signals(signum).name)
+
+
 def _cpu(tree):
     # A CPU copy of every tensor in a nest of dicts, lists and tuples (model and optimizer states).
     return torch.utils._pytree.tree_map(lambda x: x.detach().cpu().clone() if isinstance(x, Tensor) else x, tree)
@@ -3566,6 +3592,27 @@ def training_state(run: Run, t: Training, clock: TrainClock) -> dict | None:
             "ema": None if t.ema is None else {"updates": t.ema.updates, "average": _cpu(t.ema.average)}}
 
 
+def write_atomically(path: Path, data: bytes, setting: str) -> None:
+    """Temporary file, fsync, rename, the rename made durable: a reader sees the old file or the whole new one. A
+    failed write (a full disk) removes its temporary file and stops the run in one line naming the setting."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
+    except OSError as e:
+        raise ConfigError(f"{setting}: writing {path} failed ({e.strerror or e}); no partial file is left: free space "
+                          f"or set {setting} to another folder") from None
+    finally:  # also on a signal
+        tmp.unlink(missing_ok=True)
+
+
 def write_checkpoint(run: Run, t: Training, clock: TrainClock) -> Path:
     """Write the training state atomically (temporary file, fsync, rename) and keep the newest CHECKPOINT_KEEP.
     Weights gone non-finite are a divergence: the last good checkpoint is never replaced by a bad one."""
@@ -3576,16 +3623,8 @@ def write_checkpoint(run: Run, t: Training, clock: TrainClock) -> Path:
     path = Path(args.checkpoint_dir) / f"step_{clock.step:07d}.pt"
     if run.master:
         payload = to_bytes(state)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        os.fsync(folder)  # the rename itself durable
-        os.close(folder)
+        write_atomically(path, CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload,
+                         "CHECKPOINT_DIR")
         for old in sorted(path.parent.glob("step_*.pt"))[: -args.checkpoint_keep]:
             old.unlink()
         run.log(f"checkpoint:{path} step:{clock.step} bytes:{path.stat().st_size} "
@@ -3858,9 +3897,15 @@ def score_stages(run: Run, data: ValData, t: Training, export: Export, gptq_used
 
 
 def write_artifact(run: Run, blob: bytes) -> Path:
+    """The artifact, written atomically; a previous run's file of that name is kept, named by its content's hash."""
     path = Path(run.args.artifact_path)
     if run.master:
-        path.write_bytes(blob)
+        if path.is_file():
+            kept = path.with_name(f"{path.name}.prev-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}")
+            if not kept.exists():
+                os.link(path, kept)
+            run.log(f"artifact_kept:{kept} (the previous {path.name}; this run's replaces it)")
+        write_atomically(path, blob, "ARTIFACT_PATH")
         if run.args.code_pack:
             packed_path = path.with_name("train_gpt.packed.py")
             packed_path.write_bytes(run.counted_code)
@@ -3925,23 +3970,34 @@ def main() -> None:
     args = read_settings()
     if args.plan:  # PLAN=1: predict the run (README "Plan a run"), train nothing
         raise SystemExit(print_plan(args))
+    check_outputs(args)
     run = setup_run(args)
     data = load_val_data(run)
-    if run.args.score_artifact:  # scoring an artifact alone: no training, the artifact's settings
-        run.log(f"score_artifact:{run.args.score_artifact} (no training; settings from the artifact, a starter one's from the env)")
-        score_artifact(run, data, Path(run.args.score_artifact), train_ms=0.0, eval_t0=time.perf_counter())
-    else:
+    path = Path(args.score_artifact) if args.score_artifact else None  # the artifact, once it exists
+    if not path:
         if run.device.type == "cuda":  # a plan projects GPU runs; on a CPU it would cost seconds for nothing
             run.plan = log_run_plan(run, data.tokens.numel())
         t = build_training(run)
         warm_up_training(run, t)
         clock = train(run, data, t)
-        hessians, eval_t0 = finish_training(run, data, t, clock)
-        export = export_artifact(run.args, t.base_model.state_dict(), hessians, len(run.counted_code), run.log)
-        score_stages(run, data, t, export, hessians is not None)
-        path = write_artifact(run, export.blob)
-        del t  # DDP's reducer holds the process group: freed after it, gloo's teardown can hang
-        score_artifact(run, data, path, clock.banked_ms, eval_t0)
+    try:
+        with EvaluationSignals():
+            if args.score_artifact:  # scoring an artifact alone: no training, the artifact's settings
+                run.log(f"score_artifact:{path} (no training; settings from the artifact, a starter one's from the env)")
+                score_artifact(run, data, path, train_ms=0.0, eval_t0=time.perf_counter())
+            else:
+                hessians, eval_t0 = finish_training(run, data, t, clock)
+                export = export_artifact(args, t.base_model.state_dict(), hessians, len(run.counted_code), run.log)
+                path = write_artifact(run, export.blob)  # before the scoring: a stop there keeps it
+                score_stages(run, data, t, export, hessians is not None)
+                del t  # DDP's reducer holds the process group: freed after it, gloo's teardown can hang
+                score_artifact(run, data, path, clock.banked_ms, eval_t0)
+    except Interrupted as e:
+        for what, vl, vb, _ in run.results:
+            run.log(f"scored_so_far:final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+        run.log(f"stopped:{e} during:export_or_evaluation artifact:{path or 'none (stopped before the export)'} "
+                f"scored:{len(run.results)} exit:{e.code}")
+        raise
     if run.distributed:
         dist.destroy_process_group()
 
