@@ -158,6 +158,10 @@ MODEL_ONLY_SETTINGS = {
 CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
 RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("ALLOW_ENV RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
                                                     "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES".split())
+# What the env may set when scoring an artifact (SCORE_ARTIFACT): where things are, how it is evaluated; the rest is
+# the artifact's.
+SCORE_MAY_SET = RESUME_MAY_DIFFER | frozenset("SCORE_ARTIFACT VAL_BATCH_SIZE COMPILE SDP_BACKENDS".split())
+SCORE_MAY_SET_PREFIXES = ("EVAL_", "TTT_", "LORA_", "PHASED_TTT_", "PLAN")
 # The range of every numeric setting, as an interval; validate() checks them with the other rules.
 SETTING_RANGES = {
     "[0, 4294967295]": "SEED",  # what NumPy's seed takes
@@ -195,6 +199,7 @@ class Hyperparameters:
     def __init__(self, env=None):
         env = dict(os.environ if env is None else env)
         self.explicit = frozenset(env)  # set by the user, not by a preset
+        self.unused_env: list[str] = []  # SCORE_ARTIFACT: env settings the artifact's own replace
         baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
         older = baseline or env.get("STACK") == "1.1194"
         presets = {**(STACK_1194_PRESET if older else {}), **(BASELINE_PRESET if baseline else {}),
@@ -3219,8 +3224,11 @@ def read_settings() -> Hyperparameters:
     if not path.is_file():
         raise ConfigError(f"SCORE_ARTIFACT={path} does not exist; give the path of an artifact file")
     _, stored = unpack_artifact(path.read_bytes(), str(path))
-    stored = {k: v for k, v in (stored or {}).items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")}
-    return Hyperparameters({**settings_env(stored), **os.environ})
+    stored = settings_env({k: v for k, v in (stored or {}).items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")})
+    used = {k: v for k, v in os.environ.items() if k not in stored or k in SCORE_MAY_SET or k.startswith(SCORE_MAY_SET_PREFIXES)}
+    args = Hyperparameters({**stored, **used})
+    args.unused_env = sorted(k for k in os.environ.keys() - used.keys() if os.environ[k] != stored[k])
+    return args
 
 
 def check_outputs(args: Hyperparameters) -> None:
@@ -3283,6 +3291,9 @@ def log_header(run: Run) -> None:
     for name in sorted(args.settings):
         if name in os.environ:
             run.log(f"env:{name}={os.environ[name]}")
+    if args.unused_env:
+        run.log(f"warning: SCORE_ARTIFACT: env {', '.join(f'{k}={os.environ[k]}' for k in args.unused_env)} not used: the "
+                f"artifact's own settings replace them ({', '.join(f'{k}={args.settings[k]}' for k in args.unused_env)})")
     code_path = Path(__file__).resolve()
     run.log(f"code_sha256:{hashlib.sha256(run.code).hexdigest()} code_bytes:{len(run.code)} code_path:{code_path}")
     run.log(f"code plain_bytes:{len(source)} packed_bytes:{len(counted_code(run.code, True))} "

@@ -2,6 +2,7 @@
 dump, seeds and warm-up, validation pauses), bad input as one-line errors, the training clock, torchrun."""
 
 import errno
+import io
 import math
 import os
 import re
@@ -142,6 +143,28 @@ def test_a_second_run_keeps_the_previous_artifact_under_its_hash(tmp_path, monke
     kept = sorted(tmp_path.glob("m.pgolf.prev-*"))
     assert sorted(p.read_bytes() for p in kept) == [b"first", b"second"]
     assert (tmp_path / "m.pgolf").read_bytes() == b"second" and len(lines) == 2 and "artifact_kept:" in lines[0]
+
+
+def test_scoring_an_artifact_uses_and_logs_its_settings_and_names_the_env_values_it_replaces(tmp_path, monkeypatch, capsys):
+    args = tiny_args(EVAL_STRIDE="16", SEED="5")
+    model = tg.build_model(args, CPU)
+    artifact = tmp_path / "m.pgolf"
+    artifact.write_bytes(tg.prune_to_fit(tg.quantize_state_dict(model.state_dict(), args), args.artifact_settings(), "zlib",
+                                         True, 10**9)[1])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SMOKE", "BASELINE"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"SCORE_ARTIFACT": str(artifact), "MODEL_DIM": "1024", "SEED": "5", "ITERATIONS": "3", "EVAL_STRIDE": "8"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    scored = tg.read_settings()
+    assert (scored.model_dim, scored.iterations, scored.eval_stride) == (32, 20000, 8)  # the artifact's; the eval's env
+    assert scored.unused_env == ["ITERATIONS", "MODEL_DIM"]  # SEED: the same value
+    lines = io.StringIO()
+    tg.log_header(tg.Run(scored, 0, 1, False, CPU, b"", b"", lines))
+    log = lines.getvalue()
+    assert "setting:MODEL_DIM=32\n" in log and "setting:EVAL_STRIDE=8\n" in log and "setting:ITERATIONS=20000\n" in log
+    assert ("warning: SCORE_ARTIFACT: env ITERATIONS=3, MODEL_DIM=1024 not used: the artifact's own settings replace them "
+            "(ITERATIONS=20000, MODEL_DIM=32)\n") in log
 
 
 @pytest.mark.slow  # a whole run (about 30 s on 2 loaded cores)
