@@ -428,8 +428,8 @@ class Hyperparameters:
         s = self.settings
         typos = self.misspellings()
         if typos:
-            raise ConfigError(f"{'; '.join(typos)}: fix the name, or set ALLOW_ENV={','.join(t.split()[1] for t in typos)} "
-                              "to run with it unread")
+            names = ",".join(t.split()[1] for t in typos)
+            raise ConfigError(f"{'; '.join(typos)}: fix the name, or set ALLOW_ENV={names} to run with it unread")
         if self.model not in MODELS:
             raise ConfigError(f"MODEL={self.model!r} is unknown; choose one of {sorted(MODELS)}")
         other = MODEL_ONLY_SETTINGS["ngpt" if self.model == "gpt" else "gpt"]
@@ -3224,8 +3224,10 @@ def read_settings() -> Hyperparameters:
     if not path.is_file():
         raise ConfigError(f"SCORE_ARTIFACT={path} does not exist; give the path of an artifact file")
     _, stored = unpack_artifact(path.read_bytes(), str(path))
-    stored = settings_env({k: v for k, v in (stored or {}).items() if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")})
-    used = {k: v for k, v in os.environ.items() if k not in stored or k in SCORE_MAY_SET or k.startswith(SCORE_MAY_SET_PREFIXES)}
+    stored = settings_env({k: v for k, v in (stored or {}).items()
+                           if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH")})
+    used = {k: v for k, v in os.environ.items()
+            if k not in stored or k in SCORE_MAY_SET or k.startswith(SCORE_MAY_SET_PREFIXES)}
     args = Hyperparameters({**stored, **used})
     args.unused_env = sorted(k for k in os.environ.keys() - used.keys() if os.environ[k] != stored[k])
     return args
@@ -3234,9 +3236,12 @@ def read_settings() -> Hyperparameters:
 def check_outputs(args: Hyperparameters) -> None:
     """Every place the run writes, checked before anything is read or trained: a failure there after training would
     lose the model. Folders that the run makes (logs, CHECKPOINT_DIR) need a writable nearest existing parent."""
-    places = [("logs", "logs/log.txt", True)] + ([("TOKEN_LOSS_PATH", args.token_loss_path, False)] if args.token_loss_path else [])
+    places = [("logs", "logs/log.txt", True)]
+    if args.token_loss_path:
+        places.append(("TOKEN_LOSS_PATH", args.token_loss_path, False))
     if not args.score_artifact:
-        places += [("ARTIFACT_PATH", args.artifact_path, False), ("CHECKPOINT_DIR", f"{args.checkpoint_dir}/step.pt", True)]
+        places += [("ARTIFACT_PATH", args.artifact_path, False),
+                   ("CHECKPOINT_DIR", f"{args.checkpoint_dir}/step.pt", True)]
     for name, file, made in places:
         folder = Path(file).absolute().parent
         while made and not folder.exists() and folder != folder.parent:
