@@ -3918,8 +3918,12 @@ def write_artifact(run: Run, blob: bytes) -> Path:
     if run.master:
         if path.is_file():
             kept = path.with_name(f"{path.name}.prev-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}")
-            if not kept.exists():
-                os.link(path, kept)
+            try:
+                os.link(path, kept)  # the name keeps pointing at a whole file
+            except FileExistsError:
+                pass  # the same content, kept before
+            except OSError:  # a file system without hard links
+                os.replace(path, kept)
             run.log(f"artifact_kept:{kept} (the previous {path.name}; this run's replaces it)")
         write_atomically(path, blob, "ARTIFACT_PATH")
         if run.args.code_pack:

@@ -143,6 +143,13 @@ def test_a_second_run_keeps_the_previous_artifact_under_its_hash(tmp_path, monke
     kept = sorted(tmp_path.glob("m.pgolf.prev-*"))
     assert sorted(p.read_bytes() for p in kept) == [b"first", b"second"]
     assert (tmp_path / "m.pgolf").read_bytes() == b"second" and len(lines) == 2 and "artifact_kept:" in lines[0]
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(tg.os, "link", no_links)  # a file system without hard links: renamed instead
+    tg.write_artifact(run, b"third")
+    assert sorted(p.read_bytes() for p in tmp_path.glob("m.pgolf.prev-*")) == [b"first", b"second"]
+    assert (tmp_path / "m.pgolf").read_bytes() == b"third"
 
 
 def test_scoring_an_artifact_uses_and_logs_its_settings_and_names_the_env_values_it_replaces(tmp_path, monkeypatch, capsys):
