@@ -53,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # -----------------------------
 
 SIZE_CAP_BYTES = 16_000_000
+MAX_PARAMS = 2**30
 SCRIPT_DIR = Path(__file__).resolve().parent
 # SMOKE=1 defaults: a tiny model on the embedded corpus, about three minutes on 2 CPU cores (sliding-window and
 # TTT evaluation included).
@@ -115,6 +116,32 @@ class ConfigError(Exception):
     """Bad input: main() prints it as one line naming the file or variable and the fix."""
 
 
+class LaunchError(ConfigError):
+    """A stray or inconsistent torchrun variable: every process prints it, as there may be no rank 0."""
+
+
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_launch(env) -> None:
+    """torchrun sets all of TORCHRUN_VARS; one set alone would score a wrong share of the data or wait for ranks
+    that never come."""
+    given = [k for k in TORCHRUN_VARS if k in env]
+    if not given:
+        return
+    if len(given) < len(TORCHRUN_VARS):
+        missing = ", ".join(k for k in TORCHRUN_VARS if k not in env)
+        raise LaunchError(f"{', '.join(f'{k}={env[k]}' for k in given)} set without {missing}: launch with torchrun "
+                          "(it sets them all) or unset them to run one process")
+    try:
+        world, rank, local = (int(env[k]) for k in TORCHRUN_VARS[:3])
+    except ValueError:
+        world = rank = local = -1
+    if not 0 <= local <= rank < world:
+        raise LaunchError(f"WORLD_SIZE={env['WORLD_SIZE']}, RANK={env['RANK']}, LOCAL_RANK={env['LOCAL_RANK']} are "
+                          "inconsistent (integers, 0 <= LOCAL_RANK <= RANK < WORLD_SIZE): launch with torchrun")
+
+
 def _flag(raw: str) -> bool:
     if raw not in ("0", "1"):
         raise ValueError("expected 0 or 1")
@@ -170,7 +197,8 @@ SETTING_SECTIONS = {
         S("ALLOW_OTHER_TOKENIZER", _flag, False, None,
           "accept a tokenizer other than the one the data's manifest.json records (logged as a warning)"),
         S("RUN_ID", str, Derived("a random uuid", lambda a: str(uuid.uuid4())), None, "names logs/<RUN_ID>.txt"),
-        S("SEED", int, 1337, None, "seeds Python, NumPy and torch"),
+        S("SEED", int, 1337, "[0, 4294967295]", "seeds Python, NumPy and torch (NumPy's range)"),
+        S("ALLOW_ENV", str, "", None, "env names the misspelling check lets through, comma-separated"),
         S("TOKEN_LOSS_PATH", str, "", None, "if set, save the submission's per-target losses (float32 .npy, nats)"),
         S("PLAN", _flag, False, None, "print the run's plan (README \"Plan a run\") and exit, training nothing"),
         S("PLAN_WORLD_SIZE", int, Derived("WORLD_SIZE if above 1, else 8",
@@ -352,9 +380,13 @@ SETTINGS = {s.name: s for section in SETTING_SECTIONS.values() for s in section}
 # Settings a resumed run may change (README "Checkpoints and resume"): where things are, what is logged, the cap.
 # The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
 CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
-RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
+RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("ALLOW_ENV RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
                                                     "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES "
                                                     "ALLOW_OTHER_TOKENIZER".split())
+# What the env may set when scoring an artifact (SCORE_ARTIFACT): where things are, how it is evaluated; the rest is
+# the artifact's.
+SCORE_MAY_SET = RESUME_MAY_DIFFER | frozenset("SCORE_ARTIFACT VAL_BATCH_SIZE COMPILE SDP_BACKENDS".split())
+SCORE_MAY_SET_PREFIXES = ("EVAL_", "TTT_", "LORA_", "PHASED_TTT_", "PLAN")
 
 
 def available_compressors() -> list[str]:
@@ -383,6 +415,7 @@ class Hyperparameters:
     def __init__(self, env=None):
         env = dict(os.environ if env is None else env)
         self.explicit = frozenset(env)  # set by the user, not by a preset
+        self.unused_env: list[str] = []  # SCORE_ARTIFACT: env settings the artifact's own replace
         baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
         older = baseline or env.get("STACK") == "1.1194"
         presets = {**(STACK_1194_PRESET if older else {}), **(BASELINE_PRESET if baseline else {}),
@@ -412,6 +445,10 @@ class Hyperparameters:
 
     def validate(self) -> None:
         """Every rule of the configuration; the first broken one is raised as a one-line ConfigError."""
+        typos = self.misspellings()
+        if typos:
+            names = ",".join(t.split()[1] for t in typos)
+            raise ConfigError(f"{'; '.join(typos)}: fix the name, or set ALLOW_ENV={names} to run with it unread")
         for name, value in self.settings.items():
             SETTINGS[name].check_value(value)
         other = {s.name for s in SETTINGS.values() if s.model not in (None, self.model)} & self.explicit
@@ -432,6 +469,12 @@ class Hyperparameters:
         if self.doc_attention and not {"mem_efficient", "math"} & set(self.sdp_backends.split(",")):
             raise ConfigError(f"DOC_ATTENTION=1 needs a masked-attention kernel where varlen_attn is missing (before "
                               f"sm80, GPTQ's fp32 calibration): add mem_efficient or math to SDP_BACKENDS={self.sdp_backends!r}")
+        # attention and MLP matrices, embedding: a bound without building the model, far past what 16 MB can hold
+        params = self.num_layers * self.model_dim ** 2 * (4 + 2 * self.mlp_mult) + 2 * self.vocab_size * self.model_dim
+        if params > MAX_PARAMS:
+            raise ConfigError(f"MODEL_DIM={self.model_dim}, NUM_LAYERS={self.num_layers}, MLP_MULT={self.mlp_mult}, "
+                              f"VOCAB_SIZE={self.vocab_size} make about {params:.2e} parameters, over the {MAX_PARAMS:.2e} "
+                              "this script builds (the 16 MB cap holds ~1.3e8 even at one bit each); lower them")
         head_dim = self.model_dim // self.num_heads
         if self.model_dim % self.num_heads or head_dim % 2:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
@@ -483,14 +526,16 @@ class Hyperparameters:
             raise ConfigError(f"RECUR_LAYERS={self.recur_layers!r} must be 'first-last' within NUM_LAYERS={self.num_layers}")
         return first, last
 
-    def misspellings(self, env=None) -> list[str]:
-        """Env vars that look like a mistyped setting name, with the likely intended name."""
-        env = os.environ if env is None else env
+    def misspellings(self) -> list[str]:
+        """Env vars that look like a mistyped setting name (close to one, or one in lower case), with the likely
+        intended name; ALLOW_ENV's are let through."""
+        known = set(SETTINGS)
         out = []
-        for key in sorted(env):
-            if key in self.settings or not key.isupper():
-                continue
-            close = difflib.get_close_matches(key, list(self.settings), n=1, cutoff=0.85)
+        for key in sorted(self.explicit - known - set(self.allow_env.split(","))):
+            if key.upper() in known:
+                close = [key.upper()]
+            else:
+                close = difflib.get_close_matches(key, list(self.settings), n=1, cutoff=0.85) if key.isupper() else []
             if close:
                 out.append(f"env {key} is not a setting; did you mean {close[0]}?")
         return out
@@ -1815,7 +1860,8 @@ class WeightEMA:
 # but for the attention gate (QUANT_GATE=int8: per row at |w|max, the 1.0611 record's gate quantization).
 # Steps: SDClip scales -> GPTQ on Hessians from training batches -> optional low-rank correction -> pack ->
 # smallest of the compressors -> if over the cap, zero the smallest weights until it fits.
-# Artifact = MAGIC + compressor name + compressed(payload); payload = 4-byte manifest length + JSON manifest
+# Artifact = SEAL_MAGIC + CRC-32 of the rest + inner container, checked before anything decompresses it; inner
+# container = MAGIC + compressor name + compressed(payload); payload = 4-byte manifest length + JSON manifest
 # (format version, settings, tensor table, byte shuffle) + raw tensor bytes. It loads with the requirements alone.
 # EXPORT_FORMAT=starter (BASELINE=1) is the challenge starter's export instead, byte for byte: float tensors of at
 # most 65,536 values kept (fp16; control tensors fp32), larger matrices int8 per row, clipped at the 99.99984th
@@ -1829,6 +1875,7 @@ STARTER_KEEP_FLOAT_MAX_NUMEL = 65_536
 STARTER_CLIP_Q = 99.99984 / 100
 STARTER_QUANT_FORMAT = "int8_clean_per_row_v1"
 STARTER_MAGIC = b"\x78\xda"  # the starter's container has no header: this is how a level-9 zlib stream starts
+SEAL_MAGIC = b"PGSUM1"  # the outer container; the starter's has none: zlib's own Adler-32 is its checksum
 
 
 def _zstd():
@@ -2115,11 +2162,30 @@ def pack_starter(qsd: dict[str, dict]) -> bytes:
     return zlib.compress(buf.getvalue(), 9)
 
 
+def seal_artifact(inner: bytes) -> bytes:
+    return SEAL_MAGIC + zlib.crc32(inner).to_bytes(4, "little") + inner
+
+
+def unseal_artifact(blob: bytes, source: str = "artifact") -> bytes:
+    """The inner container, its checksum verified; an artifact without a seal (the starter's, or one written before
+    seals) passes through unchanged."""
+    if not blob.startswith(SEAL_MAGIC):
+        return blob
+    n = len(SEAL_MAGIC) + 4
+    if len(blob) < n or zlib.crc32(memoryview(blob)[n:]) != int.from_bytes(blob[n - 4 : n], "little"):
+        raise ConfigError(f"corrupt artifact {source}: checksum mismatch ({len(blob)} bytes); re-export or re-download it")
+    return blob[n:]
+
+
 def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
     try:
-        obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=True)
+        raw = zlib.decompress(blob)
+    except zlib.error as e:  # its Adler-32 (or the stream itself) does not check out
+        raise ConfigError(f"corrupt artifact {source}: checksum mismatch ({e}); re-export or re-download it") from None
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         starter = isinstance(obj, dict) and obj.get("__quant_format__") == STARTER_QUANT_FORMAT
-    except (zlib.error, RuntimeError, pickle.UnpicklingError):
+    except (RuntimeError, pickle.UnpicklingError):
         starter = False
     if not starter:
         raise ConfigError(f"{source}: a zlib stream but not the starter's int8 export ({STARTER_QUANT_FORMAT}); give a "
@@ -2132,10 +2198,12 @@ def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
 
 
 def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
+    blob = unseal_artifact(blob, source)
     if blob.startswith(STARTER_MAGIC):
         return "zlib"
     if not blob.startswith(ARTIFACT_MAGIC):
-        raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic); give a file written by train_gpt.py")
+        raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic): corrupt, or not written by train_gpt.py; "
+                          "re-export or re-download it, or give a file train_gpt.py wrote")
     compressor = blob[len(ARTIFACT_MAGIC) + 1 : len(ARTIFACT_MAGIC) + 1 + blob[len(ARTIFACT_MAGIC)]].decode()
     if compressor not in available_compressors():
         raise ConfigError(f"{source}: compressor {compressor!r} is unknown or not installed here "
@@ -2146,6 +2214,7 @@ def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict | None]:
     """Inverse of pack_artifact: (quantized state dict, settings the model was built with; None for the starter's
     container, which carries none)."""
+    blob = unseal_artifact(blob, source)
     compressor = artifact_compressor(blob, source)
     if blob.startswith(STARTER_MAGIC):
         return unpack_starter(blob, source), None
@@ -2168,8 +2237,13 @@ def prune_to_fit(qsd: dict[str, dict], settings: dict, compressor: str, shuffle:
                  export_format: str = "pgolf"):
     """The cap remedy: zero the smallest-magnitude quantized weights (|code| x row scale), fewest first, until the
     artifact has at most max_bytes. Returns (qsd, blob, weights zeroed); the blob may still be over if even
-    zeroing every code does not fit."""
-    blob = pack_artifact(qsd, settings, compressor, shuffle, export_format)
+    zeroing every code does not fit. The blob is sealed (SEAL_MAGIC), but for the starter's format."""
+
+    def pack(q):
+        blob = pack_artifact(q, settings, compressor, shuffle, export_format)
+        return blob if export_format == "starter" else seal_artifact(blob)
+
+    blob = pack(qsd)
     names = [n for n, e in qsd.items() if "q" in e]
     if len(blob) <= max_bytes or not names:
         return qsd, blob, 0
@@ -2188,7 +2262,7 @@ def prune_to_fit(qsd: dict[str, dict], settings: dict, compressor: str, shuffle:
             q = qsd[n]["q"]
             out[n] = {**qsd[n], "q": q * keep[offset : offset + q.numel()].view_as(q)}
             offset += q.numel()
-        blob = pack_artifact(out, settings, compressor, shuffle, export_format)
+        blob = pack(out)
     return out, blob, pruned
 
 
@@ -3196,9 +3270,31 @@ def read_settings() -> Hyperparameters:
     if not path.is_file():
         raise ConfigError(f"SCORE_ARTIFACT={path} does not exist; give the path of an artifact file")
     _, stored = unpack_artifact(path.read_bytes(), str(path))
-    stored = {k: v for k, v in (stored or {}).items()
-              if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH", "ALLOW_OTHER_TOKENIZER")}
-    return Hyperparameters({**settings_env(stored), **os.environ})
+    stored = settings_env({k: v for k, v in (stored or {}).items()
+                           if k not in ("RUN_ID", "TOKEN_LOSS_PATH", "ARTIFACT_PATH", "ALLOW_OTHER_TOKENIZER")})
+    used = {k: v for k, v in os.environ.items()
+            if k not in stored or k in SCORE_MAY_SET or k.startswith(SCORE_MAY_SET_PREFIXES)}
+    args = Hyperparameters({**stored, **used})
+    args.unused_env = sorted(k for k in os.environ.keys() - used.keys() if os.environ[k] != stored[k])
+    return args
+
+
+def check_outputs(args: Hyperparameters) -> None:
+    """Every place the run writes, checked before anything is read or trained: a failure there after training would
+    lose the model. Folders that the run makes (logs, CHECKPOINT_DIR) need a writable nearest existing parent."""
+    places = [("logs", "logs/log.txt", True)]
+    if args.token_loss_path:
+        places.append(("TOKEN_LOSS_PATH", args.token_loss_path, False))
+    if not args.score_artifact:
+        places += [("ARTIFACT_PATH", args.artifact_path, False),
+                   ("CHECKPOINT_DIR", f"{args.checkpoint_dir}/step.pt", True)]
+    for name, file, made in places:
+        folder = Path(file).absolute().parent
+        while made and not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise ConfigError(f"{name}: {folder} is not a writable folder (missing, a file, or read-only); create it or "
+                              f"fix it{'' if name == 'logs' else f', or set {name} elsewhere'}")
 
 
 def prepare_device(args: Hyperparameters, device: torch.device) -> None:
@@ -3246,8 +3342,9 @@ def log_header(run: Run) -> None:
     for name in sorted(args.settings):
         if name in os.environ:
             run.log(f"env:{name}={os.environ[name]}")
-    for w in args.misspellings():
-        run.log(f"warning:{w}")
+    if args.unused_env:
+        run.log(f"warning: SCORE_ARTIFACT: env {', '.join(f'{k}={os.environ[k]}' for k in args.unused_env)} not used: the "
+                f"artifact's own settings replace them ({', '.join(f'{k}={args.settings[k]}' for k in args.unused_env)})")
     code_path = Path(__file__).resolve()
     run.log(f"code_sha256:{hashlib.sha256(run.code).hexdigest()} code_bytes:{len(run.code)} code_path:{code_path}")
     run.log(f"code plain_bytes:{len(source)} packed_bytes:{len(counted_code(run.code, True))} "
@@ -3511,6 +3608,17 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+class Interrupted(RunStopped):
+    """A SIGTERM or SIGINT after training: main() keeps the artifact and logs the scores so far."""
+
+
+class EvaluationSignals(StopSignals):
+    """After training nothing waits for a step boundary: a signal stops the export or evaluation at once."""
+
+    def _handle(self, signum, frame) -> None:
+        raise Interrupted(128 + signum, signal.Signals(signum).name)
+
+
 def _cpu(tree):
     # A CPU copy of every tensor in a nest of dicts, lists and tuples (model and optimizer states).
     return torch.utils._pytree.tree_map(lambda x: x.detach().cpu().clone() if isinstance(x, Tensor) else x, tree)
@@ -3567,6 +3675,27 @@ def training_state(run: Run, t: Training, clock: TrainClock) -> dict | None:
             "ema": None if t.ema is None else {"updates": t.ema.updates, "average": _cpu(t.ema.average)}}
 
 
+def write_atomically(path: Path, data: bytes, setting: str) -> None:
+    """Temporary file, fsync, rename, the rename made durable: a reader sees the old file or the whole new one. A
+    failed write (a full disk) removes its temporary file and stops the run in one line naming the setting."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
+    except OSError as e:
+        raise ConfigError(f"{setting}: writing {path} failed ({e.strerror or e}); no partial file is left: free space "
+                          f"or set {setting} to another folder") from None
+    finally:  # also on a signal
+        tmp.unlink(missing_ok=True)
+
+
 def write_checkpoint(run: Run, t: Training, clock: TrainClock) -> Path:
     """Write the training state atomically (temporary file, fsync, rename) and keep the newest CHECKPOINT_KEEP.
     Weights gone non-finite are a divergence: the last good checkpoint is never replaced by a bad one."""
@@ -3577,16 +3706,8 @@ def write_checkpoint(run: Run, t: Training, clock: TrainClock) -> Path:
     path = Path(args.checkpoint_dir) / f"step_{clock.step:07d}.pt"
     if run.master:
         payload = to_bytes(state)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        os.fsync(folder)  # the rename itself durable
-        os.close(folder)
+        write_atomically(path, CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload,
+                         "CHECKPOINT_DIR")
         for old in sorted(path.parent.glob("step_*.pt"))[: -args.checkpoint_keep]:
             old.unlink()
         run.log(f"checkpoint:{path} step:{clock.step} bytes:{path.stat().st_size} "
@@ -3862,9 +3983,19 @@ def score_stages(run: Run, data: ValData, t: Training, export: Export, gptq_used
 
 
 def write_artifact(run: Run, blob: bytes) -> Path:
+    """The artifact, written atomically; a previous run's file of that name is kept, named by its content's hash."""
     path = Path(run.args.artifact_path)
     if run.master:
-        path.write_bytes(blob)
+        if path.is_file():
+            kept = path.with_name(f"{path.name}.prev-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}")
+            try:
+                os.link(path, kept)  # the name keeps pointing at a whole file
+            except FileExistsError:
+                pass  # the same content, kept before
+            except OSError:  # a file system without hard links
+                os.replace(path, kept)
+            run.log(f"artifact_kept:{kept} (the previous {path.name}; this run's replaces it)")
+        write_atomically(path, blob, "ARTIFACT_PATH")
         if run.args.code_pack:
             packed_path = path.with_name("train_gpt.packed.py")
             packed_path.write_bytes(run.counted_code)
@@ -3894,6 +4025,8 @@ def score_artifact(run: Run, data: ValData, path: Path, train_ms: float, eval_t0
     if run.distributed:
         dist.barrier()
     blob = path.read_bytes()
+    if not blob.startswith((SEAL_MAGIC, STARTER_MAGIC)):  # accepted: an older train_gpt.py's artifact
+        run.log(f"warning: {path} carries no checksum (written before artifacts had one): scored unverified")
     fmt, total_bytes = log_artifact_size(run, path, blob)
     under_cap = total_bytes <= SIZE_CAP_BYTES
     fresh, _ = model_from_artifact(blob, run.device, str(path), run.args)
@@ -3923,26 +4056,38 @@ def score_artifact(run: Run, data: ValData, path: Path, train_ms: float, eval_t0
 
 
 def main() -> None:
+    check_launch(os.environ)
     args = read_settings()
     if args.plan:  # PLAN=1: predict the run (README "Plan a run"), train nothing
         raise SystemExit(print_plan(args))
+    check_outputs(args)
     run = setup_run(args)
     data = load_val_data(run)
-    if run.args.score_artifact:  # scoring an artifact alone: no training, the artifact's settings
-        run.log(f"score_artifact:{run.args.score_artifact} (no training; settings from the artifact, a starter one's from the env)")
-        score_artifact(run, data, Path(run.args.score_artifact), train_ms=0.0, eval_t0=time.perf_counter())
-    else:
+    path = Path(args.score_artifact) if args.score_artifact else None  # the artifact, once it exists
+    if not path:
         if run.device.type == "cuda":  # a plan projects GPU runs; on a CPU it would cost seconds for nothing
             run.plan = log_run_plan(run, data.tokens.numel())
         t = build_training(run)
         warm_up_training(run, t)
         clock = train(run, data, t)
-        hessians, eval_t0 = finish_training(run, data, t, clock)
-        export = export_artifact(run.args, t.base_model.state_dict(), hessians, len(run.counted_code), run.log)
-        score_stages(run, data, t, export, hessians is not None)
-        path = write_artifact(run, export.blob)
-        del t  # DDP's reducer holds the process group: freed after it, gloo's teardown can hang
-        score_artifact(run, data, path, clock.banked_ms, eval_t0)
+    try:
+        with EvaluationSignals():
+            if args.score_artifact:  # scoring an artifact alone: no training, the artifact's settings
+                run.log(f"score_artifact:{path} (no training; settings from the artifact, a starter one's from the env)")
+                score_artifact(run, data, path, train_ms=0.0, eval_t0=time.perf_counter())
+            else:
+                hessians, eval_t0 = finish_training(run, data, t, clock)
+                export = export_artifact(args, t.base_model.state_dict(), hessians, len(run.counted_code), run.log)
+                path = write_artifact(run, export.blob)  # before the scoring: a stop there keeps it
+                score_stages(run, data, t, export, hessians is not None)
+                del t  # DDP's reducer holds the process group: freed after it, gloo's teardown can hang
+                score_artifact(run, data, path, clock.banked_ms, eval_t0)
+    except Interrupted as e:
+        for what, vl, vb, _ in run.results:
+            run.log(f"scored_so_far:final_{what}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+        run.log(f"stopped:{e} during:export_or_evaluation artifact:{path or 'none (stopped before the export)'} "
+                f"scored:{len(run.results)} exit:{e.code}")
+        raise
     if run.distributed:
         dist.destroy_process_group()
 
@@ -3951,7 +4096,7 @@ if __name__ == "__main__":
     try:
         main()
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, LaunchError):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunStopped as e:  # logged where it stopped

@@ -1,8 +1,15 @@
 """MAIN, end to end on CPU: runs of train_gpt.py (the log contract, learning, the artifact alone, the token-loss
 dump, seeds and warm-up, validation pauses), bad input as one-line errors, the training clock, torchrun."""
 
+import errno
+import io
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -67,6 +74,130 @@ def test_each_bad_input_gets_a_one_line_error(tmp_path, tiny_data, monkeypatch):
             with pytest.raises(tg.ConfigError) as e:
                 tg.main()
         assert "\n" not in str(e.value) and needle in str(e.value), (case, str(e.value))
+
+TORCHRUN = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 set without RANK, LOCAL_RANK"), ({"RANK": "1"}, "RANK=1 set without WORLD_SIZE"),
+    ({"LOCAL_RANK": "0"}, "LOCAL_RANK=0 set without WORLD_SIZE, RANK"),
+    ({**TORCHRUN, "LOCAL_RANK": "2"}, "inconsistent"), ({**TORCHRUN, "RANK": "2"}, "inconsistent"),
+    ({**TORCHRUN, "RANK": "one"}, "inconsistent")])
+def test_a_stray_or_inconsistent_torchrun_variable_is_refused(env, needle):
+    with pytest.raises(tg.LaunchError, match=needle) as e:
+        tg.check_launch(env)
+    assert "\n" not in str(e.value)
+    tg.check_launch(TORCHRUN)  # what torchrun sets passes
+    tg.check_launch({})
+
+
+def test_a_stray_rank_is_one_line_on_stderr_before_anything_runs(tmp_path):
+    # RANK=1 alone: no rank 0 exists to speak, so this process does; nothing is read or written.
+    proc = run_train(tmp_path, {"RANK": "1", "DATA_PATH": str(tmp_path / "none")}, check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and list(tmp_path.iterdir()) == []
+    assert proc.stderr.strip().splitlines() == ["error: RANK=1 set without WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
+                                                "MASTER_PORT: launch with torchrun (it sets them all) or unset them to run one process"]
+
+
+def test_every_output_place_is_checked_before_any_data_is_read(tmp_path, monkeypatch):
+    # No data: a check that came after loading it would say so instead.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SMOKE", "BASELINE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "a_file").write_text("")
+    cases = {"ARTIFACT_PATH": {"ARTIFACT_PATH": str(tmp_path / "missing" / "m.pgolf")},
+             "TOKEN_LOSS_PATH": {"TOKEN_LOSS_PATH": str(tmp_path / "missing" / "l.npy")},
+             "CHECKPOINT_DIR": {"CHECKPOINT_DIR": str(tmp_path / "a_file" / "ckpt")},
+             "logs": {}}
+    for needle, env in cases.items():
+        cwd = tmp_path / needle
+        cwd.mkdir()
+        if needle == "logs":
+            (cwd / "logs").write_text("not a folder")
+        with monkeypatch.context() as m:
+            m.chdir(cwd)
+            for name, value in {**TINY_ENV, "RUN_ID": "out", "DATA_PATH": str(tmp_path / "none"), **env}.items():
+                m.setenv(name, value)
+            with pytest.raises(tg.ConfigError) as e:
+                tg.main()
+        assert str(e.value).startswith(f"{needle}: ") and "\n" not in str(e.value), str(e.value)
+        assert sorted(p.name for p in cwd.iterdir()) == (["logs"] if needle == "logs" else [])
+
+
+def test_a_failed_write_leaves_no_partial_file_and_says_so_in_one_line(tmp_path, monkeypatch):
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tg.os, "fsync", full_disk)
+    with pytest.raises(tg.ConfigError, match="CHECKPOINT_DIR: writing .*step.pt failed \\(No space left on device\\)"):
+        tg.write_atomically(tmp_path / "c" / "step.pt", b"x" * 1000, "CHECKPOINT_DIR")
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_a_second_run_keeps_the_previous_artifact_under_its_hash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    run = SimpleNamespace(master=True, log=lines.append, args=SimpleNamespace(artifact_path="m.pgolf", code_pack=False))
+    tg.write_artifact(run, b"first")
+    tg.write_artifact(run, b"second")
+    tg.write_artifact(run, b"second")  # the same bytes again: one kept copy of each content
+    kept = sorted(tmp_path.glob("m.pgolf.prev-*"))
+    assert sorted(p.read_bytes() for p in kept) == [b"first", b"second"]
+    assert (tmp_path / "m.pgolf").read_bytes() == b"second" and len(lines) == 2 and "artifact_kept:" in lines[0]
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(tg.os, "link", no_links)  # a file system without hard links: renamed instead
+    tg.write_artifact(run, b"third")
+    assert sorted(p.read_bytes() for p in tmp_path.glob("m.pgolf.prev-*")) == [b"first", b"second"]
+    assert (tmp_path / "m.pgolf").read_bytes() == b"third"
+
+
+def test_scoring_an_artifact_uses_and_logs_its_settings_and_names_the_env_values_it_replaces(tmp_path, monkeypatch, capsys):
+    args = tiny_args(EVAL_STRIDE="16", SEED="5")
+    model = tg.build_model(args, CPU)
+    artifact = tmp_path / "m.pgolf"
+    artifact.write_bytes(tg.prune_to_fit(tg.quantize_state_dict(model.state_dict(), args), args.artifact_settings(), "zlib",
+                                         True, 10**9)[1])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SMOKE", "BASELINE"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"SCORE_ARTIFACT": str(artifact), "MODEL_DIM": "1024", "SEED": "5", "ITERATIONS": "3", "EVAL_STRIDE": "8"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    scored = tg.read_settings()
+    assert (scored.model_dim, scored.iterations, scored.eval_stride) == (32, 20000, 8)  # the artifact's; the eval's env
+    assert scored.unused_env == ["ITERATIONS", "MODEL_DIM"]  # SEED: the same value
+    lines = io.StringIO()
+    tg.log_header(tg.Run(scored, 0, 1, False, CPU, b"", b"", lines))
+    log = lines.getvalue()
+    assert "setting:MODEL_DIM=32\n" in log and "setting:EVAL_STRIDE=8\n" in log and "setting:ITERATIONS=20000\n" in log
+    assert ("warning: SCORE_ARTIFACT: env ITERATIONS=3, MODEL_DIM=1024 not used: the artifact's own settings replace them "
+            "(ITERATIONS=20000, MODEL_DIM=32)\n") in log
+
+
+@pytest.mark.slow  # a whole run (about 30 s on 2 loaded cores)
+def test_sigterm_during_evaluation_keeps_the_artifact_and_logs_the_scores_so_far(tiny_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SMOKE")}
+    env.update(TINY_ENV, OMP_NUM_THREADS="1", **data_env(tiny_data, RUN_ID="t", ITERATIONS="4", PHASED_TTT_ENABLED="1"))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "logs" / "t.txt"
+    while not (log.is_file() and "eval_path:phased_ttt" in log.read_text()):  # the roundtrip is scored next
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    while "_roundtrip_exact" not in log.read_text():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert re.search(r"^scored_so_far:final_prequant_exact val_loss:\S+ val_bpb:\S+$", text, re.M)
+    roundtrip = re.search(r"^(final_int6_\w+_roundtrip_exact .*)$", text, re.M).group(1)
+    assert f"scored_so_far:{roundtrip}" in text and "final_phased_ttt" not in text
+    assert re.match(r"stopped:SIGTERM during:export_or_evaluation artifact:final_model.int6.pgolf scored:\d+ exit:143$",
+                    out.strip().splitlines()[-1])
+    tg.unpack_artifact((tmp_path / "final_model.int6.pgolf").read_bytes())  # whole
+    assert not list(tmp_path.glob("*.tmp"))
+
 
 def test_no_data_without_smoke_names_download_and_smoke(tmp_path):
     proc = run_train(tmp_path, {"DATA_PATH": str(tmp_path / "none")}, check=False)

@@ -164,6 +164,31 @@ def test_every_compressor_round_trips_bit_exactly(compressor, shuffle):
         tg.unpack_artifact(b"nonsense")
 
 
+@pytest.mark.parametrize("compressor", [*sorted(tg.COMPRESSORS), "best", "starter"])
+def test_a_flipped_byte_or_a_truncation_anywhere_is_a_one_line_corrupt_artifact_error(compressor):
+    qsd = _qsd()
+    if compressor == "starter":  # the starter's own bytes: zlib's Adler-32 is its checksum
+        qsd = tg.quantize_starter_int8(small_model()[0].state_dict())
+    fmt = "starter" if compressor == "starter" else "pgolf"
+    _, blob, _ = tg.prune_to_fit(qsd, {"SEED": 3}, "zlib" if fmt == "starter" else compressor, True, 10**9, fmt)
+    assert blob.startswith(tg.STARTER_MAGIC if fmt == "starter" else tg.SEAL_MAGIC)
+    tg.unpack_artifact(blob, "m.pgolf")  # the sealed blob reads back
+    n = len(blob)
+    bad = [blob[:k] + bytes([blob[k] ^ 0x10]) + blob[k + 1 :] for k in (3, 7, 11, 20, n // 3, n // 2, n - 5, n - 1)]
+    bad += [blob[:k] for k in (5, 12, n // 2, n - 1)]
+    for b in bad:
+        with pytest.raises(tg.ConfigError) as e:
+            tg.unpack_artifact(b, "m.pgolf")
+        msg = str(e.value)
+        assert "\n" not in msg and "m.pgolf" in msg and ("checksum mismatch" in msg or "bad magic" in msg), msg
+
+
+def test_an_artifact_without_a_seal_still_reads():
+    qsd = _qsd()
+    back, settings = tg.unpack_artifact(tg.pack_artifact(qsd, {"SEED": 3}, "zlib"))
+    assert settings == {"SEED": 3} and back.keys() == qsd.keys()
+
+
 def test_best_compressor_keeps_the_smallest_and_shuffle_helps_floats():
     qsd = _qsd()
     sizes = {c: len(tg.pack_artifact(qsd, {}, c)) for c in tg.available_compressors() if c in tg.BEST_COMPRESSORS}
@@ -194,7 +219,7 @@ def test_packed_code_is_the_same_source():
 
 def test_cap_remedy_zeroes_the_smallest_weights_until_it_fits():
     qsd = _qsd()
-    full = len(tg.pack_artifact(qsd, {}, "zlib"))
+    full = len(tg.seal_artifact(tg.pack_artifact(qsd, {}, "zlib")))
     out, blob, pruned = tg.prune_to_fit(qsd, {}, "zlib", True, int(0.9 * full))
     assert pruned > 0 and len(blob) <= 0.9 * full
     back, _ = tg.unpack_artifact(blob)
