@@ -73,8 +73,12 @@ SMOKE_PRESET = {
 # documents, rank-8 adapters, 256-token chunks (the recipe's 48-token chunks and rank 80 take ~20 min here).
 SMOKE_RECIPE_PRESET = {"RECUR_LAYERS": "1-2", "PARALLEL_LANES_FROM": "3", "TTT_ENABLED": "0", "PHASED_TTT_PREFIX_DOCS": "40",
                        "LORA_RANK": "8", "LORA_CHUNK_TOKENS": "256"}
+# SMOKE=1 on the #2014 recipe: its progressive context at the smoke's 256 tokens (two length changes in 80 steps).
+SMOKE_2014_PRESET = {"TRAIN_SEQ_SCHEDULE": "64@0.100,128@0.700,256@1.000"}
+# STACK=1855: the #1855 recipe (1.0611), our default before #2014's: every default #2014 changed, back.
+STACK_1855_PRESET = {"QK_GAIN_INIT": "5.0", "TRAIN_SEQ_LEN": "2048", "GPTQ_RESERVE_SECONDS": "0.5", "SOFTCAP_ASYM": "0"}
 # STACK=1.1194: our default before the 1.0611 recipe (the 1.1194-era stack, README "Default stack"): every default
-# the recipe changed, back. BASELINE=1 starts from it.
+# the recipe changed, back, on top of STACK=1855's. BASELINE=1 starts from it.
 STACK_1194_PRESET = {
     "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
     "VOCAB_SIZE": "1024", "MLP_MULT": "3", "XSA_LAST_N": "4", "ATTN_GATE_DIMS": "0", "ATTN_GATE_MAX": "2.0",
@@ -92,7 +96,7 @@ STACK_1194_PRESET = {
     "LORA_WARM_A": "0", "LORA_SCALE": "1.0", "LORA_BETA1": "0.9", "LORA_BETA2": "0.95", "LORA_EPS": "1e-8",
     "LORA_WD": "0.0", "PHASED_TTT_ENABLED": "0",
 }
-STACKS = ("1.0611", "1.1194")  # STACK=<name>: the default recipe, or the stack before it
+STACKS = ("2014", "1855", "1.0611", "1.1194")  # STACK=<name>: the default recipe, or an earlier one (1.0611 = 1855)
 
 # BASELINE=1: the starter's configuration, for every default of the record stack (README "Default stack");
 # SMOKE=1 and explicit env vars win over it, so SMOKE=1 BASELINE=1 is the starter at the smoke scale.
@@ -137,7 +141,7 @@ SETTING_RANGES = {
                 "ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_DIM "
                 "MUON_BACKEND_STEPS GPTQ_CALIB_BATCHES GPTQ_BLOCK PLAN_WORLD_SIZE CHECKPOINT_KEEP",
     "[2, inf)": "VOCAB_SIZE RECUR_LOOPS",
-    "[0, inf)": "PREFETCH_BATCHES VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
+    "[0, inf)": "SEQ_CHANGE_WARMUP_STEPS PREFETCH_BATCHES VAL_LOSS_EVERY TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_MAX_SECONDS TTT_LR TTT_GRAD_CLIP LORA_LR "
                 "LORA_WD PHASED_TTT_PREFIX_DOCS "
                 "WARMDOWN_ITERS WARMUP_STEPS MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS TIED_EMBED_INIT_STD ROPE_DIMS XSA_LAST_N "
                 "ATTN_GATE_DIMS SMEAR_GATE_DIMS VALUE_EMBED_LAYERS BIGRAM_BUCKETS "
@@ -169,8 +173,10 @@ class Hyperparameters:
         self.explicit = frozenset(env)  # set by the user, not by a preset
         baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
         older = baseline or env.get("STACK") == "1.1194"
-        presets = {**(STACK_1194_PRESET if older else {}), **(BASELINE_PRESET if baseline else {}),
-                   **(SMOKE_PRESET if smoke else {}), **(SMOKE_RECIPE_PRESET if smoke and not older else {})}
+        before = older or env.get("STACK") in ("1855", "1.0611")  # #1855's recipe or older
+        presets = {**(STACK_1855_PRESET if before else {}), **(STACK_1194_PRESET if older else {}),
+                   **(BASELINE_PRESET if baseline else {}), **(SMOKE_PRESET if smoke else {}),
+                   **(SMOKE_RECIPE_PRESET if smoke and not older else {}), **(SMOKE_2014_PRESET if smoke and not before else {})}
         env = {**presets, **env}
         self.settings: dict[str, object] = {}
         self.world_size = int(env.get("WORLD_SIZE", "1"))  # torchrun's; needed by the batch rule
@@ -195,7 +201,7 @@ class Hyperparameters:
         # Data and run identity.
         self.smoke = get("SMOKE", False, _flag)
         get("BASELINE", False, _flag)  # applied with the presets above; read here so the log records it
-        get("STACK", "1.0611")  # applied with the presets above; read so the log records it and validate() checks it
+        get("STACK", "2014")  # applied with the presets above; read so the log records it and validate() checks it
         self.data_path = get("DATA_PATH", "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
         self.val_files = os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")  # not the fineweb_val_bytes_* sidecar
@@ -216,7 +222,12 @@ class Hyperparameters:
         self.warmdown_iters = get("WARMDOWN_ITERS", 1200, int)
         self.warmup_steps = get("WARMUP_STEPS", 20, int)
         self.train_batch_tokens = get("TRAIN_BATCH_TOKENS", 786_432, int)
-        self.train_seq_len = get("TRAIN_SEQ_LEN", 2048, int)
+        self.train_seq_len = get("TRAIN_SEQ_LEN", 3072, int)
+        # Progressive context (#2014): "len@frac,...": each length trains until that fraction of training is done;
+        # the last length is TRAIN_SEQ_LEN. The LR ramps up again over SEQ_CHANGE_WARMUP_STEPS after each change.
+        self.train_seq_schedule = get("TRAIN_SEQ_SCHEDULE", "1024@0.100,2048@0.700,3072@1.000"
+                                      if self.train_seq_len == 3072 else "")
+        self.seq_change_warmup_steps = get("SEQ_CHANGE_WARMUP_STEPS", 32, int)
         self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0, float)
         self.grad_accum_steps = get("GRAD_ACCUM_STEPS", 0, int)  # 0: 8 // world_size, as the starter
         self.compile = get("COMPILE", torch.cuda.is_available(), _flag)
@@ -279,8 +290,11 @@ class Hyperparameters:
         self.rope_base = get("ROPE_BASE", 10000.0, float)
         self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, float)
         self.softcap_fp32 = get("SOFTCAP_FP32", True, _flag)
+        # #2014's asymmetric softcap: separate caps for positive and negative logits, two parameters at LOGIT_SOFTCAP
+        # that nothing trains (as #2014's: no optimizer holds them, no loss it trains on reads them).
+        self.softcap_asym = get("SOFTCAP_ASYM", True, _flag)
         self.rope_fp32 = get("ROPE_FP32", True, _flag)
-        self.qk_gain_init = get("QK_GAIN_INIT", 5.0, float)
+        self.qk_gain_init = get("QK_GAIN_INIT", 5.25, float)
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, float)
         # A token attends only to earlier tokens of its own document (each BOS starts one), in training and in every
         # evaluation path; 0: plain causal attention over the whole window, as the starter.
@@ -373,7 +387,7 @@ class Hyperparameters:
         self.gptq = get("GPTQ", True, _flag)
         self.gptq_embed = get("GPTQ_EMBED", True, _flag)
         self.gptq_calib_batches = get("GPTQ_CALIB_BATCHES", 2, int)
-        self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 0.5, float)
+        self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 4.0, float)
         self.gptq_damp = get("GPTQ_DAMP", 0.01, float)
         self.gptq_block = get("GPTQ_BLOCK", 128, int)
         self.gptq_fp64 = get("GPTQ_FP64", False, _flag)  # 0: the Hessian's inverse in float32, as the 1.0611 record
@@ -446,16 +460,19 @@ class Hyperparameters:
         if lanes >= 0 and (self.parallel_resid_from >= 0 or lanes <= self.recur_last):
             raise ConfigError(f"PARALLEL_LANES_FROM={lanes} needs PARALLEL_RESID_FROM=-1 and a layer past "
                               f"RECUR_LAYERS={self.recur_layers!r} (the lanes never re-enter a loop)")
-        batch_unit = self.world_size * grad_accum(self, self.world_size) * self.train_seq_len
-        if self.train_batch_tokens % batch_unit:
-            raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size "
-                              f"({self.world_size}) x grad_accum_steps x TRAIN_SEQ_LEN = {batch_unit}")
+        self.seq_stages = seq_stages(self.train_seq_schedule, self.train_seq_len)
+        for seq_len, _ in self.seq_stages:  # every length fills the same batch: rows = tokens / length
+            batch_unit = self.world_size * grad_accum(self, self.world_size) * seq_len
+            if self.train_batch_tokens % batch_unit:
+                raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size "
+                                  f"({self.world_size}) x grad_accum_steps x {seq_len} (TRAIN_SEQ_LEN and each length "
+                                  f"of TRAIN_SEQ_SCHEDULE) = {batch_unit}")
         if self.max_wallclock_seconds > 0 and self.gptq and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time within "
                               f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}; lower it or raise the cap")
-        if (self.ttt_enabled or self.phased_ttt_enabled) and self.ttt_chunk_tokens % self.eval_seq_len:
-            raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of "
-                              f"EVAL_SEQ_LEN={self.eval_seq_len} (the chunk is trained on as whole sequences)")
+        if (self.ttt_enabled or self.phased_ttt_enabled) and self.ttt_chunk_tokens < self.eval_seq_len:
+            raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be at least EVAL_SEQ_LEN={self.eval_seq_len} "
+                              "(a chunk is trained on as its whole sequences)")
         if self.resume and self.score_artifact:
             raise ConfigError("RESUME continues a training run and SCORE_ARTIFACT trains nothing: unset one of them")
         if (self.lora_ttt_enabled or self.phased_ttt_enabled) and self.lora_chunk_tokens > self.eval_seq_len:
@@ -796,7 +813,7 @@ class BatchPrefetcher:
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
 CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
-                                "attn_gate", "smear_gate", "lambda", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk",
+                                "attn_gate", "smear_gate", "lambda", "softcap_", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk",
                                 "s_uv", "s_z")
 
 
@@ -1106,6 +1123,9 @@ class GPT(nn.Module):
         dim = args.model_dim
         set_attention(self, args)
         self.logit_softcap, self.softcap_fp32 = args.logit_softcap, args.softcap_fp32
+        if args.softcap_asym:  # 1-D: the artifact packs no 0-d floats
+            self.softcap_pos, self.softcap_neg = (nn.Parameter(torch.full((1,), args.logit_softcap), requires_grad=False)
+                                                  for _ in range(2))
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         attach_bigram(self, args)
         # SmearGate: per-dim mix with the previous token's embedding, sigmoid(3) ~ 0.95 keeps mostly the current one;
@@ -1195,7 +1215,11 @@ class GPT(nn.Module):
         logits = self.tied_head(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         if self.softcap_fp32:  # SOFTCAP_FP32=0: the starter's, tanh in the logits' dtype (bf16 under autocast)
             logits = logits.float()
-        logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        if hasattr(self, "softcap_pos"):  # detached: a TTT that unfreezes every parameter still leaves them alone
+            cap = torch.where(logits > 0, self.softcap_pos.detach(), self.softcap_neg.detach()).to(logits.dtype)
+            logits = cap * torch.tanh(logits / cap)
+        else:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
     def run_blocks(self, order: list[int], positions: range, x: Tensor, x0: Tensor, skips: list[Tensor],
@@ -1725,6 +1749,27 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
         left = max(total_ms - elapsed_ms, 0.0)
     frac = min(left / warmdown, 1.0) if warmdown > 0 else 1.0
     return max(args.min_lr_frac + (1 - args.min_lr_frac) * frac, args.min_lr)
+
+
+def seq_stages(schedule: str, train_seq_len: int) -> list[tuple[int, float]]:
+    """TRAIN_SEQ_SCHEDULE "len@frac,..." as [(length, fraction of training up to which it runs)]; empty: one stage."""
+    if not schedule:
+        return [(train_seq_len, 1.0)]
+    try:
+        stages = [(int(n), float(f)) for n, f in (stage.split("@") for stage in schedule.split(","))]
+    except ValueError:
+        stages = []
+    fracs = [f for _, f in stages]
+    if not stages or fracs != sorted(set(fracs)) or fracs[0] <= 0 or fracs[-1] != 1 or stages[-1][0] != train_seq_len \
+            or min(n for n, _ in stages) < 1:
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE={schedule!r}: give len@frac stages, fractions rising to 1.0, the last "
+                          f"length TRAIN_SEQ_LEN={train_seq_len} (e.g. 1024@0.1,2048@0.7,{train_seq_len}@1.0), or empty")
+    return stages
+
+
+def stage_seq_len(args: Hyperparameters, frac: float) -> int:
+    # #2014's rule: the first stage whose fraction training has not passed.
+    return next((n for n, f in args.seq_stages if frac <= f), args.seq_stages[-1][0])
 
 
 def muon_momentum(args: Hyperparameters, step: int) -> float:
@@ -3270,6 +3315,7 @@ class Training:
     loader: object
     ema: WeightEMA | None
     switched: dict[str, int] = field(default_factory=dict)
+    seq_len: int = 0  # this stage's training sequence length (TRAIN_SEQ_SCHEDULE)
     resume: tuple[Path, dict] | None = None  # RESUME's checkpoint (path, state), read and checked, until restored
     last_checkpoint: Path | None = None  # the newest checkpoint this run wrote
 
@@ -3291,7 +3337,7 @@ def build_training(run: Run) -> Training:
     optimizers, muon = build_optimizers(args, base_model)
     run.log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     ema = WeightEMA(base_model, args.ema_decay, args.ema_warmup) if args.ema_decay > 0 else None
-    return Training(base_model, model, optimizers, muon, loader, ema, resume=resume)
+    return Training(base_model, model, optimizers, muon, loader, ema, seq_len=args.seq_stages[0][0], resume=resume)
 
 
 def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tensor:
@@ -3307,7 +3353,7 @@ def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tenso
     for micro in range(accum):
         if run.distributed:
             t.model.require_backward_grad_sync = micro == accum - 1
-        x, y = t.loader.next_batch(args.train_batch_tokens, args.train_seq_len, accum)
+        x, y = t.loader.next_batch(args.train_batch_tokens, t.seq_len, accum)
         with autocast(run.device):
             loss = t.model(x, y).mean()
         train_loss += loss.detach()
@@ -3323,7 +3369,8 @@ def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tenso
 
 
 def warm_up_training(run: Run, t: Training) -> None:
-    """WARMUP_STEPS steps compile every graph; then weights, optimizer state and the data position are restored."""
+    """WARMUP_STEPS steps (at least one per length of TRAIN_SEQ_SCHEDULE, in turn) compile every graph; then weights,
+    optimizer state and the data position are restored."""
     args = run.args
     if args.warmup_steps <= 0:
         return
@@ -3332,9 +3379,13 @@ def warm_up_training(run: Run, t: Training) -> None:
     model_state = copy.deepcopy(t.base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in t.optimizers]
     data_position = t.loader.state_dict()
-    for i in range(args.warmup_steps):
+    lengths = [n for n, _ in args.seq_stages]
+    steps = max(args.warmup_steps, len(lengths))
+    for i in range(steps):
+        t.seq_len = lengths[i % len(lengths)]
         train_step(run, t, 1.0, muon_momentum(args, 0))
-        run.log(f"warmup_step:{i + 1}/{args.warmup_steps}")
+        run.log(f"warmup_step:{i + 1}/{steps} seq_len:{t.seq_len}")
+    t.seq_len = lengths[0]
     t.base_model.load_state_dict(model_state)
     for opt, state in zip(t.optimizers, opt_states):
         opt.load_state_dict(state)
@@ -3392,8 +3443,14 @@ class TrainClock:
 
 
 def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
-    """Late QAT and depth recurrence switch on once their fraction of training is done; each switch is logged."""
+    """Late QAT and depth recurrence switch on once their fraction of training is done, the training length follows
+    TRAIN_SEQ_SCHEDULE; each switch is logged."""
     args, frac = run.args, clock.fraction()
+    t.seq_len = stage_seq_len(args, frac)
+    if t.seq_len != args.seq_stages[0][0] and f"seq_len:{t.seq_len}" not in t.switched:
+        t.switched[f"seq_len:{t.seq_len}"] = clock.step
+        run.log(f"seq_len:{t.seq_len} step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
+                f"rewarmup_steps:{args.seq_change_warmup_steps}")
     if args.qat_start < 1 and "qat" not in t.switched and frac >= args.qat_start:
         set_qat(t.base_model, True)
         t.switched["qat"] = clock.step
@@ -3410,6 +3467,14 @@ def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
 # part gathered into it; a header line with a sha256 of the rest catches truncation and corruption.
 CHECKPOINT_MAGIC = b"PGOLF-CHECKPOINT-1\n"
 EXIT_DIVERGED = 3  # a stop on a signal exits 128 + the signal's number (SIGINT 130, SIGTERM 143); ConfigError 2
+
+
+def rewarm_multiplier(args: Hyperparameters, t: Training, step: int) -> float:
+    # #2014's re-warm-up: after a length change at step s, the LR times (step - s + 1) / SEQ_CHANGE_WARMUP_STEPS.
+    start = t.switched.get(f"seq_len:{t.seq_len}")
+    if start is None or args.seq_change_warmup_steps <= 0:
+        return 1.0
+    return min((step - start + 1) / args.seq_change_warmup_steps, 1.0)
 
 
 class RunStopped(Exception):
@@ -3648,7 +3713,8 @@ def train(run: Run, data: ValData, t: Training) -> TrainClock:
                 clock.pause()
                 validation(run, data, t.model, clock)
                 clock.start()
-            train_loss = train_step(run, t, lr_multiplier(args, clock.step, clock.ms), muon_momentum(args, clock.step))
+            lr_scale = lr_multiplier(args, clock.step, clock.ms) * rewarm_multiplier(args, t, clock.step)
+            train_loss = train_step(run, t, lr_scale, muon_momentum(args, clock.step))
             if t.ema is not None:
                 t.ema.update()
             clock.tick(signals.received)
