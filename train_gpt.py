@@ -1114,6 +1114,11 @@ class TiedHead(nn.Module):
         return F.linear(x, weight.to(x.dtype))
 
 
+CLIP_BANKS = (("attn.c_q", "attn.proj"), ("attn.c_k", "attn.c_v"), ("mlp.fc",), ("mlp.proj",))
+CLIP_ORDER = ("skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas", "smear_lambda", "softcap_pos",
+              "softcap_neg", "tok_emb", "blocks.", "smear_gate")
+
+
 class GPT(nn.Module):
     """The challenge starter's model (U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap) with
     the architecture options on top; their defaults are the record stack (README "Default stack")."""
@@ -1247,6 +1252,17 @@ class GPT(nn.Module):
             if j < 0:
                 skips.append(x)
         return x if lane1 is None else 0.5 * (x + lane1)
+
+    def clip_order(self) -> list[Tensor]:
+        """The gradients as #1855/#2014's clip_grad_norm_ reads them: their banks (every layer's c_q then proj, c_k then
+        c_v, fc, mlp.proj) flattened together, then their other tensors in their order. The same order gives the same
+        fp32 norm to the last bit: a bf16 Muon step after a binding clip amplifies one ulp of it to ~5e-4."""
+        named = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        grad = lambda p: torch.zeros_like(p) if p.grad is None else p.grad  # noqa: E731
+        banks = [torch.cat([grad(named.pop(f"blocks.{i}.{n}.weight")).flatten() for n in names
+                            for i in range(len(self.blocks))]) for names in CLIP_BANKS]
+        rank = lambda n: next((k for k, pre in enumerate(CLIP_ORDER) if n.startswith(pre)), len(CLIP_ORDER))  # noqa: E731
+        return banks + [named[n].grad for n in sorted(named, key=rank) if named[n].grad is not None]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """matrix -> Muon; embed, head, scalar -> Adam with their own learning rates."""
@@ -1638,35 +1654,42 @@ class Muon(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def clip_grad_norm_global(grads: list[Tensor], shards: list[Tensor], max_norm: float) -> Tensor:
+def clip_grad_norm_global(grads: list[Tensor], shards: list[Tensor], max_norm: float,
+                          ordered: list[Tensor] | None = None) -> Tensor:
     """clip_grad_norm_ over gradients spread across ranks: `grads` are the same on every rank (DDP's means), `shards`
     are this rank's disjoint parts of the rest (Muon's reduced matrix gradients). All are scaled in place by
-    min(1, max_norm / (norm + 1e-6)) with the norm of all of them together; returns that norm (no host sync)."""
+    min(1, max_norm / (norm + 1e-6)) with the norm of all of them together; returns that norm (no host sync).
+    On one rank, `ordered` (all of them again, in a model's clip_order) gives the norm as clip_grad_norm_ sums it."""
     device = (grads or shards)[0].device
 
     def square_sum(ts):
         return sum((torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in ts), torch.zeros((), device=device))
 
-    total = square_sum(shards)
-    if distributed_now():
-        dist.all_reduce(total)
-    norm = (total + square_sum(grads)).sqrt()
+    if ordered is not None:
+        norm = torch.nn.utils.get_total_norm(ordered)
+    else:
+        total = square_sum(shards)
+        if distributed_now():
+            dist.all_reduce(total)
+        norm = (total + square_sum(grads)).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for t in grads + shards:
         t.mul_(scale.to(t.dtype))
     return norm
 
 
-def step_optimizers(optimizers: list[torch.optim.Optimizer], muon: Muon, grad_clip_norm: float) -> Tensor | None:
+def step_optimizers(optimizers: list[torch.optim.Optimizer], muon: Muon, grad_clip_norm: float,
+                    clip_order: Callable[[], list[Tensor]] | None = None) -> Tensor | None:
     """Every optimizer's step. Muon's gradient reductions are launched first, so they travel while the clipping norm
-    and Adam's steps compute; the clip, if on, sees the global norm (all parameters, every rank's data), which is
-    returned (None without clipping)."""
+    and Adam's steps compute; the clip, if on, sees the global norm (all parameters, every rank's data; on one rank
+    summed in the model's clip_order if it has one), which is returned (None without clipping)."""
     muon.reduce_grads()
     norm = None
     if grad_clip_norm > 0:
         others = [p.grad for opt in optimizers if opt is not muon for g in opt.param_groups for p in g["params"]
                   if p.grad is not None]
-        norm = clip_grad_norm_global(others, muon.reduced_grads(), grad_clip_norm)
+        ordered = clip_order() if clip_order is not None and not distributed_now() else None
+        norm = clip_grad_norm_global(others, muon.reduced_grads(), grad_clip_norm, ordered)
     for opt in optimizers:
         if opt is not muon:
             opt.step()
@@ -3363,7 +3386,7 @@ def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tenso
     for opt in t.optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
-    step_optimizers(t.optimizers, t.muon, args.grad_clip_norm)
+    step_optimizers(t.optimizers, t.muon, args.grad_clip_norm, getattr(t.base_model, "clip_order", None))
     t.base_model.after_optimizer_step()
     return train_loss / accum
 
