@@ -223,3 +223,47 @@ def test_bf16_steps_with_a_binding_clip_across_a_length_change_are_2014s(record_
         print(f"step {step} seq_len {length} scale {state['scale']:.4f} norm {norm:.0f} diff {diff:.2e}")
         assert norm > 100 and t.seq_len == length and diff < 3e-7
     assert length == 2048 and start == 57
+
+
+class RandomTokens:
+    """A train loader of random tokens (BOS among them) in rows of the asked length; no position to restore."""
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int):
+        return torch.randint(0, 32, (2, global_tokens // seq_len, seq_len)).unbind()
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.slow
+def test_progressive_context_compiles_each_length_in_the_warm_up_only():
+    """Compiled (aot_eager: Dynamo's graphs without inductor's CPU codegen), the warm-up runs each length of
+    TRAIN_SEQ_SCHEDULE once and compiles one graph per length; then the whole run, through both length changes and
+    the loop's switch, compiles nothing more, and the warm-up's weights are undone."""
+    env = {**TINY_OURS, "VOCAB_SIZE": "32", "TRAIN_SEQ_LEN": "64", "TRAIN_SEQ_SCHEDULE": "16@0.3,32@0.6,64@1.0",
+           "TRAIN_BATCH_TOKENS": "128", "GRAD_ACCUM_STEPS": "1", "WARMUP_STEPS": "1", "ITERATIONS": "10",
+           "MAX_WALLCLOCK_SECONDS": "0", "RECUR_START_FRAC": "0.5"}
+    args = tg.Hyperparameters(env)
+    torch.manual_seed(0)
+    base = tg.build_model(args, CPU)
+    optimizers, muon = tg.build_optimizers(args, base)
+    model = torch.compile(base, backend="aot_eager", dynamic=False, fullgraph=True)
+    t = tg.Training(base, model, optimizers, muon, RandomTokens(), None, seq_len=args.seq_stages[0][0])
+    run = SimpleNamespace(args=args, grad_accum_steps=1, distributed=False, device=CPU, log=lambda *a, **k: None)
+    before = {n: p.detach().clone() for n, p in base.state_dict().items()}
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
+    start = graphs()
+    tg.warm_up_training(run, t)
+    assert graphs() == start + 3 and t.seq_len == 16
+    assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())
+    seen = []
+    for step in range(10):
+        clock = SimpleNamespace(step=step, ms=0.0, fraction=lambda: step / 10)
+        tg.apply_switches(run, t, clock)
+        tg.train_step(run, t, tg.rewarm_multiplier(args, t, step), 0.9)
+        seen.append((t.seq_len, base.recur_active.item()))
+    assert graphs() == start + 3
+    assert [n for n, _ in seen] == [16] * 4 + [32] * 3 + [64] * 3 and seen[4][1] is False and seen[5][1] is True
