@@ -267,3 +267,29 @@ def test_progressive_context_compiles_each_length_in_the_warm_up_only():
         seen.append((t.seq_len, base.recur_active.item()))
     assert graphs() == start + 3
     assert [n for n, _ in seen] == [16] * 4 + [32] * 3 + [64] * 3 and seen[4][1] is False and seen[5][1] is True
+
+
+def test_a_run_follows_the_schedule_and_logs_each_change(tiny_data, tmp_path):
+    """A whole (tiny) run by steps: the warm-up step runs each length, each change is logged once at its step, and the
+    run finishes with an artifact score."""
+    from conftest import data_env, run_train
+    env = data_env(tiny_data, RUN_ID="sched", TRAIN_SEQ_SCHEDULE="16@0.3,32@0.6,64@1.0", WARMUP_STEPS="1",
+                   ITERATIONS="10", SEQ_CHANGE_WARMUP_STEPS="2")
+    run_train(tmp_path, env)
+    log = (tmp_path / "logs" / "sched.txt").read_text()
+    assert re.findall(r"^warmup_step:\d/3 seq_len:(\d+)$", log, re.M) == ["16", "32", "64"]
+    assert re.findall(r"^seq_len:(\d+) step:(\d+)/10 ", log, re.M) == [("32", "4"), ("64", "7")]
+    assert re.search(r"^final_\w+_exact val_loss:\S+ val_bpb:\S+$", log, re.M)
+
+
+def test_defaults_are_2014s_logged_training_settings():
+    """Every model and training setting of its seed-42 log that we share by name (lower-case) equals our default: the
+    optimizer's (unchanged from #1855), the QK gain, the context and its schedule, the re-warm-up, the GPTQ reserve."""
+    from test_recipe_optim import SHARED
+    logged = dict(re.findall(r"^  (\w+): (.*)$", (REFERENCE / "pr2014" / "train_seed42.log").read_text(), re.M))
+    args = tg.Hyperparameters({})
+    names = [*SHARED, "warmup_steps", "qk_gain_init", "train_seq_len", "seq_change_warmup_steps", "logit_softcap",
+             "train_batch_tokens", "num_layers", "model_dim", "tied_embed_init_std", "rope_dims", "xsa_last_n"]
+    assert {n: float(logged[n]) for n in names} == {n: float(getattr(args, n)) for n in names}
+    assert logged["train_seq_schedule"] == args.train_seq_schedule and logged["rope_train_seq_len"] == "3072"
+    assert logged["train_seq_schedule_mode"] == "wallclock" and logged["compile_shape_warmup"] == "True"
