@@ -73,8 +73,9 @@ SMOKE_PRESET = {
 # documents, rank-8 adapters, 256-token chunks (the recipe's 48-token chunks and rank 80 take ~20 min here).
 SMOKE_RECIPE_PRESET = {"RECUR_LAYERS": "1-2", "PARALLEL_LANES_FROM": "3", "TTT_ENABLED": "0", "PHASED_TTT_PREFIX_DOCS": "40",
                        "LORA_RANK": "8", "LORA_CHUNK_TOKENS": "256"}
-# SMOKE=1 on the #2014 recipe: its progressive context at the smoke's 256 tokens (two length changes in 80 steps).
-SMOKE_2014_PRESET = {"TRAIN_SEQ_SCHEDULE": "64@0.100,128@0.700,256@1.000"}
+# SMOKE=1 on the #2014 recipe: its progressive context at the smoke's 256 tokens (two length changes in 80 steps), the
+# re-warm-up at that scale (#2014's 32 of ~4,900 steps is under one of 80: 2 still exercises it).
+SMOKE_2014_PRESET = {"TRAIN_SEQ_SCHEDULE": "64@0.100,128@0.700,256@1.000", "SEQ_CHANGE_WARMUP_STEPS": "2"}
 # STACK=1855: the #1855 recipe (1.0611), our default before #2014's: every default #2014 changed, back.
 STACK_1855_PRESET = {"QK_GAIN_INIT": "5.0", "TRAIN_SEQ_LEN": "2048", "GPTQ_RESERVE_SECONDS": "0.5", "SOFTCAP_ASYM": "0"}
 # STACK=1.1194: our default before the 1.0611 recipe (the 1.1194-era stack, README "Default stack"): every default
