@@ -269,6 +269,7 @@ def test_progressive_context_compiles_each_length_in_the_warm_up_only():
     assert [n for n, _ in seen] == [16] * 4 + [32] * 3 + [64] * 3 and seen[4][1] is False and seen[5][1] is True
 
 
+@pytest.mark.slow
 def test_a_run_follows_the_schedule_and_logs_each_change(tiny_data, tmp_path):
     """A whole (tiny) run by steps: the warm-up step runs each length, each change is logged once at its step, and the
     run finishes with an artifact score."""
