@@ -80,8 +80,13 @@ def smoke_cache(vocab_size: str) -> dict[str, str]:
 # documents, rank-8 adapters, 256-token chunks (the recipe's 48-token chunks and rank 80 take ~20 min here).
 SMOKE_RECIPE_PRESET = {"RECUR_LAYERS": "1-2", "PARALLEL_LANES_FROM": "3", "TTT_ENABLED": "0", "PHASED_TTT_PREFIX_DOCS": "40",
                        "LORA_RANK": "8", "LORA_CHUNK_TOKENS": "256"}
+# SMOKE=1 on the #2014 recipe: its progressive context at the smoke's 256 tokens (two length changes in 80 steps), the
+# re-warm-up at that scale (#2014's 32 of ~4,900 steps is under one of 80: 2 still exercises it).
+SMOKE_2014_PRESET = {"TRAIN_SEQ_SCHEDULE": "64@0.100,128@0.700,256@1.000", "SEQ_CHANGE_WARMUP_STEPS": "2"}
+# STACK=1855: the #1855 recipe (1.0611), our default before #2014's: every default #2014 changed, back.
+STACK_1855_PRESET = {"QK_GAIN_INIT": "5.0", "TRAIN_SEQ_LEN": "2048", "GPTQ_RESERVE_SECONDS": "0.5", "SOFTCAP_ASYM": "0"}
 # STACK=1.1194: our default before the 1.0611 recipe (the 1.1194-era stack, README "Default stack"): every default
-# the recipe changed, back. BASELINE=1 starts from it.
+# the recipe changed, back, on top of STACK=1855's. BASELINE=1 starts from it.
 STACK_1194_PRESET = {
     "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
     "VOCAB_SIZE": "1024", "MLP_MULT": "3", "XSA_LAST_N": "4", "ATTN_GATE_DIMS": "0", "ATTN_GATE_MAX": "2.0",
@@ -189,7 +194,8 @@ SETTING_SECTIONS = {
     "Run": (
         S("SMOKE", _flag, False, None, "the CPU smoke preset: tiny model, embedded dataset built on first use"),
         S("BASELINE", _flag, False, None, "the starter's configuration (on STACK=1.1194); SMOKE and explicit env win"),
-        S("STACK", str, "1.0611", ("1.0611", "1.1194"), "1.1194: the stack before the 1.0611 recipe"),
+        S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194"),
+          "a recipe by its record: 2014 (the default), 1855 (alias 1.0611), 1.1194 (the stack before them)"),
         S("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", None,
           "folder of fineweb_train_*.bin / fineweb_val_*.bin shards (+ byte sidecar, manifest.json)"),
         S("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", None,
@@ -213,7 +219,12 @@ SETTING_SECTIONS = {
         S("WARMDOWN_ITERS", int, 1200, NONNEG, "linear LR decay over the last this-many steps (WARMDOWN_FRAC=0)"),
         S("WARMUP_STEPS", int, 20, NONNEG, "compile warm-up steps, undone before training starts"),
         S("TRAIN_BATCH_TOKENS", int, 786_432, COUNT, "global tokens per step"),
-        S("TRAIN_SEQ_LEN", int, 2048, COUNT, "training sequence length"),
+        S("TRAIN_SEQ_LEN", int, 3072, COUNT, "training sequence length (the last stage's, with TRAIN_SEQ_SCHEDULE)"),
+        S("TRAIN_SEQ_SCHEDULE", str, Derived("1024@0.100,2048@0.700,3072@1.000 at TRAIN_SEQ_LEN=3072, else none",
+                                             lambda a: "1024@0.100,2048@0.700,3072@1.000" if a.train_seq_len == 3072
+                                             else ""), None,
+          "progressive context (#2014): len@frac,...: each length trains until that fraction of training is done"),
+        S("SEQ_CHANGE_WARMUP_STEPS", int, 32, NONNEG, "steps over which the LR ramps up again after a length change"),
         S("MAX_WALLCLOCK_SECONDS", float, 600.0, NONNEG, "training-time cap; 0: none"),
         S("GRAD_ACCUM_STEPS", int, 0, NONNEG, "micro-steps per step per process; 0: 8 // world_size, as the starter"),
         S("COMPILE", _flag, Derived("1 on CUDA, 0 on CPU", lambda a: torch.cuda.is_available()), None,
@@ -271,8 +282,10 @@ SETTING_SECTIONS = {
         S("ROPE_BASE", float, 10000.0, POS, "rotary embedding base"),
         S("LOGIT_SOFTCAP", float, 30.0, POS, "logits = softcap * tanh(logits / softcap)", "gpt"),
         S("SOFTCAP_FP32", _flag, True, None, "the softcap in fp32; 0: in the logits' dtype (the starter's)", "gpt"),
+        S("SOFTCAP_ASYM", _flag, True, None, "#2014's asymmetric softcap: two caps at LOGIT_SOFTCAP that nothing trains",
+          "gpt"),
         S("ROPE_FP32", _flag, True, None, "RoPE's angles stay fp32 under a bf16 body; 0: bf16 (the starter's)"),
-        S("QK_GAIN_INIT", float, 5.0, POS, "initial per-head query gain after QK-norm", "gpt"),
+        S("QK_GAIN_INIT", float, 5.25, POS, "initial per-head query gain after QK-norm", "gpt"),
         S("TIED_EMBED_INIT_STD", float, 0.005, NONNEG, "init std of the tied embedding", "gpt"),
         S("DOC_ATTENTION", _flag, True, None, "attention within documents (each BOS starts one), training and eval"),
         S("MLP_ACT", str, "leaky2", ("relu2", "leaky2", "swiglu"), "MLP activation", "gpt"),
@@ -357,7 +370,7 @@ SETTING_SECTIONS = {
         S("GPTQ", _flag, True, None, "GPTQ on Hessians from training batches; 0: round to nearest"),
         S("GPTQ_EMBED", _flag, True, None, "GPTQ for the embedding too"),
         S("GPTQ_CALIB_BATCHES", int, 2, COUNT, "training batches read for the Hessians"),
-        S("GPTQ_RESERVE_SECONDS", float, 0.5, NONNEG, "seconds of MAX_WALLCLOCK_SECONDS kept for the calibration"),
+        S("GPTQ_RESERVE_SECONDS", float, 4.0, NONNEG, "seconds of MAX_WALLCLOCK_SECONDS kept for the calibration"),
         S("GPTQ_DAMP", float, 0.01, NONNEG, "damping added to the Hessian diagonal, times its mean"),
         S("GPTQ_BLOCK", int, 128, COUNT, "GPTQ column block size"),
         S("GPTQ_FP64", _flag, False, None, "invert the Hessian in float64; 0: float32, as the 1.0611 record"),
@@ -418,9 +431,12 @@ class Hyperparameters:
         self.unused_env: list[str] = []  # SCORE_ARTIFACT: env settings the artifact's own replace
         baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
         older = baseline or env.get("STACK") == "1.1194"
-        presets = {**(STACK_1194_PRESET if older else {}), **(BASELINE_PRESET if baseline else {}),
+        before = older or env.get("STACK") in ("1855", "1.0611")  # #1855's recipe or older
+        presets = {**(STACK_1855_PRESET if before else {}), **(STACK_1194_PRESET if older else {}),
+                   **(BASELINE_PRESET if baseline else {}),
                    **(SMOKE_PRESET | smoke_cache(env.get("VOCAB_SIZE", SMOKE_PRESET["VOCAB_SIZE"])) if smoke else {}),
-                   **(SMOKE_RECIPE_PRESET if smoke and not older else {})}
+                   **(SMOKE_RECIPE_PRESET if smoke and not older else {}),
+                   **(SMOKE_2014_PRESET if smoke and not before else {})}
         env = {**presets, **env}
         self.settings: dict[str, object] = {}
         self.world_size = int(env.get("WORLD_SIZE", "1"))  # torchrun's; needed by the batch rule
@@ -494,16 +510,19 @@ class Hyperparameters:
         if lanes >= 0 and (self.parallel_resid_from >= 0 or lanes <= self.recur_last):
             raise ConfigError(f"PARALLEL_LANES_FROM={lanes} needs PARALLEL_RESID_FROM=-1 and a layer past "
                               f"RECUR_LAYERS={self.recur_layers!r} (the lanes never re-enter a loop)")
-        batch_unit = self.world_size * grad_accum(self, self.world_size) * self.train_seq_len
-        if self.train_batch_tokens % batch_unit:
-            raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size "
-                              f"({self.world_size}) x grad_accum_steps x TRAIN_SEQ_LEN = {batch_unit}")
+        self.seq_stages = seq_stages(self.train_seq_schedule, self.train_seq_len)
+        for seq_len, _ in self.seq_stages:  # every length fills the same batch: rows = tokens / length
+            batch_unit = self.world_size * grad_accum(self, self.world_size) * seq_len
+            if self.train_batch_tokens % batch_unit:
+                raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size "
+                                  f"({self.world_size}) x grad_accum_steps x {seq_len} (TRAIN_SEQ_LEN and each length "
+                                  f"of TRAIN_SEQ_SCHEDULE) = {batch_unit}")
         if self.max_wallclock_seconds > 0 and self.gptq and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time within "
                               f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}; lower it or raise the cap")
-        if (self.ttt_enabled or self.phased_ttt_enabled) and self.ttt_chunk_tokens % self.eval_seq_len:
-            raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of "
-                              f"EVAL_SEQ_LEN={self.eval_seq_len} (the chunk is trained on as whole sequences)")
+        if (self.ttt_enabled or self.phased_ttt_enabled) and self.ttt_chunk_tokens < self.eval_seq_len:
+            raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be at least EVAL_SEQ_LEN={self.eval_seq_len} "
+                              "(a chunk is trained on as its whole sequences)")
         if self.resume and self.score_artifact:
             raise ConfigError("RESUME continues a training run and SCORE_ARTIFACT trains nothing: unset one of them")
         if (self.lora_ttt_enabled or self.phased_ttt_enabled) and self.lora_chunk_tokens > self.eval_seq_len:
@@ -883,7 +902,7 @@ class BatchPrefetcher:
 
 # Small tensors that act as gains or mixes: kept in fp32, optimized by Adam, never quantized.
 CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
-                                "attn_gate", "smear_gate", "lambda", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk",
+                                "attn_gate", "smear_gate", "lambda", "softcap_", "ve_gain", "attn_alpha", "mlp_alpha", "s_qk",
                                 "s_uv", "s_z")
 # Embedding tables (nn.Embedding weights) other than the token embedding.
 TABLE_NAMES = ("bigram.", "value_embed.")
@@ -1206,6 +1225,11 @@ class TiedHead(nn.Module):
         return F.linear(x, weight.to(x.dtype))
 
 
+CLIP_BANKS = (("attn.c_q", "attn.proj"), ("attn.c_k", "attn.c_v"), ("mlp.fc",), ("mlp.proj",))
+CLIP_ORDER = ("skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas", "smear_lambda", "softcap_pos",
+              "softcap_neg", "tok_emb", "blocks.", "smear_gate")
+
+
 class GPT(nn.Module):
     """The challenge starter's model (U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap) with
     the architecture options on top; their defaults are the record stack (README "Default stack")."""
@@ -1215,6 +1239,9 @@ class GPT(nn.Module):
         dim = args.model_dim
         set_attention(self, args)
         self.logit_softcap, self.softcap_fp32 = args.logit_softcap, args.softcap_fp32
+        if args.softcap_asym:  # 1-D: the artifact packs no 0-d floats
+            self.softcap_pos, self.softcap_neg = (nn.Parameter(torch.full((1,), args.logit_softcap), requires_grad=False)
+                                                  for _ in range(2))
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         attach_bigram(self, args)
         # SmearGate: per-dim mix with the previous token's embedding, sigmoid(3) ~ 0.95 keeps mostly the current one;
@@ -1304,7 +1331,11 @@ class GPT(nn.Module):
         logits = self.tied_head(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         if self.softcap_fp32:  # SOFTCAP_FP32=0: the starter's, tanh in the logits' dtype (bf16 under autocast)
             logits = logits.float()
-        logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        if hasattr(self, "softcap_pos"):  # detached: a TTT that unfreezes every parameter still leaves them alone
+            cap = torch.where(logits > 0, self.softcap_pos.detach(), self.softcap_neg.detach()).to(logits.dtype)
+            logits = cap * torch.tanh(logits / cap)
+        else:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
     def run_blocks(self, order: list[int], positions: range, x: Tensor, x0: Tensor, skips: list[Tensor],
@@ -1336,6 +1367,17 @@ class GPT(nn.Module):
     # matrix -> Muon; embed, head, scalar -> Adam with their own learning rates.
     GROUP_OF = {"embed": "embed", "table": "embed", "head": "head", "gate": "scalar", "control": "scalar",
                 "vector": "scalar", "attn": "matrix", "mlp": "matrix"}
+
+    def clip_order(self) -> list[Tensor]:
+        """The gradients as #1855/#2014's clip_grad_norm_ reads them: their banks (every layer's c_q then proj, c_k then
+        c_v, fc, mlp.proj) flattened together, then their other tensors in their order. The same order gives the same
+        fp32 norm to the last bit: a bf16 Muon step after a binding clip amplifies one ulp of it to ~5e-4."""
+        named = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        grad = lambda p: torch.zeros_like(p) if p.grad is None else p.grad  # noqa: E731
+        banks = [torch.cat([grad(named.pop(f"blocks.{i}.{n}.weight")).flatten() for n in names
+                            for i in range(len(self.blocks))]) for names in CLIP_BANKS]
+        rank = lambda n: next((k for k, pre in enumerate(CLIP_ORDER) if n.startswith(pre)), len(CLIP_ORDER))  # noqa: E731
+        return banks + [named[n].grad for n in sorted(named, key=rank) if named[n].grad is not None]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return kind_groups(self.named_parameters(), self.GROUP_OF)
@@ -1711,35 +1753,42 @@ class Muon(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def clip_grad_norm_global(grads: list[Tensor], shards: list[Tensor], max_norm: float) -> Tensor:
+def clip_grad_norm_global(grads: list[Tensor], shards: list[Tensor], max_norm: float,
+                          ordered: list[Tensor] | None = None) -> Tensor:
     """clip_grad_norm_ over gradients spread across ranks: `grads` are the same on every rank (DDP's means), `shards`
     are this rank's disjoint parts of the rest (Muon's reduced matrix gradients). All are scaled in place by
-    min(1, max_norm / (norm + 1e-6)) with the norm of all of them together; returns that norm (no host sync)."""
+    min(1, max_norm / (norm + 1e-6)) with the norm of all of them together; returns that norm (no host sync).
+    On one rank, `ordered` (all of them again, in a model's clip_order) gives the norm as clip_grad_norm_ sums it."""
     device = (grads or shards)[0].device
 
     def square_sum(ts):
         return sum((torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in ts), torch.zeros((), device=device))
 
-    total = square_sum(shards)
-    if distributed_now():
-        dist.all_reduce(total)
-    norm = (total + square_sum(grads)).sqrt()
+    if ordered is not None:
+        norm = torch.nn.utils.get_total_norm(ordered)
+    else:
+        total = square_sum(shards)
+        if distributed_now():
+            dist.all_reduce(total)
+        norm = (total + square_sum(grads)).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for t in grads + shards:
         t.mul_(scale.to(t.dtype))
     return norm
 
 
-def step_optimizers(optimizers: list[torch.optim.Optimizer], muon: Muon, grad_clip_norm: float) -> Tensor | None:
+def step_optimizers(optimizers: list[torch.optim.Optimizer], muon: Muon, grad_clip_norm: float,
+                    clip_order: Callable[[], list[Tensor]] | None = None) -> Tensor | None:
     """Every optimizer's step. Muon's gradient reductions are launched first, so they travel while the clipping norm
-    and Adam's steps compute; the clip, if on, sees the global norm (all parameters, every rank's data), which is
-    returned (None without clipping)."""
+    and Adam's steps compute; the clip, if on, sees the global norm (all parameters, every rank's data; on one rank
+    summed in the model's clip_order if it has one), which is returned (None without clipping)."""
     muon.reduce_grads()
     norm = None
     if grad_clip_norm > 0:
         others = [p.grad for opt in optimizers if opt is not muon for g in opt.param_groups for p in g["params"]
                   if p.grad is not None]
-        norm = clip_grad_norm_global(others, muon.reduced_grads(), grad_clip_norm)
+        ordered = clip_order() if clip_order is not None and not distributed_now() else None
+        norm = clip_grad_norm_global(others, muon.reduced_grads(), grad_clip_norm, ordered)
     for opt in optimizers:
         if opt is not muon:
             opt.step()
@@ -1822,6 +1871,27 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
         left = max(total_ms - elapsed_ms, 0.0)
     frac = min(left / warmdown, 1.0) if warmdown > 0 else 1.0
     return max(args.min_lr_frac + (1 - args.min_lr_frac) * frac, args.min_lr)
+
+
+def seq_stages(schedule: str, train_seq_len: int) -> list[tuple[int, float]]:
+    """TRAIN_SEQ_SCHEDULE "len@frac,..." as [(length, fraction of training up to which it runs)]; empty: one stage."""
+    if not schedule:
+        return [(train_seq_len, 1.0)]
+    try:
+        stages = [(int(n), float(f)) for n, f in (stage.split("@") for stage in schedule.split(","))]
+    except ValueError:
+        stages = []
+    fracs = [f for _, f in stages]
+    if not stages or fracs != sorted(set(fracs)) or fracs[0] <= 0 or fracs[-1] != 1 or stages[-1][0] != train_seq_len \
+            or min(n for n, _ in stages) < 1:
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE={schedule!r}: give len@frac stages, fractions rising to 1.0, the last "
+                          f"length TRAIN_SEQ_LEN={train_seq_len} (e.g. 1024@0.1,2048@0.7,{train_seq_len}@1.0), or empty")
+    return stages
+
+
+def stage_seq_len(args: Hyperparameters, frac: float) -> int:
+    # #2014's rule: the first stage whose fraction training has not passed.
+    return next((n for n, f in args.seq_stages if frac <= f), args.seq_stages[-1][0])
 
 
 def muon_momentum(args: Hyperparameters, step: int) -> float:
@@ -3435,6 +3505,7 @@ class Training:
     loader: object
     ema: WeightEMA | None
     switched: dict[str, int] = field(default_factory=dict)
+    seq_len: int = 0  # this stage's training sequence length (TRAIN_SEQ_SCHEDULE)
     resume: tuple[Path, dict] | None = None  # RESUME's checkpoint (path, state), read and checked, until restored
     last_checkpoint: Path | None = None  # the newest checkpoint this run wrote
 
@@ -3456,7 +3527,7 @@ def build_training(run: Run) -> Training:
     optimizers, muon = build_optimizers(args, base_model)
     run.log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     ema = WeightEMA(base_model, args.ema_decay, args.ema_warmup) if args.ema_decay > 0 else None
-    return Training(base_model, model, optimizers, muon, loader, ema, resume=resume)
+    return Training(base_model, model, optimizers, muon, loader, ema, seq_len=args.seq_stages[0][0], resume=resume)
 
 
 def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tensor:
@@ -3472,7 +3543,7 @@ def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tenso
     for micro in range(accum):
         if run.distributed:
             t.model.require_backward_grad_sync = micro == accum - 1
-        x, y = t.loader.next_batch(args.train_batch_tokens, args.train_seq_len, accum)
+        x, y = t.loader.next_batch(args.train_batch_tokens, t.seq_len, accum)
         with autocast(run.device):
             loss = t.model(x, y).mean()
         train_loss += loss.detach()
@@ -3482,13 +3553,14 @@ def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tenso
     for opt in t.optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
-    step_optimizers(t.optimizers, t.muon, args.grad_clip_norm)
+    step_optimizers(t.optimizers, t.muon, args.grad_clip_norm, getattr(t.base_model, "clip_order", None))
     t.base_model.after_optimizer_step()
     return train_loss / accum
 
 
 def warm_up_training(run: Run, t: Training) -> None:
-    """WARMUP_STEPS steps compile every graph; then weights, optimizer state and the data position are restored."""
+    """WARMUP_STEPS steps (at least one per length of TRAIN_SEQ_SCHEDULE, in turn) compile every graph; then weights,
+    optimizer state and the data position are restored."""
     args = run.args
     if args.warmup_steps <= 0:
         return
@@ -3497,9 +3569,13 @@ def warm_up_training(run: Run, t: Training) -> None:
     model_state = copy.deepcopy(t.base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in t.optimizers]
     data_position = t.loader.state_dict()
-    for i in range(args.warmup_steps):
+    lengths = [n for n, _ in args.seq_stages]
+    steps = max(args.warmup_steps, len(lengths))
+    for i in range(steps):
+        t.seq_len = lengths[i % len(lengths)]
         train_step(run, t, 1.0, muon_momentum(args, 0))
-        run.log(f"warmup_step:{i + 1}/{args.warmup_steps}")
+        run.log(f"warmup_step:{i + 1}/{steps} seq_len:{t.seq_len}")
+    t.seq_len = lengths[0]
     t.base_model.load_state_dict(model_state)
     for opt, state in zip(t.optimizers, opt_states):
         opt.load_state_dict(state)
@@ -3557,8 +3633,14 @@ class TrainClock:
 
 
 def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
-    """Late QAT and depth recurrence switch on once their fraction of training is done; each switch is logged."""
+    """Late QAT and depth recurrence switch on once their fraction of training is done, the training length follows
+    TRAIN_SEQ_SCHEDULE; each switch is logged."""
     args, frac = run.args, clock.fraction()
+    t.seq_len = stage_seq_len(args, frac)
+    if t.seq_len != args.seq_stages[0][0] and f"seq_len:{t.seq_len}" not in t.switched:
+        t.switched[f"seq_len:{t.seq_len}"] = clock.step
+        run.log(f"seq_len:{t.seq_len} step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
+                f"rewarmup_steps:{args.seq_change_warmup_steps}")
     if args.qat_start < 1 and "qat" not in t.switched and frac >= args.qat_start:
         set_qat(t.base_model, True)
         t.switched["qat"] = clock.step
@@ -3575,6 +3657,14 @@ def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
 # part gathered into it; a header line with a sha256 of the rest catches truncation and corruption.
 CHECKPOINT_MAGIC = b"PGOLF-CHECKPOINT-1\n"
 EXIT_DIVERGED = 3  # a stop on a signal exits 128 + the signal's number (SIGINT 130, SIGTERM 143); ConfigError 2
+
+
+def rewarm_multiplier(args: Hyperparameters, t: Training, step: int) -> float:
+    # #2014's re-warm-up: after a length change at step s, the LR times (step - s + 1) / SEQ_CHANGE_WARMUP_STEPS.
+    start = t.switched.get(f"seq_len:{t.seq_len}")
+    if start is None or args.seq_change_warmup_steps <= 0:
+        return 1.0
+    return min((step - start + 1) / args.seq_change_warmup_steps, 1.0)
 
 
 class RunStopped(Exception):
@@ -3841,7 +3931,8 @@ def train(run: Run, data: ValData, t: Training) -> TrainClock:
                 clock.pause()
                 validation(run, data, t.model, clock)
                 clock.start()
-            train_loss = train_step(run, t, lr_multiplier(args, clock.step, clock.ms), muon_momentum(args, clock.step))
+            lr_scale = lr_multiplier(args, clock.step, clock.ms) * rewarm_multiplier(args, t, clock.step)
+            train_loss = train_step(run, t, lr_scale, muon_momentum(args, clock.step))
             if t.ema is not None:
                 t.ema.update()
             clock.tick(signals.received)

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 
 PRESETS = {"smoke": tg.SMOKE_PRESET, "smoke on the recipe": tg.SMOKE_RECIPE_PRESET,
+           "smoke on #2014": tg.SMOKE_2014_PRESET, "STACK=1855": tg.STACK_1855_PRESET,
            "STACK=1.1194": tg.STACK_1194_PRESET, "BASELINE=1": tg.BASELINE_PRESET}
 
 

@@ -133,3 +133,25 @@ def pr1855_model(module, h):
         if isinstance(m, module.MLP):
             m.use_fused = False
     return model
+
+
+@pytest.fixture(scope="session")
+def pr2014():
+    """#2014's train_gpt.py (openai/parameter-golf, the clean frontier, MIT) as module `pr2014_train_gpt`, as pr1855:
+    its fused cross-entropy's torch.library name renamed, since #1855's script registers the same one; skips where
+    ../shared/reference is absent. Its GPT reads ASYM_LOGIT_RESCALE from the environment when it is built."""
+    import importlib.util
+
+    path = REFERENCE / "pr2014" / "train_gpt.py"
+    if not path.is_file():
+        pytest.skip(f"no reference record at {path}")
+    if "pr2014_train_gpt" not in sys.modules:
+        os.environ.setdefault("FUSED_CE_ENABLED", "0")
+        if str(REFERENCE) not in sys.path:
+            sys.path.append(str(REFERENCE))
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("pr2014_train_gpt", path))
+        sys.modules[module.__name__] = module
+        source = path.read_text().replace("pgsubmission1draft7fusedce", "pgsubmission1draft7fusedce_pr2014")
+        exec(compile(source, str(path), "exec"), module.__dict__)  # same lines: inspect.getsource reads the file
+        module.BOS_ID = tg.BOS_ID
+    return sys.modules["pr2014_train_gpt"]

@@ -113,7 +113,7 @@ def test_each_model_reads_and_logs_only_its_own_settings():
     assert args.mlp_mult == 2 and args.num_layers == 4 and "SMEAR_GATE" not in args.settings
 
 
-@pytest.mark.parametrize("preset", ["SMOKE_PRESET", "SMOKE_RECIPE_PRESET", "STACK_1194_PRESET", "BASELINE_PRESET"])
+@pytest.mark.parametrize("preset", [n for n in dir(tg) if n.endswith("_PRESET")])
 def test_every_preset_entry_is_a_declared_setting_whose_value_parses_and_lies_in_range(preset):
     for name, raw in getattr(tg, preset).items():
         setting = tg.SETTINGS[name]

@@ -36,7 +36,8 @@ def train(rank=0, world_size=1, **env):
         loss = model(x[rows], torch.roll(x, -1, 1)[rows]).mean()
         loss.backward()
         if probe is None:  # this rank's gradient sums: matrices (left to Muon), the rest (DDP's means)
-            probe = torch.stack([sum(p.grad.sum() for p in base_model.parameters() if (id(p) in matrices) == m)
+            probe = torch.stack([sum(p.grad.sum() for p in base_model.parameters()
+                                     if p.grad is not None and (id(p) in matrices) == m)
                                  for m in (True, False)])
         for g in muon.param_groups:
             g["momentum"] = 0.9

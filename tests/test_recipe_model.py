@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 RECIPE = {
     "NUM_LAYERS": "11", "MODEL_DIM": "512", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "VOCAB_SIZE": "8192",
     "MLP_MULT": "4", "MLP_ACT": "leaky2", "NORM_PCT_DROPOUT": "0", "TIE_EMBEDDINGS": "1", "TIED_EMBED_INIT_STD": ".005",
-    "LOGIT_SOFTCAP": "30", "SOFTCAP_FP32": "1", "ROPE_BASE": "10000", "ROPE_DIMS": "16", "ROPE_FP32": "1",
+    "LOGIT_SOFTCAP": "30", "SOFTCAP_FP32": "1", "SOFTCAP_ASYM": "0", "ROPE_BASE": "10000", "ROPE_DIMS": "16", "ROPE_FP32": "1",
     "TRAIN_SEQ_LEN": "2048", "QK_GAIN_INIT": "5", "XSA_LAST_N": "11", "LN_SCALE": "1", "ORTHO_INIT": "1",
     "SKIP_GATE": "1", "BIGRAM_BUCKETS": "0", "VALUE_EMBED_LAYERS": "0", "DOC_ATTENTION": "1",
     "ATTN_GATE_DIMS": "12", "ATTN_GATE_MAX": "1", "ATTN_GATE_SCALE": "0.5",  # SPARSE_ATTN_GATE_*, GATE_WINDOW=12

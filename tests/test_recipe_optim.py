@@ -197,7 +197,8 @@ def run_steps(pr1855, args, schedule, shape=TINY):
     step_fn = record_closure(pr1855, "step_fn", h=h, device=CPU, model=their_fake, train_loader=their_fake,
                              optimizers=theirs, _clip_params=trainable)
     run = SimpleNamespace(args=args, grad_accum_steps=1, distributed=False, device=CPU)
-    t = SimpleNamespace(optimizers=optimizers, muon=muon, model=our_fake, loader=our_fake, base_model=ours)
+    t = SimpleNamespace(optimizers=optimizers, muon=muon, model=our_fake, loader=our_fake, base_model=ours,
+                        seq_len=args.train_seq_len)
     out = []
     for k, (step, ms, scale) in enumerate(schedule):
         gen.manual_seed(100 + k)
@@ -400,11 +401,11 @@ def test_recipe_optim_is_the_records_configuration(pr1855):
 
 
 def test_recipe_settings_and_the_defaults_of_the_new_ones():
-    """RECIPE_OPTIM is a valid configuration and the default; STACK=1.1194 keeps the earlier numerics: no embedding
+    """RECIPE_OPTIM is a valid configuration and STACK=1855's; STACK=1.1194 keeps the earlier numerics: no embedding
     decay, MIN_LR=0 floors nothing, EMA_WARMUP=1, MUON_BF16=0."""
     args = recipe_args()
     assert (args.embed_wd, args.adam_wd, args.muon_wd, args.min_lr) == (0.085, 0.02, 0.095, 0.1)
-    assert all(tg.Hyperparameters({}).settings[k] == args.settings[k] for k in RECIPE_OPTIM)
+    assert all(tg.Hyperparameters({"STACK": "1855"}).settings[k] == args.settings[k] for k in RECIPE_OPTIM)
     older = tg.Hyperparameters({"STACK": "1.1194"})
     assert (older.embed_wd, older.min_lr, older.ema_warmup, older.muon_bf16) == (0.0, 0.0, True, False)
     for name, value in (("MIN_LR", "1.5"), ("EMBED_WD", "-0.1"), ("MUON_NS_COEFFS", "polar")):
