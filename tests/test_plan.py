@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT, TINY_ENV
 
+import plan
 import train_gpt as tg
 
 # The starter's block (relu^2, no XSA/bigram/smear extras) at toy size: every matmul is easy to count by hand.
@@ -24,7 +25,7 @@ def count(env, batch, torch_rules):
     """count_train_step, once per configuration: each trace takes seconds on this CPU."""
     key = (tuple(sorted(env.items())), batch, torch_rules)
     if key not in _counts:
-        _counts[key] = tg.count_train_step(tg.Hyperparameters(env), batch, torch_rules)
+        _counts[key] = plan.count_train_step(tg.Hyperparameters(env), batch, torch_rules)
     return _counts[key]
 
 
@@ -97,14 +98,15 @@ def test_old_torch_rules_save_less_than_fp32_rmsnorm():
     assert count(PLAIN, 2, "2.9")["activations"] < count(PLAIN, 2, "2.14")["activations"]
 
 
-def test_code_bits_follow_the_grid():
-    # int8 with k=10 has a finer grid than int6 with k=12.85: more bits per code, and fewer than the container.
-    assert 3 < tg.code_bits(6, 12.85) < tg.code_bits(8, 10.0) < 8
+def test_entropy_bits_count_the_codes():
+    # Two equally likely codes: one bit each; one code: none.
+    assert plan.entropy_bits(torch.tensor([1, -1] * 8, dtype=torch.int8)) == pytest.approx(1.0)
+    assert plan.entropy_bits(torch.zeros(9, dtype=torch.int8)) == 0.0
 
 
 def plan_problems(env, code_bytes=40_000):
     args = tg.Hyperparameters(env)
-    return tg.make_plan(args, args.plan_world_size, args.plan_gpu, code_bytes)["problems"]
+    return plan.make_plan(args, args.plan_world_size, args.plan_gpu, code_bytes)["problems"]
 
 
 def test_a_fitting_tiny_plan_has_no_problem():
@@ -155,8 +157,8 @@ def test_a_cuda_run_logs_its_plan_for_its_own_world_size_and_gpu():
     lines = []
     run = SimpleNamespace(master=True, args=tg.Hyperparameters(PLAIN), world_size=2, device=torch.device("cpu"),
                           counted_code=b"x" * 50_000, log=lines.append)
-    plan = tg.log_run_plan(run, val_tokens=20_000)
-    assert plan["world_size"] == 2 and lines[-1] == "plan_done problems:0"
+    p = tg.log_run_plan(run, val_tokens=20_000)
+    assert p["world_size"] == 2 and lines[-1] == "plan_done problems:0"
     assert any(re.match(r"plan\S* .*ms_step", l) for l in lines), lines
 
 
@@ -164,5 +166,29 @@ def test_throughput_is_tokens_per_second_and_mfu_from_the_plans_counted_flops():
     clock = SimpleNamespace(step=10, ms=2000.0)
     run = SimpleNamespace(args=SimpleNamespace(train_batch_tokens=1000), plan=None, world_size=8)
     assert tg.throughput(run, clock) == "tokens_per_s:5000"  # no plan (a CPU run): no MFU
-    run.plan = {"gpu": "H100", "flops_token": 0.25 * 8 * 989e12 / 5000}  # a quarter of 8 H100s' bf16 peak
+    run.plan = {"peak_flops": 989e12, "flops_token": 0.25 * 8 * 989e12 / 5000}  # a quarter of 8 H100s' bf16 peak
     assert tg.throughput(run, clock) == "tokens_per_s:5000 mfu:25.0%"
+
+
+def cpu_run(lines):
+    return SimpleNamespace(master=True, args=tg.Hyperparameters(PLAIN), world_size=2, device=torch.device("cpu"),
+                           counted_code=b"x" * 50_000, log=lines.append)
+
+
+def test_a_failing_planner_is_a_logged_warning_not_the_end_of_a_run(monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(plan, "make_plan", broken)
+    lines = []
+    assert tg.log_run_plan(cpu_run(lines), val_tokens=20_000) is None
+    assert lines == ["WARNING: plan: failed, training goes on without it: RuntimeError: boom"]
+
+
+def test_without_records_plan_py_a_run_says_so_and_plan_1_refuses_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(tg, "SCRIPT_DIR", tmp_path)  # a frozen record folder: train_gpt.py alone
+    lines = []
+    assert tg.log_run_plan(cpu_run(lines), val_tokens=20_000) is None
+    assert lines == ["plan: skipped, no records/plan.py beside train_gpt.py"]
+    with pytest.raises(tg.ConfigError, match="PLAN=1 needs records/plan.py"):
+        tg.print_plan(tg.Hyperparameters(PLAIN))
