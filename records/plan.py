@@ -15,7 +15,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -52,8 +52,8 @@ class LogPoint:
     """A record's logged run (8xH100 SXM, torch 2.9 unless said) and our settings that express it. phases: per training
     phase as the plan splits it, (fraction of training where it ends, sequence length, looped, logged ms/step,
     training FLOPs per token as count_train_step counts it at PLAN_TORCH=2.9). fit: the phases are points of the
-    time model (the others are held out). eval_s: logged evaluation seconds of what the plan prices; lora_s and
-    global_chunks/global_s: the phased TTT's LoRA scoring and its global SGD (chunks trained, seconds)."""
+    time model (the others are held out). eval_s: logged evaluation seconds of eval_paths (what the log times);
+    lora_s and global_s: the phased TTT's LoRA scoring and its global SGD (the tttg lines' seconds)."""
 
     name: str
     env: dict
@@ -63,13 +63,12 @@ class LogPoint:
     phases: tuple
     fit: bool
     eval_s: float | None = None
+    eval_paths: tuple = ("phased_ttt",)
     lora_s: float | None = None
-    global_chunks: int | None = None
     global_s: float | None = None
     model_bytes: int | None = None
     peak_mib: int | None = None
     seq_schedule: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 CALIBRATION = (
@@ -77,26 +76,30 @@ CALIBRATION = (
              43.54, 13_780, ((1.0, 1024, False, 43.54, 135.27e6),), fit=True, peak_mib=10_184),
     LogPoint("1.1194", {"STACK": "1.1194", "TTT_ENABLED": "1"},
              "records/.../2026-03-23_LeakyReLU_LegalTTT_ParallelMuon README; FIELD_GUIDE (7,179 x 83.6 ms)",
-             83.6, 7_179, ((1.0, 2048, False, 83.6, 239.99e6),), fit=True, eval_s=529.0),
+             83.6, 7_179, ((1.0, 2048, False, 83.6, 239.99e6),), fit=True, eval_s=529.0,
+             eval_paths=("roundtrip", "sliding_window", "ttt")),
     LogPoint("#1855", {}, "reference/pr1855/train_seed42.log (the default's recipe)", 121.25, 4_945,
              ((0.35, 2048, False, 96.3, 296.2e6), (1.0, 2048, True, 140.9, 444.1e6)), fit=True,
-             eval_s=508.8, lora_s=431.0, global_chunks=636, global_s=77.8, model_bytes=15_865_260, peak_mib=41_717),
+             eval_s=508.8, lora_s=431.0, global_s=77.8, model_bytes=15_865_260, peak_mib=41_717),
     LogPoint("#2014", {"TRAIN_SEQ_LEN": "3072", "EVAL_SEQ_LEN": "3072", "LORA_SLOTS": "24", "PHASED_TTT_NUM_PHASES": "1",
                        "TTT_CHUNK_TOKENS": "30720"},
              "reference/pr2014/train_seed42.log (progressive context 1k/2k/3k)", 121.9, 4_888,
              ((0.10, 1024, False, 92.3, None), (0.35, 2048, False, 96.8, None), (0.70, 2048, True, 141.0, None),
-              (1.0, 3072, True, 146.1, None)), fit=False, eval_s=572.4, lora_s=545.2, global_chunks=343, global_s=27.2,
+              (1.0, 3072, True, 146.1, None)), fit=False, eval_s=572.4, lora_s=545.2, global_s=27.2,
              model_bytes=15_943_811, peak_mib=41_707, seq_schedule="1024@0.100,2048@0.700,3072@1.000"),
 )
-FIT_FORWARD_TOKEN = 1.421e8  # #1855's forward FLOPs per token (looped), the scale of the fitted LoRA-TTT rate
+# #1855's matmul FLOPs per token (looped) as count_train_step counts them, forward and forward + backward: the scale of
+# the TTT rates fitted on it (another model's TTT costs in proportion; attention's share follows the window widths).
+FIT_MATMUL_FORWARD, FIT_MATMUL_TRAIN = 106_433_752, 319_301_256
 
 # Evaluation runs below training's achieved FLOP rate (small batches, sequential chunks). Fitted to the 1.1194 record
 # (~62.0M val tokens, stride 64, seq 2048): roundtrip + sliding windows ~120 s and score-first TTT (32K chunks,
 # 3 epochs) ~409 s, against their counted FLOPs at its training rate.
 PLAN_EVAL_EFFICIENCY = {"batched": 0.57, "adaptive": 0.21}
-# The compressor's bytes per code over the codes' measured entropy, fitted to #1855's 15,865,260 model bytes
-# (docs/planner.md "Bytes": its shapes through our quantizer on Gaussian stand-in rows).
-PLAN_COMPRESSION_RATIO = 0.9355
+# Compressed bytes per byte of the codes' entropy, fitted to #1855's 15,865,260 model bytes (its per-group lrzip
+# container on its trained weights): (15,865,260 - 223,941 stored bytes) / 15,846,035 entropy bytes that
+# estimate_model_bytes counts for its shapes (trained rows are a little more peaked than the Gaussian stand-in).
+PLAN_COMPRESSION_RATIO = 0.9871
 
 
 def doc_lengths(num_docs: int, num_tokens: int) -> list[float]:
@@ -140,7 +143,7 @@ def fit_lora_constants() -> tuple[float, float]:
     rows = []
     for p in CALIBRATION:
         if p.lora_s is not None:
-            args = Hyperparameters({**p.env, "MAX_WALLCLOCK_SECONDS": "600"})
+            args = Hyperparameters(p.env)
             lengths = doc_lengths(PLAN_VAL_DOCS, PLAN_VAL_TOKENS[8192])
             rows.append((*lora_work(lengths, args.lora_slots, args.eval_seq_len, args.lora_chunk_tokens, 8, True), p.lora_s))
     (a1, b1, t1), (a2, b2, t2) = rows
@@ -332,7 +335,7 @@ def rate_points() -> list[tuple[float, float, str]]:
     """(training FLOPs per token, achieved FLOP/s per GPU, name) of each fitted log phase, ascending in FLOPs."""
     points = []
     for p in CALIBRATION:
-        batch = Hyperparameters({**p.env, "MAX_WALLCLOCK_SECONDS": "600"}).train_batch_tokens
+        batch = Hyperparameters(p.env).train_batch_tokens
         points += [(f, f * batch / 8 / (ms / 1000), p.name) for _, _, _, ms, f in p.phases if p.fit]
     return sorted(points)
 
@@ -349,8 +352,9 @@ def achieved_rate(flops_token: float) -> tuple[float, str]:
     return r0 + w * (r1 - r0), f"{n0}..{n1}"
 
 
-# Each evaluation path's seconds: name in train_gpt.EVAL_PATHS -> f(args, cost) where cost holds the step's counted
-# FLOPs per token (forward_token, flops_token), the achieved rate, world_size and val_tokens. A path with no entry
+# Each evaluation path's seconds: name in train_gpt.EVAL_PATHS -> f(args, cost) where cost holds the last training
+# phase's counted FLOPs per token (forward_token, flops_token, matmul_token, matmul_forward_token), its achieved
+# rate, world_size, gpu and val_tokens. A path with no entry
 # here makes the plan refuse (tests/test_plan.py checks the two registries agree).
 def _batched_s(cost: dict, tokens: float) -> float:
     return tokens * cost["forward_token"] / (cost["world_size"] * cost["rate"] * PLAN_EVAL_EFFICIENCY["batched"])
@@ -379,8 +383,8 @@ def _lora_s(args: Hyperparameters, cost: dict, batched: bool) -> tuple[float, li
     lengths = doc_lengths(PLAN_VAL_DOCS, cost["val_tokens"])
     tokens, rounds = lora_work(lengths, args.lora_slots, args.eval_seq_len, args.lora_chunk_tokens, cost["world_size"],
                                batched)
-    flops = cost["forward_token"] / FIT_FORWARD_TOKEN * GPU_SPECS["H100"][1] / GPU_SPECS[cost["gpu"]][1]
-    return tokens * LORA_TOKEN_S * flops + rounds * LORA_ROUND_S, lengths
+    scale = cost["matmul_forward_token"] / FIT_MATMUL_FORWARD * GPU_SPECS["H100"][1] / GPU_SPECS[cost["gpu"]][1]
+    return tokens * LORA_TOKEN_S * scale + rounds * LORA_ROUND_S, lengths
 
 
 def _lora_ttt_s(args: Hyperparameters, cost: dict) -> float:
@@ -407,7 +411,7 @@ def _phased_ttt_s(args: Hyperparameters, cost: dict) -> float:
     # LoRA scoring, then each phase's global SGD over the longest `boundary` documents, at #1855's seconds per token
     # (for another model, scaled by its training FLOPs).
     seconds, lengths = _lora_s(args, cost, batched=True)
-    scale = cost["flops_token"] / CALIBRATION[2].phases[-1][4] * GPU_SPECS["H100"][1] / GPU_SPECS[cost["gpu"]][1]
+    scale = cost["matmul_token"] / FIT_MATMUL_TRAIN * GPU_SPECS["H100"][1] / GPU_SPECS[cost["gpu"]][1]
     return seconds + global_sgd_tokens(args, lengths) * GLOBAL_TOKEN_S * scale
 
 
@@ -417,13 +421,11 @@ EVAL_COSTS = {"roundtrip": _roundtrip_s, "sliding_window": _sliding_s, "ttt": _t
 
 def project_eval_seconds(args: Hyperparameters, cost: dict) -> dict[str, float]:
     """Seconds of each evaluation path a run of args takes after training (train_gpt.EVAL_PATHS), by EVAL_COSTS."""
-    out = {}
-    for name, path in tg.EVAL_PATHS.items():
-        if path.enabled(args):
-            if name not in EVAL_COSTS:
-                raise ConfigError(f"evaluation path {name!r} has no cost model: add it to EVAL_COSTS in records/plan.py")
-            out[name] = EVAL_COSTS[name](args, cost)
-    return out
+    taken = [name for name, path in tg.EVAL_PATHS.items() if path.enabled(args)]
+    for name in taken:
+        if name not in EVAL_COSTS:
+            raise ConfigError(f"evaluation path {name!r} has no cost model: add it to EVAL_COSTS in records/plan.py")
+    return {name: EVAL_COSTS[name](args, cost) for name in taken}
 
 
 def val_tokens_of(args: Hyperparameters) -> int:
@@ -470,8 +472,10 @@ def make_plan(args: Hyperparameters, world_size: int, gpu: str, code_bytes: int,
     # Memory at the start of the backward: weights, gradients (DDP's buckets, or accumulated), optimizer state, saved
     # activations of one micro-step; the costliest phase's.
     peak = c["weights"] + c["grads"] + c["optimizer"] + c["activations"]
-    cost = {"forward_token": last["count"]["forward_token"], "flops_token": last["count"]["flops_token"],
-            "rate": last["rate"], "world_size": world_size, "val_tokens": val_tokens, "gpu": gpu}
+    lc = last["count"]
+    cost = {"forward_token": lc["forward_token"], "flops_token": lc["flops_token"], "matmul_token": lc["matmul_token"],
+            "matmul_forward_token": lc["forward_token"] - lc["forward_attention_token"], "rate": last["rate"],
+            "world_size": world_size, "val_tokens": val_tokens, "gpu": gpu}
     evals = project_eval_seconds(args, cost)
     model_bytes = estimate_model_bytes(args, c["state"])
     problems = []
@@ -550,3 +554,25 @@ def print_plan(args: Hyperparameters) -> int:
     plan = make_plan(args, args.plan_world_size, args.plan_gpu, len(code))
     print("\n".join(plan_lines(args, plan)))
     return 1 if plan["problems"] else 0
+
+
+def calibration_rows(torch_version: str = "2.9") -> list[dict]:
+    """The plan of each CALIBRATION log's settings on 8 H100s beside the logged figures: the planner's error per log
+    (docs/planner.md's table; tests/test_plan.py bounds it)."""
+    rows = []
+    for p in CALIBRATION:
+        args = Hyperparameters({**p.env, "PLAN_TORCH": torch_version})
+        plan = make_plan(args, 8, "H100", 0, schedule=p.seq_schedule)
+        rows.append({"name": p.name, "fit": p.fit, "ms_step": (plan["ms_step"], p.ms_step), "steps": (plan["steps"], p.steps),
+                     "phase_ms": [(ph["ms_step"], logged[3]) for ph, logged in zip(plan["phases"], p.phases)],
+                     "eval_s": (sum(plan["evals"][k] for k in p.eval_paths if k in plan["evals"]), p.eval_s), "model_bytes": (plan["model_bytes"], p.model_bytes),
+                     "peak_mib": (plan["peak"] / 2**20, p.peak_mib)})
+    return rows
+
+
+if __name__ == "__main__":  # python3 records/plan.py: the calibration table (a few minutes of CPU)
+    err = lambda pair: "n/a" if pair[1] is None else f"{pair[0]:,.1f} vs {pair[1]:,} ({100 * (pair[0] / pair[1] - 1):+.1f}%)"
+    for row in calibration_rows():
+        print(f"{row['name']} ({'fit' if row['fit'] else 'held out'}): ms_step {err(row['ms_step'])}; steps "
+              f"{err(row['steps'])}; phases " + ", ".join(f"{a:.1f} vs {b}" for a, b in row["phase_ms"]) +
+              f"; eval_s {err(row['eval_s'])}; model_bytes {err(row['model_bytes'])}; peak_mib {err(row['peak_mib'])}")

@@ -192,3 +192,47 @@ def test_without_records_plan_py_a_run_says_so_and_plan_1_refuses_in_one_line(mo
     assert lines == ["plan: skipped, no records/plan.py beside train_gpt.py"]
     with pytest.raises(tg.ConfigError, match="PLAN=1 needs records/plan.py"):
         tg.print_plan(tg.Hyperparameters(PLAIN))
+
+
+def test_every_evaluation_path_is_priced_by_the_planner():
+    # A path added to train_gpt.EVAL_PATHS without a cost model in records/plan.py EVAL_COSTS fails here (and the
+    # plan of a run that takes it refuses instead of pricing it at 0 s).
+    assert set(tg.EVAL_PATHS) == set(plan.EVAL_COSTS)
+
+
+def test_an_unpriced_path_is_refused(monkeypatch):
+    monkeypatch.setitem(tg.EVAL_PATHS, "new_path", tg.EvalPath(lambda args: True, None))
+    with pytest.raises(tg.ConfigError, match="'new_path' has no cost model"):
+        plan.project_eval_seconds(tg.Hyperparameters(PLAIN), {})
+
+
+def test_phases_follow_the_loop_switch_and_the_sequence_schedule():
+    args = tg.Hyperparameters({"PLAN_TORCH": "2.9"})  # the default: loops on from 35% of training
+    assert plan.train_phases(args) == [(0.0, 0.35, 2048, False), (0.35, 1.0, 2048, True)]
+    assert plan.train_phases(args, "1024@0.100,2048@0.700,3072@1.000") == [
+        (0.0, 0.1, 1024, False), (0.1, 0.35, 2048, False), (0.35, 0.7, 2048, True), (0.7, 1.0, 3072, True)]
+    assert plan.train_phases(tg.Hyperparameters(PLAIN)) == [(0.0, 1.0, tg.Hyperparameters(PLAIN).train_seq_len, False)]
+
+
+
+def test_lora_work_counts_the_windows_of_each_round():
+    # One document of 5 chunks of 2, windows of at most 6: rounds of width 2, 4, 6, 6, 6.
+    assert plan.lora_work([10.0], slots=1, seq=6, chunk=2, world_size=1, batched=True) == (24, 5)
+    # Batched: two rows padded to the longer document (3 rounds: 2, 4, 6), on 2 GPUs.
+    assert plan.lora_work([2.0, 6.0], slots=2, seq=6, chunk=2, world_size=2, batched=True) == (12, 1.5)
+
+
+def test_doc_lengths_sum_to_the_split_and_ascend():
+    lengths = plan.doc_lengths(1000, 1_000_000)
+    assert sum(lengths) == pytest.approx(1_000_000) and lengths == sorted(lengths)
+
+
+@pytest.mark.slow  # a plan of each record's settings (nine traced steps and the quantizer at full size): minutes
+def test_the_plan_is_within_15_percent_of_each_records_log():
+    # docs/planner.md's table. ms/step on every log (#2014's is held out of the time model's fit), evaluation time
+    # where the plan prices the log's paths, bytes where the log's export is ours (#1855's recipe).
+    for row in plan.calibration_rows():
+        for what in ("ms_step", "steps", "eval_s", "model_bytes"):
+            predicted, logged = row[what]
+            if logged is not None:
+                assert abs(predicted / logged - 1) < 0.15, (row["name"], what, predicted, logged)
