@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import CPU, ROOT, TINY_ENV, data_env, run_train, tiny_args, train_losses
+from conftest import CPU, ROOT, TINY_ENV, data_env, require_reference, run_train, tiny_args, train_losses
 
 
 # -----------------------------
@@ -286,3 +286,16 @@ def test_phased_ttt_on_two_ranks_scores_every_target_once(tmp_path):
         assert out[0][k][0] == out[1][k][0] and torch.equal(out[0][k][2], out[1][k][2]) and (out[0][k][2] > 0).all()
     one = _phased_scores(0, 0, 1)
     assert torch.equal(out[0][0][2], one[2]) and out[0][0][0] == pytest.approx(one[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_missing_reference_fails_on_ci_and_skips_loudly_elsewhere(monkeypatch, tmp_path, ci):
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.delenv("REQUIRE_REFERENCE", raising=False)
+    if ci:
+        with pytest.raises(pytest.fail.Exception, match="REFERENCE MISSING"):
+            require_reference(tmp_path / "absent")
+    else:
+        with pytest.warns(UserWarning, match="NOT checked"), pytest.raises(pytest.skip.Exception):
+            require_reference(tmp_path / "absent")
+    require_reference(tmp_path)  # present: nothing happens
