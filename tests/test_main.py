@@ -235,7 +235,8 @@ def test_torchrun_two_processes_with_the_option_stack_match_one(tiny_data, tmp_p
     assert "world_size:2 grad_accum_steps:4" in two and re.search(r"^muon:reduce_scatter matrices:\d+", two, re.M)
     assert len(train_losses(one)) == 8 and np.allclose(train_losses(one), train_losses(two), atol=2e-4)
     bpb = [float(re.search(r"^submission score:\S+ val_loss:\S+ val_bpb:(\S+)", t, re.M).group(1)) for t in (one, two)]
-    assert bpb[0] == pytest.approx(bpb[1], abs=1e-3)
+    # Measured: 6.124007 vs 6.12404372 (3.7e-5 apart: the reductions' order); the effects reported are ~1e-3.
+    assert bpb[0] == pytest.approx(bpb[1], abs=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
