@@ -138,7 +138,7 @@ def test_plan_command_exits_zero_and_prints_key_value_lines():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     for key in ("plan params matrix:", "plan bytes model:", "plan flops per_token:", "plan memory_per_gpu weights:",
-                "plan time ms_step:", "plan eval plain_x3:", "plan model_point:starter", "| peak MiB per GPU |"):
+                "plan time ms_step:", "plan phase from:0.000", "plan eval roundtrip:", "| peak MiB per GPU |"):
         assert key in out
     assert "plan_done problems:0" in out and "problem:" not in out.replace("problems:", "")
 
