@@ -81,8 +81,8 @@ CALIBRATION = (
     LogPoint("#1855", {}, "reference/pr1855/train_seed42.log (the default's recipe)", 121.25, 4_945,
              ((0.35, 2048, False, 96.3, 296.2e6), (1.0, 2048, True, 140.9, 444.1e6)), fit=True,
              eval_s=508.8, lora_s=431.0, global_s=77.8, model_bytes=15_865_260, peak_mib=41_717),
-    LogPoint("#2014", {"TRAIN_SEQ_LEN": "3072", "EVAL_SEQ_LEN": "3072", "LORA_SLOTS": "24", "PHASED_TTT_NUM_PHASES": "1",
-                       "TTT_CHUNK_TOKENS": "30720"},
+    LogPoint("#2014", {"TRAIN_SEQ_LEN": "3072", "EVAL_SEQ_LEN": "3072", "LORA_SLOTS": "24",
+                       "PHASED_TTT_NUM_PHASES": "1", "TTT_CHUNK_TOKENS": "30720"},
              "reference/pr2014/train_seed42.log (progressive context 1k/2k/3k)", 121.9, 4_888,
              ((0.10, 1024, False, 92.3, None), (0.35, 2048, False, 96.8, None), (0.70, 2048, True, 141.0, None),
               (1.0, 3072, True, 146.1, None)), fit=False, eval_s=572.4, lora_s=545.2, global_s=27.2,
@@ -115,7 +115,8 @@ def doc_lengths(num_docs: int, num_tokens: int) -> list[float]:
     return [v * scale for v in out]
 
 
-def lora_work(lengths: list[float], slots: int, seq: int, chunk: int, world_size: int, batched: bool) -> tuple[float, float]:
+def lora_work(lengths: list[float], slots: int, seq: int, chunk: int, world_size: int,
+              batched: bool) -> tuple[float, float]:
     """(window tokens, rounds) per GPU of LoRA TTT (lora_round): a row scores `chunk` targets a round with a window
     of its context so far (at most seq); batched (phased): `slots` documents of like length start together and pad
     to the longest; else each row takes the next document when done (no padding)."""
@@ -145,7 +146,8 @@ def fit_lora_constants() -> tuple[float, float]:
         if p.lora_s is not None:
             args = Hyperparameters(p.env)
             lengths = doc_lengths(PLAN_VAL_DOCS, PLAN_VAL_TOKENS[8192])
-            rows.append((*lora_work(lengths, args.lora_slots, args.eval_seq_len, args.lora_chunk_tokens, 8, True), p.lora_s))
+            work = lora_work(lengths, args.lora_slots, args.eval_seq_len, args.lora_chunk_tokens, 8, True)
+            rows.append((*work, p.lora_s))
     (a1, b1, t1), (a2, b2, t2) = rows
     det = a1 * b2 - a2 * b1
     return (t1 * b2 - t2 * b1) / det, (a1 * t2 - a2 * t1) / det
@@ -379,7 +381,7 @@ def _ttt_s(args: Hyperparameters, cost: dict) -> float:
 
 
 def _lora_s(args: Hyperparameters, cost: dict, batched: bool) -> tuple[float, list[float]]:
-    # LoRA scoring: window tokens at the rate fitted on #1855/#2014 (scaled by the forward FLOPs) plus a latency a round.
+    # LoRA scoring: window tokens at the rate fitted on #1855/#2014 (scaled by forward matmul FLOPs), a latency a round.
     lengths = doc_lengths(PLAN_VAL_DOCS, cost["val_tokens"])
     tokens, rounds = lora_work(lengths, args.lora_slots, args.eval_seq_len, args.lora_chunk_tokens, cost["world_size"],
                                batched)
@@ -445,8 +447,8 @@ def make_plan(args: Hyperparameters, world_size: int, gpu: str, code_bytes: int,
     counted, phases = {}, []
     for start, end, seq, looped in train_phases(args, schedule):
         if args.train_batch_tokens % (world_size * accum * seq):
-            raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of world_size({world_size})"
-                              f" x grad_accum_steps({accum}) x the sequence length ({seq})")
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of "
+                              f"world_size({world_size}) x grad_accum_steps({accum}) x the sequence length ({seq})")
         micro_batch = args.train_batch_tokens // (world_size * accum * seq)
         if (seq, looped) not in counted:
             step_args = copy.copy(args)
@@ -563,15 +565,18 @@ def calibration_rows(torch_version: str = "2.9") -> list[dict]:
     for p in CALIBRATION:
         args = Hyperparameters({**p.env, "PLAN_TORCH": torch_version})
         plan = make_plan(args, 8, "H100", 0, schedule=p.seq_schedule)
-        rows.append({"name": p.name, "fit": p.fit, "ms_step": (plan["ms_step"], p.ms_step), "steps": (plan["steps"], p.steps),
+        evals = sum(plan["evals"][k] for k in p.eval_paths if k in plan["evals"])
+        rows.append({"name": p.name, "fit": p.fit, "ms_step": (plan["ms_step"], p.ms_step),
+                     "steps": (plan["steps"], p.steps),
                      "phase_ms": [(ph["ms_step"], logged[3]) for ph, logged in zip(plan["phases"], p.phases)],
-                     "eval_s": (sum(plan["evals"][k] for k in p.eval_paths if k in plan["evals"]), p.eval_s), "model_bytes": (plan["model_bytes"], p.model_bytes),
+                     "eval_s": (evals, p.eval_s), "model_bytes": (plan["model_bytes"], p.model_bytes),
                      "peak_mib": (plan["peak"] / 2**20, p.peak_mib)})
     return rows
 
 
 if __name__ == "__main__":  # python3 records/plan.py: the calibration table (a few minutes of CPU)
-    err = lambda pair: "n/a" if pair[1] is None else f"{pair[0]:,.1f} vs {pair[1]:,} ({100 * (pair[0] / pair[1] - 1):+.1f}%)"
+    err = lambda pair: "n/a" if pair[1] is None else \
+        f"{pair[0]:,.1f} vs {pair[1]:,} ({100 * (pair[0] / pair[1] - 1):+.1f}%)"
     for row in calibration_rows():
         print(f"{row['name']} ({'fit' if row['fit'] else 'held out'}): ms_step {err(row['ms_step'])}; steps "
               f"{err(row['steps'])}; phases " + ", ".join(f"{a:.1f} vs {b}" for a, b in row["phase_ms"]) +
