@@ -23,7 +23,6 @@ import pickle
 import platform
 import queue
 import random
-import re
 import shlex
 import signal
 import subprocess
@@ -527,8 +526,6 @@ class Hyperparameters:
             raise ConfigError("RESUME continues a training run and SCORE_ARTIFACT trains nothing: unset one of them")
         if (self.lora_ttt_enabled or self.phased_ttt_enabled) and self.lora_chunk_tokens > self.eval_seq_len:
             raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
-        if not re.match(r"\d+\.\d+", self.plan_torch):
-            raise ConfigError(f"PLAN_TORCH={self.plan_torch!r} must be a torch version such as 2.9")
 
     def artifact_settings(self) -> dict[str, object]:
         return {k: v for k, v in self.settings.items() if k not in CHECKPOINT_SETTINGS}
@@ -2968,307 +2965,29 @@ EVAL_PATHS = {
 # -----------------------------
 # PLAN
 # -----------------------------
-# PLAN=1 python3 train_gpt.py predicts a run before any GPU is rented: the model and optimizers are built as a run
-# builds them, on fake CUDA tensors (shapes and dtypes only: nothing is computed or allocated), one training
-# micro-step and one optimizer step run at the real shapes, and FLOPs, memory, time, steps and bytes come out.
-# No GPU and no data are needed. README "Plan a run" gives the model's constants, their sources and its errors.
-
-# PLAN_GPU=<name> -> (memory torch reports in MiB, dense bf16 peak TFLOP/s from the vendor's datasheet).
-GPU_SPECS = {"H100": (81_559, 989.0), "H200": (143_771, 989.0), "A100": (81_251, 312.0)}
-# FineWeb val tokens with sp1024 (the starter's log: val_loader tokens:63779840): what every evaluation path reads.
-PLAN_VAL_TOKENS = 63_779_840
-PLAN_VAL_DOCS = 50_000  # the challenge's val split: the first 50,000 FineWeb documents
-# Public measured runs (8xH100 SXM): settings of ours that express them, ms/step, peak allocated MiB (None: not
-# logged), torch version, and each run's training FLOPs per token as PLAN=1 counts them for those settings.
-PLAN_POINTS = (
-    ("starter", {"BASELINE": "1"}, 43.54, 10184, "<2.12", 135.27e6,
-     "openai/parameter-golf records/track_10min_16mb/2026-03-17_NaiveBaseline/train.log (reference/starter/train.log)"),
-    ("1.1194", {"BIGRAM_BUCKETS": "1536", "VALUE_EMBED_LAYERS": "2"}, 83.4, None, "2.9", 239.99e6,
-     "openai/parameter-golf records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon/README.md"),
-)
-# Evaluation runs below training's achieved FLOP rate (small batches, sequential chunks). Fitted to the 1.1194 record
-# (same README, 8xH100, ~62.0M val tokens, stride 64, seq 2048): roundtrip + sliding windows ~120 s (batched scoring)
-# and score-first TTT (32K chunks, 3 epochs) ~409 s, against their counted FLOPs at its training rate.
-PLAN_EVAL_EFFICIENCY = {"batched": 0.57, "adaptive": 0.21}
-EVAL_LIMIT_SECONDS = 600.0
+# PLAN=1 python3 train_gpt.py predicts a run before any GPU is rented (records/plan.py, docs/planner.md): the planner
+# lives outside this file, so a record run does not count its bytes.
 
 
-def code_bits(bits: int, k: float) -> float:
-    """Entropy in bits of a Gaussian weight's code on the SDClip grid (clip at k std, 2^(bits-1)-1 steps a side):
-    what an entropy coder pays per code when rows are near Gaussian, as trained rows are."""
-    qmax = 2 ** (bits - 1) - 1
-    step = k / qmax  # in row standard deviations
-    cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
-    probs = [cdf((i + 0.5) * step) - cdf((i - 0.5) * step) for i in range(-qmax + 1, qmax)]
-    probs += [1 - cdf((qmax - 0.5) * step)] * 2  # the clipped tails land on +-qmax
-    return -sum(p * math.log2(p) for p in probs if p > 0)
-
-
-# lzma/zstd on int8 code containers pay this much over the codes' entropy; fitted to records/estimate_size.py on the
-# default stack (12,194,019 model bytes, README "Default stack").
-PLAN_COMPRESSION_OVERHEAD = 1.061
-
-
-def estimate_model_bytes(args: Hyperparameters, state: dict[str, Tensor]) -> int:
-    """Artifact model bytes of a state dict's shapes under the export settings: per quantized matrix its codes'
-    entropy plus fp16 row scales (and the low-rank correction), float tensors at their stored precision."""
-    plan, total, lowrank = quant_plan(args), 0.0, []
-    for name, t in state.items():
-        cls = tensor_class(name, t)
-        if cls is None or plan[cls][0] >= 16:  # stored as quantize_state_dict keeps it: fp32 control, fp16 other floats
-            control = stored_fp32(name, t)
-            total += t.numel() * (t.element_size() if not t.is_floating_point() else 4 if control else 2)
-            continue
-        total += t.numel() * code_bits(*plan[cls]) / 8 * PLAN_COMPRESSION_OVERHEAD + 2 * t.size(0)
-        lowrank.append(2 * args.lowrank_rank * sum(t.shape))
-    return int(total + sum(sorted(lowrank)[-args.lowrank_tensors:] if args.lowrank_rank else []))
-
-
-def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    # The kernel a run takes on an H100 for causal attention (grouped heads natively): on fake CUDA, SDPA would pick
-    # the math kernel and save (T, T) score matrices that the real run never holds.
-    if attn_mask is not None:
-        raise ConfigError("PLAN: document-isolated attention in training has no flash-kernel plan; unset it")
-    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
-
-
-class _PlanPatches:
-    """Inside: bf16 autocast stays on for fake CUDA (torch.autocast switches itself off without a GPU), attention
-    takes the flash kernel, and for torch < 2.12 RMSNorm runs in its input dtype (2.12 moved it to fp32 under
-    autocast, pytorch#174824), so the plan follows the autocast rules of the torch it plans for."""
-
-    def __init__(self, torch_version: str):
-        self.old_norm = tuple(int(v) for v in torch_version.split(".")[:2]) < (2, 12)
-
-    def __enter__(self):
-        self.saved = F.scaled_dot_product_attention, F.rms_norm
-        F.scaled_dot_product_attention = _flash_sdpa
-        if self.old_norm:
-            rms_norm = self.saved[1]
-
-            def norm_in_input_dtype(x, *a, **kw):
-                torch.set_autocast_enabled("cuda", False)
-                try:
-                    return rms_norm(x, *a, **kw)
-                finally:
-                    torch.set_autocast_enabled("cuda", True)
-
-            F.rms_norm = norm_in_input_dtype
-        torch.set_autocast_enabled("cuda", True)
-        torch.set_autocast_dtype("cuda", torch.bfloat16)
-        torch.autocast_increment_nesting()
-
-    def __exit__(self, *exc):
-        if torch.autocast_decrement_nesting() == 0:
-            torch.clear_autocast_cache()
-        torch.set_autocast_enabled("cuda", False)
-        F.scaled_dot_product_attention, F.rms_norm = self.saved
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def count_train_step(args: Hyperparameters, micro_batch: int, torch_version: str) -> dict:
-    """One training micro-step and one optimizer step of the configured model at the real shapes, on fake tensors.
-    Returns counted FLOPs (forward and total, matmul and attention, causal attention halved) and bytes per GPU:
-    weights, gradients, optimizer state, and the activations torch.compile saves for the backward."""
-    from torch._functorch.aot_autograd import aot_function, make_boxed_func
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):  # built on meta, allocating nothing, then moved once onto fake CUDA
-        model = cuda_layout(MODELS[args.model](args), args)
-    # Attention planned as causal flash over whole rows: DOC_ATTENTION's packed kernel computes at most that, and
-    # varlen_attn's FLOP counter would price every (padded) segment of fake cu_seqlens at the full row length.
-    model.doc_attention = False
-    if args.qat_start < 1:  # as main does: the fake-quantization ops are in every step's graph
-        configure_qat(model, args)
-    groups = {k: sum(p.numel() for p in ps) for k, ps in model.param_groups().items()}
-    state = model.state_dict()  # shapes and dtypes for the byte estimate
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake:
-        model = model.to("cuda")
-        if getattr(model, "recur_last", -1) >= 0:  # plan the looped steps, the costlier ones
-            model.set_recurrence(True)
-        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-        eager = copy.copy(args)
-        eager.compile = False  # the plan counts optimizer state, not kernels: no torch.compile inside a fake mode
-        optimizers, _ = build_optimizers(eager, model)
-        for p in params.values():
-            p.grad = torch.zeros_like(p)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        opt_bytes = _nbytes(t for opt in optimizers for s in opt.state.values() for t in s.values() if isinstance(t, Tensor))
-        x = torch.zeros(micro_batch, args.train_seq_len, dtype=torch.int64, device="cuda")
-
-        def loss_fn(params, buffers, x):
-            return torch.func.functional_call(model, {**params, **buffers}, (x, x)).mean()
-
-        with _PlanPatches(torch_version):
-            graph = make_fx(loss_fn)(params, buffers, x)
-    # Autograd cannot run on fake CUDA tensors without a GPU: the traced forward (its dtypes and kernels fixed) is
-    # replayed on fake CPU tensors, through AOTAutograd with inductor's partitioner, which decides what a compiled
-    # run saves for the backward (less than eager: it recomputes cheap pointwise ops).
-    for node in graph.graph.nodes:
-        if "device" in node.kwargs:
-            node.kwargs = {**node.kwargs, "device": torch.device("cpu")}
-    graph.recompile()
-    saved = {}
-
-    def forward_compiler(gm, _):
-        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        vals = [o.meta["val"] for o in outputs[1:] if o is not None and o.op != "placeholder"]
-        storages = {id(v.untyped_storage()): v.untyped_storage().nbytes() for v in vals if isinstance(v, Tensor)}
-        saved["bytes"] = sum(storages.values())
-        return make_boxed_func(gm.forward)
-
-    # Plain functions, not GraphModules: FlopCounterMode's module hooks must see none of these graphs.
-    step = aot_function(graph.forward, fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
-                        partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"))
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        cpu = lambda ts, grad: {k: torch.empty(t.shape, dtype=t.dtype, requires_grad=grad) for k, t in ts.items()}
-        inputs = lambda: (cpu(params, True), cpu(buffers, False), torch.zeros(x.shape, dtype=x.dtype))
-        step(*inputs()).backward()  # traces and partitions; the second call below only runs the two graphs
-        counter = FlopCounterMode(display=False)
-        with counter:
-            loss = step(*inputs())
-            forward = dict(counter.get_flop_counts()["Global"])
-            loss.backward()
-        total = counter.get_flop_counts()["Global"]
-
-    def split(counts):  # FlopCounterMode prices causal attention as full: half of it is masked out
-        attention = sum(v for op, v in counts.items() if "attention" in str(op)) / 2
-        return sum(v for op, v in counts.items() if "attention" not in str(op)), attention
-
-    tokens = micro_batch * args.train_seq_len
-    (fwd_mm, fwd_attn), (mm, attn) = split(forward), split(total)
-    weights = _nbytes(params.values())
-    return {"groups": groups, "state": state, "weights": weights, "grads": weights, "optimizer": opt_bytes,
-            "activations": saved["bytes"], "flops_token": (mm + attn) / tokens, "matmul_token": mm / tokens,
-            "attention_token": attn / tokens, "forward_token": (fwd_mm + fwd_attn) / tokens}
-
-
-def project_eval_seconds(args: Hyperparameters, forward_token: float, train_token: float, world_size: int,
-                         flops_per_s: float, val_tokens: int = PLAN_VAL_TOKENS) -> dict[str, float]:
-    """Seconds of each evaluation path that runs after training, on world_size GPUs at the training FLOP rate times
-    PLAN_EVAL_EFFICIENCY. Plain scoring runs three times (pre-quant, quantized, roundtrip)."""
-    batched, adaptive = (world_size * flops_per_s * PLAN_EVAL_EFFICIENCY[k] for k in ("batched", "adaptive"))
-    n, seq = val_tokens - 1, args.eval_seq_len
-    out = {"plain_x3": 3 * n * forward_token / batched}
-    window_tokens = len(eval_windows(n, seq, args.eval_stride or seq)) * seq
-    if sliding_differs(args):
-        out["sliding_window"] = window_tokens * forward_token / batched
-    if args.ttt_enabled:
-        chunks = -(-n // args.ttt_chunk_tokens)
-        out["ttt"] = (window_tokens * forward_token + (chunks - 1) * args.ttt_chunk_tokens * args.ttt_epochs * train_token) / adaptive
-    if args.lora_ttt_enabled:  # a lower bound: the longest document sets the number of rounds
-        out["lora_ttt"] = n / args.lora_chunk_tokens * seq * train_token / adaptive
-    if args.phased_ttt_enabled:  # rounds as lora_ttt's; its prefix documents (the longest) counted as average ones
-        phases = args.phased_ttt_num_phases
-        prefix = min(args.phased_ttt_prefix_docs, PLAN_VAL_DOCS) * n / PLAN_VAL_DOCS
-        trained = sum(k / phases for k in range(1, phases + 1)) * prefix * args.ttt_epochs  # cumulative phases
-        out["phased_ttt"] = (n / args.lora_chunk_tokens * seq + trained) * train_token / adaptive
-    return out
-
-
-def make_plan(args: Hyperparameters, world_size: int, gpu: str, code_bytes: int, val_tokens: int = PLAN_VAL_TOKENS) -> dict:
-    """The plan of a run of `args` on world_size GPUs of kind `gpu`: counts, projections and problems."""
-    memory_mib, peak_tflops = GPU_SPECS[gpu]
-    accum = grad_accum(args, world_size)
-    if args.train_batch_tokens % (world_size * accum * args.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of world_size({world_size}) x "
-                          f"grad_accum_steps({accum}) x TRAIN_SEQ_LEN({args.train_seq_len})")
-    micro_batch = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
-    c = count_train_step(args, micro_batch, args.plan_torch)
-    # Memory at the start of the backward: weights, gradients (DDP's buckets, or accumulated), optimizer state, saved
-    # activations; the activations of one micro-step at a time.
-    peak = c["weights"] + c["grads"] + c["optimizer"] + c["activations"]
-    # Time: the achieved FLOP rate of the measured run nearest in FLOPs per token (interpolated in log FLOPs between
-    # two), scaled by this GPU's peak over the H100's: a roofline at the measured efficiency.
-    rates = sorted((f, f * Hyperparameters(env).train_batch_tokens / (8 * ms / 1000), name)
-                   for name, env, ms, _, _, f, _ in PLAN_POINTS)
-    f = c["flops_token"]
-    if f <= rates[0][0] or f >= rates[-1][0]:
-        _, rate, basis = rates[0] if f <= rates[0][0] else rates[-1]
-    else:
-        (f0, r0, n0), (f1, r1, n1) = next((a, b) for a, b in zip(rates, rates[1:]) if a[0] <= f <= b[0])
-        w = math.log(f / f0) / math.log(f1 / f0)
-        rate, basis = r0 + w * (r1 - r0), f"{n0}..{n1}"
-    rate *= peak_tflops / GPU_SPECS["H100"][1]
-    ms_step = f * args.train_batch_tokens / world_size / rate * 1000
-    budget_ms = train_budget_ms(args)
-    steps = args.iterations if budget_ms is None else min(args.iterations, int(budget_ms / ms_step))
-    evals = project_eval_seconds(args, c["forward_token"], f, world_size, rate, val_tokens)
-    model_bytes = estimate_model_bytes(args, c["state"])
-    problems = []
-    if peak / 2**20 > memory_mib:
-        problems.append(f"over_memory peak:{peak / 2**20:.0f}MiB gpu:{memory_mib}MiB: lower TRAIN_BATCH_TOKENS per GPU "
-                        f"(raise GRAD_ACCUM_STEPS) or shrink the model")
-    if model_bytes + code_bytes > SIZE_CAP_BYTES:
-        problems.append(f"over_cap total_bytes:{model_bytes + code_bytes} cap:{SIZE_CAP_BYTES}: fewer parameters or fewer bits")
-    if sum(evals.values()) > EVAL_LIMIT_SECONDS:
-        problems.append(f"eval_over_time eval:{sum(evals.values()):.0f}s limit:{EVAL_LIMIT_SECONDS:.0f}s: "
-                        f"switch off or shorten a path ({', '.join(evals)})")
-    if args.warmdown_frac <= 0 and args.warmdown_iters >= steps:
-        problems.append(f"warmdown_too_long warmdown_iters:{args.warmdown_iters} projected_steps:{steps}: "
-                        f"set WARMDOWN_FRAC or fewer WARMDOWN_ITERS")
-    return {**c, "world_size": world_size, "gpu": gpu, "micro_batch": micro_batch, "grad_accum": accum,
-            "peak": peak, "memory_mib": memory_mib, "rate": rate, "basis": basis, "ms_step": ms_step, "steps": steps,
-            "evals": evals, "val_tokens": val_tokens, "model_bytes": model_bytes, "code_bytes": code_bytes, "problems": problems}
-
-
-def gpu_kind(device_name: str, default: str) -> str:
-    # The GPU_SPECS entry a device name belongs to ("NVIDIA H100 80GB HBM3" -> H100); the PLAN_GPU target otherwise.
-    return next((kind for kind in GPU_SPECS if kind in device_name), default)
-
-
-def plan_lines(args: Hyperparameters, p: dict) -> list[str]:
-    mib = lambda b: f"{b / 2**20:.0f}MiB"
-    lines = [f"plan target:{p['world_size']}x{p['gpu']} torch_rules:{args.plan_torch} micro_batch:{p['micro_batch']}x"
-             f"{args.train_seq_len} grad_accum_steps:{p['grad_accum']}"]
-    lines.append("plan params " + " ".join(f"{k}:{v}" for k, v in p["groups"].items()) + f" total:{sum(p['groups'].values())}")
-    total = p["model_bytes"] + p["code_bytes"]
-    lines.append(f"plan bytes model:{p['model_bytes']} code:{p['code_bytes']} total:{total} cap:{SIZE_CAP_BYTES} "
-                 f"headroom:{SIZE_CAP_BYTES - total} quant:{args.quant_attn}/{args.quant_mlp}/{args.quant_embed}")
-    lines.append(f"plan flops per_token:{p['flops_token']:.4g} matmul:{p['matmul_token']:.4g} attention:{p['attention_token']:.4g} "
-                 f"forward:{p['forward_token']:.4g} per_step:{p['flops_token'] * args.train_batch_tokens:.4g}")
-    lines.append(f"plan memory_per_gpu weights:{mib(p['weights'])} grads:{mib(p['grads'])} optimizer:{mib(p['optimizer'])} "
-                 f"activations:{mib(p['activations'])} peak:{mib(p['peak'])} gpu:{p['memory_mib']}MiB "
-                 f"headroom:{p['memory_mib'] - p['peak'] / 2**20:.0f}MiB")
-    lines.append(f"plan time ms_step:{p['ms_step']:.2f} steps:{p['steps']} tokens:{p['steps'] * args.train_batch_tokens} "
-                 f"achieved_tflops_per_gpu:{p['rate'] / 1e12:.0f} basis:{p['basis']}")
-    for name, env, ms, peak, version, f, source in PLAN_POINTS:
-        lines.append(f"plan model_point:{name} settings:{','.join(f'{k}={v}' for k, v in env.items())} 8xH100 "
-                     f"ms_step:{ms} peak:{peak or 'n/a'}MiB torch:{version} flops_per_token:{f:.4g} source:{source}")
-    lines.append(f"plan model_constants eval_efficiency_batched:{PLAN_EVAL_EFFICIENCY['batched']} "
-                 f"eval_efficiency_adaptive:{PLAN_EVAL_EFFICIENCY['adaptive']} compression_overhead:{PLAN_COMPRESSION_OVERHEAD} "
-                 f"val_tokens:{p['val_tokens']}")
-    lines.append("plan eval " + " ".join(f"{k}:{v:.0f}s" for k, v in p["evals"].items()) +
-                 f" total:{sum(p['evals'].values()):.0f}s limit:{EVAL_LIMIT_SECONDS:.0f}s")
-    lines.append("| what | predicted | limit |")
-    lines.append("|---|---|---|")
-    lines.append(f"| artifact bytes | {total:,} | {SIZE_CAP_BYTES:,} |")
-    lines.append(f"| peak MiB per GPU | {p['peak'] / 2**20:,.0f} | {p['memory_mib']:,} |")
-    lines.append(f"| ms/step, steps | {p['ms_step']:.1f}, {p['steps']:,} | {args.max_wallclock_seconds:.0f} s |")
-    lines.append(f"| eval seconds | {sum(p['evals'].values()):.0f} | {EVAL_LIMIT_SECONDS:.0f} |")
-    lines += [f"problem:{text}" for text in p["problems"]]
-    lines.append(f"plan_done problems:{len(p['problems'])}")
-    return lines
+def load_planner():
+    """records/plan.py beside this script, or None where it is absent (a frozen record folder)."""
+    path = SCRIPT_DIR / "records" / "plan.py"
+    if not path.exists():
+        return None
+    sys.modules.setdefault("train_gpt", sys.modules[__name__])  # the planner imports this running script, not a copy
+    if "plan" not in sys.modules:  # once per process (tests and records/ tools may have imported it already)
+        spec = importlib.util.spec_from_file_location("plan", path)
+        sys.modules["plan"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["plan"])
+    return sys.modules["plan"]
 
 
 def print_plan(args: Hyperparameters) -> int:
-    """PLAN=1: print the plan for PLAN_WORLD_SIZE x PLAN_GPU; the exit status is 1 if it found a problem. Under
-    torchrun one plan is enough: rank 0's."""
-    if os.environ.get("RANK", "0") != "0":
-        return 0
-    code = counted_code(Path(__file__).resolve().read_bytes(), args.code_pack)
-    plan = make_plan(args, args.plan_world_size, args.plan_gpu, len(code))
-    print("\n".join(plan_lines(args, plan)))
-    return 1 if plan["problems"] else 0
+    planner = load_planner()
+    if planner is None:
+        raise ConfigError(f"PLAN=1 needs records/plan.py beside {SCRIPT_DIR / 'train_gpt.py'} (a frozen record folder "
+                          "has none): run PLAN=1 from the repository")
+    return planner.print_plan(args)
 
 
 def log_run_plan(run: Run, val_tokens: int) -> dict | None:
@@ -3276,11 +2995,20 @@ def log_run_plan(run: Run, val_tokens: int) -> dict | None:
     clock) and checked against the measurements at train_done."""
     if not run.master:
         return None
-    hw = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else ""
-    plan = make_plan(run.args, run.world_size, gpu_kind(hw, run.args.plan_gpu), len(run.counted_code), val_tokens)
-    for line in plan_lines(run.args, plan):
-        run.log(line)
-    return plan
+    try:  # best-effort: the plan informs a run, it never ends one
+        planner = load_planner()
+        if planner is None:
+            run.log("plan: skipped, no records/plan.py beside train_gpt.py")
+            return None
+        hw = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else ""
+        plan = planner.make_plan(run.args, run.world_size, planner.gpu_kind(hw, run.args.plan_gpu),
+                                 len(run.counted_code), val_tokens)
+        for line in planner.plan_lines(run.args, plan):
+            run.log(line)
+        return plan
+    except Exception as e:
+        run.log(f"WARNING: plan: failed, training goes on without it: {type(e).__name__}: {e}")
+        return None
 
 
 # -----------------------------
@@ -3894,7 +3622,7 @@ def throughput(run: Run, clock: TrainClock) -> str:
     tokens_per_s = run.args.train_batch_tokens * clock.step / max(clock.ms / 1000.0, 1e-9)
     if run.plan is None:
         return f"tokens_per_s:{tokens_per_s:.0f}"
-    peak = run.world_size * GPU_SPECS[run.plan["gpu"]][1] * 1e12
+    peak = run.world_size * run.plan["peak_flops"]
     return f"tokens_per_s:{tokens_per_s:.0f} mfu:{100 * run.plan['flops_token'] * tokens_per_s / peak:.1f}%"
 
 

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as tg  # noqa: E402
+import plan  # noqa: E402  (records/plan.py, beside this file)
 
 CONFIGS = {"default": {}, "baseline": {"BASELINE": "1"}}
 WORLD = 8  # the challenge's GPUs: each step is one GPU's share of theirs
@@ -89,10 +90,10 @@ def bench(name: str, env: dict, steps: int, warmup: int, val_tokens: int, device
     loader.close()
     peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     micro = args.train_batch_tokens // (WORLD * run.grad_accum_steps * args.train_seq_len)
-    flops_token = tg.count_train_step(args, micro, args.plan_torch)["flops_token"]
+    flops_token = plan.count_train_step(args, micro, args.plan_torch)["flops_token"]
     tokens_s = args.train_batch_tokens / (ms_step / 1000.0)
-    gpu = tg.gpu_kind(torch.cuda.get_device_name(device) if device.type == "cuda" else "", args.plan_gpu)
-    mfu = flops_token * tokens_s / (WORLD * tg.GPU_SPECS[gpu][1] * 1e12)
+    gpu = plan.gpu_kind(torch.cuda.get_device_name(device) if device.type == "cuda" else "", args.plan_gpu)
+    mfu = flops_token * tokens_s / (WORLD * plan.GPU_SPECS[gpu][1] * 1e12)
     return {"config": name, "ms_step": ms_step, "tokens_s": tokens_s, "mfu": mfu, "peak_mib": peak_mib,
             "compile_s": compile_s, "kernel": base.attention_kernel,
             "evals": eval_seconds(args, base, val_tokens, device)}
@@ -100,7 +101,7 @@ def bench(name: str, env: dict, steps: int, warmup: int, val_tokens: int, device
 
 def eval_seconds(args: tg.Hyperparameters, model: torch.nn.Module, val_tokens: int, device: torch.device) -> dict:
     """Each enabled evaluation path timed on rank 0's share of a random val stream (a first pass compiles), then
-    projected to the full val split (PLAN_VAL_TOKENS) over 8 GPUs."""
+    projected to the full val split (plan.val_tokens_of) over 8 GPUs."""
     tokens = random_documents(val_tokens, args.vocab_size, torch.Generator().manual_seed(args.seed)).to(device)
     byte_counts = torch.full((val_tokens,), 4, dtype=torch.int32, device=device)  # any counts time the same
     out = {}
@@ -112,7 +113,7 @@ def eval_seconds(args: tg.Hyperparameters, model: torch.nn.Module, val_tokens: i
             t0 = time.perf_counter()
             path.run(args, model, tokens, byte_counts, 0, WORLD, device)
             tg.sync(device)
-        out[name] = (time.perf_counter() - t0) * tg.PLAN_VAL_TOKENS / val_tokens
+        out[name] = (time.perf_counter() - t0) * plan.val_tokens_of(args) / val_tokens
     return out
 
 

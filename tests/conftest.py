@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,18 @@ def tiny_run(tiny_data, tmp_path_factory):
 REFERENCE = ROOT.parent / "shared" / "reference"
 
 
+def require_reference(path: Path) -> None:
+    """Equivalence tests need the records' scripts at `path`. Where CI=true or REQUIRE_REFERENCE=1 (CI has them),
+    a missing one fails the test; elsewhere it skips, with a warning in the summary: equivalence NOT checked."""
+    if path.exists():
+        return
+    msg = f"REFERENCE MISSING: {path} is absent, equivalence with the records NOT checked (see ../shared/reference)"
+    if os.environ.get("CI") == "true" or os.environ.get("REQUIRE_REFERENCE") == "1":
+        pytest.fail(msg)
+    warnings.warn(msg)
+    pytest.skip(msg)
+
+
 @pytest.fixture(scope="session")
 def pr1855():
     """The record's train_gpt.py imported once per process as module `pr1855_train_gpt` (its fused cross-entropy
@@ -104,8 +117,7 @@ def pr1855():
     import importlib.util
 
     path = REFERENCE / "pr1855" / "train_gpt.py"
-    if not path.is_file():
-        pytest.skip(f"no reference record at {path}")
+    require_reference(path)
     if "pr1855_train_gpt" not in sys.modules:
         os.environ.setdefault("FUSED_CE_ENABLED", "0")
         sys.path.append(str(REFERENCE))  # flash_attn_interface.py only; never pr1855/ (its train_gpt would shadow ours)

@@ -183,16 +183,17 @@ def test_training_forward_keeps_documents_apart(model):
     assert not torch.allclose(net(x, y)[keep], net(x2, y)[keep])
 
 
-@pytest.mark.parametrize("name", ["roundtrip", "sliding_window", "lora_ttt"])
+@pytest.mark.parametrize("name", ["roundtrip", "sliding_window", "lora_ttt", "phased_ttt"])
 def test_scores_of_other_documents_never_change(name):
-    args = args_with()
+    # Phased TTT without its global phases and with adapters drawn fresh per batch: nothing carries between rows.
+    args = args_with(PHASED_TTT_PREFIX_DOCS=0, LORA_WARM_A=0) if name == "phased_ttt" else args_with()
     model = model_for(args)
     tokens, docs = doc_stream(301)
     doc = docs[4]
     keep = other_docs(docs, doc, 300)
     a, b = path_losses(name, args, model, tokens), path_losses(name, args, model, rewrite(tokens, doc))
     assert torch.equal(a[keep], b[keep]) and not torch.equal(a[~keep], b[~keep])
-    if name != "lora_ttt":  # LoRA rows hold one document each, with or without document attention
+    if "lora" not in name and "phased" not in name:  # LoRA rows hold one document each, with or without it
         model.doc_attention = False  # the probe is not blind: without document attention the change leaks
         a, b = path_losses(name, args, model, tokens), path_losses(name, args, model, rewrite(tokens, doc))
         assert not torch.equal(a[keep], b[keep])
@@ -211,6 +212,26 @@ def test_ttt_changes_other_documents_only_through_adaptation():
     scored_before = torch.arange(300) < (first_trained + 1) * args.ttt_chunk_tokens
     assert torch.equal(a[keep & scored_before], b[keep & scored_before])
     assert not torch.equal(a[keep & ~scored_before], b[keep & ~scored_before])  # adaptation does carry it
+
+
+def test_phased_ttt_changes_other_documents_only_after_their_batch_is_scored():
+    # The default's score path: warm adapters, the batch's one AdamW step and the global SGD phases carry what was
+    # scored into what is scored next (score-first); a document's change must not reach any batch scored before its own.
+    args = args_with(PHASED_TTT_PREFIX_DOCS=8, PHASED_TTT_NUM_PHASES=2, LORA_WARM_A=1)
+    model = model_for(args)
+    tokens, docs = doc_stream(301)
+    batches, order = tg.length_batches(docs, args.lora_slots)
+    taken = [d for k in order for d in batches[k]]  # documents in the order their batches are scored
+    changed = len(taken) // 2
+    doc = docs[taken[changed]]
+    a, b = path_losses("phased_ttt", args, model, tokens), path_losses("phased_ttt", args, model, rewrite(tokens, doc))
+    batch_start = changed // args.lora_slots * args.lora_slots
+    before = torch.zeros(300, dtype=torch.bool)
+    for d in taken[:batch_start]:
+        before[docs[d][0] : min(docs[d][1], 300)] = True
+    keep = other_docs(docs, doc, 300)
+    assert torch.equal(a[keep & before], b[keep & before]) and not torch.equal(a[~keep], b[~keep])
+    assert not torch.equal(a[keep & ~before], b[keep & ~before])  # adaptation does carry it
 
 
 # -----------------------------

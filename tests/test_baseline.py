@@ -10,10 +10,16 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, TINY_ENV, data_env, run_train
+from conftest import ROOT, TINY_ENV, data_env, require_reference, run_train
 
 STARTER_PATH = ROOT.parent / "shared" / "reference" / "starter" / "train_gpt.py"
-pytestmark = pytest.mark.skipif(not STARTER_PATH.is_file(), reason=f"no reference starter at {STARTER_PATH}")
+
+
+@pytest.fixture(autouse=True)
+def starter_script():
+    require_reference(STARTER_PATH)
+
+
 CPU = torch.device("cpu")
 # c_q is exactly 65,536 values (kept float by the starter), c_k/c_v fewer, the MLP and the embedding more (int8).
 SHAPE = {"VOCAB_SIZE": "512", "NUM_LAYERS": "3", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}

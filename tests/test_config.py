@@ -124,7 +124,7 @@ def test_each_setting_choice_has_an_implementation():
     # The choices are declared with the setting (validation needs nothing defined later); the code behind them agrees.
     choices = {name: set(s.check) for name, s in tg.SETTINGS.items() if isinstance(s.check, tuple)}
     assert choices["MODEL"] == set(tg.MODELS) and choices["MUON_NS_COEFFS"] == set(tg.NS_COEFFS)
-    assert choices["TRAIN_LOADER"] == set(tg.TRAIN_LOADERS) and choices["PLAN_GPU"] == set(tg.GPU_SPECS)
+    assert choices["TRAIN_LOADER"] == set(tg.TRAIN_LOADERS) and choices["PLAN_GPU"] == set(tg.load_planner().GPU_SPECS)
     assert all(choices[q] == set(tg.QUANT_BITS) for q in ("QUANT", "QUANT_ATTN", "QUANT_MLP", "QUANT_EMBED"))
 
 

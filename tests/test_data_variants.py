@@ -21,7 +21,7 @@ import sentencepiece as spm
 import torch
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-from conftest import run_train
+from conftest import require_reference, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "data"))
@@ -36,8 +36,7 @@ quiet = lambda *a, **k: None  # noqa: E731
 
 def reference_caps():
     """The record's lossless_caps.py (MIT), as an oracle; skips where the reference is absent."""
-    if not (PR1855 / "lossless_caps.py").is_file():
-        pytest.skip("../shared/reference/pr1855 is not here")
+    require_reference(PR1855 / "lossless_caps.py")
     # Loaded by path: PR1855 on sys.path would shadow our train_gpt.py in every later import (spawned ranks too).
     spec = importlib.util.spec_from_file_location("pr1855_lossless_caps", PR1855 / "lossless_caps.py")
     module = importlib.util.module_from_spec(spec)

@@ -171,7 +171,10 @@ def test_model_still_trains_after_an_evaluation():
     args = eval_args()
     model, tokens = tiny_model(args), doc_stream(200, 64)
     tg.evaluate(args, model, tokens, fake_luts(64), 0, 1, CPU)
+    assert model.training and torch.is_grad_enabled()
     model(tokens[None, :32], tokens[None, 1:33]).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def test_eval_settings_resolve_and_unmatched_patterns_name_the_variable():

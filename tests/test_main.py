@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import CPU, ROOT, TINY_ENV, data_env, run_train, tiny_args, train_losses
+from conftest import CPU, ROOT, TINY_ENV, data_env, require_reference, run_train, tiny_args, train_losses
 
 
 # -----------------------------
@@ -385,7 +385,8 @@ def test_torchrun_two_processes_with_the_option_stack_match_one(tiny_data, tmp_p
     assert "world_size:2 grad_accum_steps:4" in two and re.search(r"^muon:reduce_scatter matrices:\d+", two, re.M)
     assert len(train_losses(one)) == 8 and np.allclose(train_losses(one), train_losses(two), atol=2e-4)
     bpb = [float(re.search(r"^submission score:\S+ val_loss:\S+ val_bpb:(\S+)", t, re.M).group(1)) for t in (one, two)]
-    assert bpb[0] == pytest.approx(bpb[1], abs=1e-3)
+    # Measured: 6.124007 vs 6.12404372 (3.7e-5 apart: the reductions' order); the effects reported are ~1e-3.
+    assert bpb[0] == pytest.approx(bpb[1], abs=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -397,3 +398,55 @@ def test_compiled_bf16_forward_matches_eager_on_cuda():
         eager = model(x, x)
         compiled = torch.compile(model, dynamic=False, fullgraph=True)(x, x)
     assert (compiled - eager).abs().max() < 2e-2
+
+
+
+def _phased_case(prefix_docs):
+    # test_attention's tiny default-stack model on 300 tokens of short documents: 4 rows a batch.
+    from test_attention import args_with, doc_stream, model_for
+
+    args = args_with(PHASED_TTT_PREFIX_DOCS=prefix_docs, PHASED_TTT_NUM_PHASES=2, LORA_WARM_A=0)
+    return args, model_for(args), doc_stream(301)[0]
+
+
+def _phased_scores(prefix_docs, rank, world_size):
+    args, model, tokens = _phased_case(prefix_docs)
+    losses = torch.zeros(tokens.numel() - 1)
+    vl, vb, _ = tg.evaluate_phased_ttt(args, model, tokens, torch.ones(tokens.numel(), dtype=torch.int16), rank,
+                                       world_size, CPU, losses=losses)
+    return vl, vb, losses
+
+
+def _phased_worker(rank, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    out[rank] = [_phased_scores(prefix, rank, 2) for prefix in (0, 8)]
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes
+def test_phased_ttt_on_two_ranks_scores_every_target_once(tmp_path):
+    # The default's score path split over ranks (batches dealt in turn, the global SGD's chunks shared). Without
+    # global phases (and adapters drawn fresh per batch) every batch is scored as on one rank: the same per-target
+    # losses (measured: identical, val_loss equal to the last digit). With them, the phases fall after whole turns
+    # of both ranks, so later batches see a differently trained copy (as in the record): every target is still
+    # scored exactly once and both ranks report one score (measured: 0.0028 nats from one rank's on this toy).
+    out = mp.Manager().dict()
+    mp.spawn(_phased_worker, args=(str(tmp_path / "init"), out), nprocs=2)
+    for k in (0, 1):
+        assert out[0][k][0] == out[1][k][0] and torch.equal(out[0][k][2], out[1][k][2]) and (out[0][k][2] > 0).all()
+    one = _phased_scores(0, 0, 1)
+    assert torch.equal(out[0][0][2], one[2]) and out[0][0][0] == pytest.approx(one[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_missing_reference_fails_on_ci_and_skips_loudly_elsewhere(monkeypatch, tmp_path, ci):
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.delenv("REQUIRE_REFERENCE", raising=False)
+    if ci:
+        with pytest.raises(pytest.fail.Exception, match="REFERENCE MISSING"):
+            require_reference(tmp_path / "absent")
+    else:
+        with pytest.warns(UserWarning, match="NOT checked"), pytest.raises(pytest.skip.Exception):
+            require_reference(tmp_path / "absent")
+    require_reference(tmp_path)  # present: nothing happens
