@@ -380,7 +380,7 @@ class Hyperparameters:
         self.lowrank_rank = get("LOWRANK_RANK", 4, int)
         self.lowrank_tensors = get("LOWRANK_TENSORS", 3, int)
         self.lowrank_group = get("LOWRANK_GROUP", 64, int)  # 0: fp16 factors; g: int2 A, int4 B in groups of g
-        self.compressor = get("COMPRESSOR", "best")
+        self.compressor = get("COMPRESSOR", "zpaqg")
         self.byte_shuffle = get("BYTE_SHUFFLE", True, _flag)
         self.code_pack = get("CODE_PACK", True, _flag)
         self.size_margin_bytes = get("SIZE_MARGIN_BYTES", 0, int)
@@ -1807,15 +1807,18 @@ COMPRESSORS = {
     # artifact, but slow; in up to 4 blocks of 4 MB or more (3.7 KB more than 1 there), compressed and decompressed
     # in parallel.
     "zpaq": (lambda b: _zpaq().compress(b, level=5, threads=min(4, 1 + len(b) // 2**22)), lambda b: _zpaq().decompress(b)),
+    # The default: the same ZPAQ in one block per 4 MB of payload laid out by tensor group (pack_artifact), so the
+    # blocks compress and decompress in parallel threads, each on one kind of tensor (docs/compressor.md).
+    "zpaqg": (lambda b: _zpaq().compress(b, level=5, threads=max(1, len(b) // 2**22)), lambda b: _zpaq().decompress(b)),
 }
-BEST_COMPRESSORS = ("zlib", "zstd", "lzma", "brotli")  # COMPRESSOR=best: zpaq only by name, for its time
+BEST_COMPRESSORS = ("zlib", "zstd", "lzma", "brotli")  # COMPRESSOR=best: the fast ones
 
 
 def available_compressors() -> list[str]:
     """Every compressor whose module imports here (brotli and zpaq are optional)."""
     names = []
     for name, module in (("zlib", "zlib"), ("zstd", "zstandard"), ("lzma", "lzma"), ("brotli", "brotli"),
-                         ("zpaq", "zpaq")):
+                         ("zpaq", "zpaq"), ("zpaqg", "zpaq")):
         try:
             __import__(module)
             names.append(name)
@@ -2029,7 +2032,10 @@ def pack_artifact(qsd: dict[str, dict], settings: dict, compressor: str, shuffle
     bytes, then all second bytes, ...), which compresses fp16 better. EXPORT_FORMAT=starter: the starter's container."""
     if export_format == "starter":
         return pack_starter(qsd)
-    parts = sorted(((n, p, t) for n, e in qsd.items() for p, t in e.items() if p != "dtype"), key=lambda x: x[2].element_size())
+    # zpaqg: each tensor group (same part and name but for the layer) in a run, so its blocks are each of one kind
+    group = (lambda n, p: (p, re.sub(r"^blocks\.\d+\.", "", n))) if compressor == "zpaqg" else (lambda n, p: ())
+    parts = sorted(((n, p, t) for n, e in qsd.items() for p, t in e.items() if p != "dtype"),
+                   key=lambda x: (x[2].element_size(), *group(x[0], x[1])))
     table, chunks, offset = [], [], 0
     for name, part, t in parts:
         raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -2102,9 +2108,13 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     compressor = artifact_compressor(blob, source)
     if blob.startswith(STARTER_MAGIC):
         return unpack_starter(blob, source), None
-    payload = COMPRESSORS[compressor][1](blob[len(ARTIFACT_MAGIC) + 1 + len(compressor) :])
-    mlen = int.from_bytes(payload[:4], "little")
-    manifest = json.loads(payload[4 : 4 + mlen])
+    try:  # each decompressor has its own error class; any of them means the same: a damaged file
+        payload = COMPRESSORS[compressor][1](blob[len(ARTIFACT_MAGIC) + 1 + len(compressor) :])
+        mlen = int.from_bytes(payload[:4], "little")
+        manifest = json.loads(payload[4 : 4 + mlen])
+    except Exception as e:
+        raise ConfigError(f"{source}: its {compressor} payload does not decode ({type(e).__name__}); the file is "
+                          "damaged or truncated: copy it again") from None
     if manifest["version"] != ARTIFACT_VERSION:
         raise ConfigError(f"{source}: artifact format version {manifest['version']}, this script reads {ARTIFACT_VERSION}")
     data = memoryview(payload)[4 + mlen :]
