@@ -1762,7 +1762,7 @@ class WeightEMA:
 # with fp16 row scales; each tensor class has its own precision; vectors, control and tiny tensors stay float,
 # but for the attention gate (QUANT_GATE=int8: per row at |w|max, the 1.0611 record's gate quantization).
 # Steps: SDClip scales -> GPTQ on Hessians from training batches -> optional low-rank correction -> pack ->
-# smallest of the compressors -> if over the cap, zero the smallest weights until it fits.
+# compress (ZPAQ by tensor group, or COMPRESSOR) -> if over the cap, zero the smallest weights until it fits.
 # Artifact = MAGIC + compressor name + compressed(payload); payload = 4-byte manifest length + JSON manifest
 # (format version, settings, tensor table, byte shuffle) + raw tensor bytes. It loads with the requirements alone.
 # EXPORT_FORMAT=starter (BASELINE=1) is the challenge starter's export instead, byte for byte: float tensors of at

@@ -305,7 +305,7 @@ def test_run_logs_calibration_and_the_gap_by_stage(tiny_run):
     assert not re.search(r"^(qat:on|final_int6_qat)", log, re.M)  # QAT is off by default
     assert re.search(r"^gptq_calibration batches:2 tokens:4096 matrices:\d+ time:\d+ms$", log, re.M)
     assert re.search(r"^code plain_bytes:(\d+) packed_bytes:(\d+) counted:packed$", log, re.M)
-    assert re.search(r"^compress:(zlib|zstd|lzma|brotli) setting:best model_bytes:\d+ time:\d+ms$", log, re.M)
+    assert re.search(r"^compress:zpaqg setting:zpaqg model_bytes:\d+ time:\d+ms$", log, re.M)
     fmt = re.search(r"^artifact:\S+ format:(int6_\w+) ", log, re.M).group(1)
     for stage in ("prequant", "int6_gptq", f"{fmt}_roundtrip"):
         assert re.search(rf"^final_{stage} val_loss:\d+\.\d{{4}} val_bpb:\d+\.\d{{4}} eval_time:\d+ms$", log, re.M), stage
