@@ -23,6 +23,7 @@ import pickle
 import platform
 import queue
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -94,7 +95,7 @@ STACK_1194_PRESET = {
     "SCALAR_LR": "0.04", "MUON_MOMENTUM": "0.95", "MUON_MOMENTUM_WARMUP_START": "0.85",
     "MUON_MOMENTUM_WARMUP_STEPS": "500", "MUON_NS_COEFFS": "quintic", "MUON_BF16": "0", "BETA2": "0.95",
     "MUON_WD": "0.04", "ADAM_WD": "0.0", "EMBED_WD": "0.0", "WARMDOWN_FRAC": "0.72", "MIN_LR": "0.0",
-    "EMA_DECAY": "0.997", "EMA_WARMUP": "1", "GPTQ_RESERVE_SECONDS": "5.0",
+    "EMA_DECAY": "0.997", "EMA_WARMUP": "1", "COMPRESSOR": "best", "GPTQ_RESERVE_SECONDS": "5.0",
     "QUANT_EMBED": "int8", "SDCLIP_K_ATTN": "12.85", "SDCLIP_K_MLP": "12.85", "SDCLIP_K_EMBED": "10.0",
     "QUANT_GATE": "float", "QUANT_CONTROL": "fp32", "GPTQ_CALIB_BATCHES": "1", "GPTQ_FP64": "1", "LOWRANK_RANK": "0",
     "LOWRANK_TENSORS": "4", "LOWRANK_GROUP": "0",
@@ -376,7 +377,8 @@ SETTING_SECTIONS = {
         S("LOWRANK_RANK", int, 4, NONNEG, "rank of the low-rank correction of quantization errors; 0: off"),
         S("LOWRANK_TENSORS", int, 3, NONNEG, "matrices (largest errors first) given the correction"),
         S("LOWRANK_GROUP", int, 64, NONNEG, "0: fp16 factors; g: int2 A, int4 B in groups of g"),
-        S("COMPRESSOR", str, "best", None, "artifact compressor, or best: the smallest of zlib, zstd, lzma, brotli"),
+        S("COMPRESSOR", str, "zpaqg", None, "artifact compressor: zpaqg (ZPAQ by tensor group, parallel blocks), "
+          "zpaq, brotli, lzma, zstd, zlib, or best: the smallest of zlib, zstd, lzma, brotli"),
         S("BYTE_SHUFFLE", _flag, True, None, "store multi-byte tensors byte-plane by byte-plane"),
         S("CODE_PACK", _flag, True, None, "count (and write) the self-extracting packed copy of the script"),
         S("SIZE_MARGIN_BYTES", int, 0, NONNEG, "the cap remedy aims this many bytes under the cap"),
@@ -405,7 +407,7 @@ def available_compressors() -> list[str]:
     """COMPRESSOR's choices: every compressor whose module imports here (brotli and zpaq are optional)."""
     names = []
     for name, module in (("zlib", "zlib"), ("zstd", "zstandard"), ("lzma", "lzma"), ("brotli", "brotli"),
-                         ("zpaq", "zpaq")):
+                         ("zpaq", "zpaq"), ("zpaqg", "zpaq")):
         try:
             __import__(module)
             names.append(name)
@@ -1972,8 +1974,11 @@ COMPRESSORS = {
     # artifact, but slow; in up to 4 blocks of 4 MB or more (3.7 KB more than 1 there), compressed and decompressed
     # in parallel.
     "zpaq": (lambda b: _zpaq().compress(b, level=5, threads=min(4, 1 + len(b) // 2**22)), lambda b: _zpaq().decompress(b)),
+    # The default: the same ZPAQ in one block per 4 MB of payload laid out by tensor group (pack_artifact), so the
+    # blocks compress and decompress in parallel threads, each on one kind of tensor (docs/compressor.md).
+    "zpaqg": (lambda b: _zpaq().compress(b, level=5, threads=max(1, len(b) // 2**22)), lambda b: _zpaq().decompress(b)),
 }
-BEST_COMPRESSORS = ("zlib", "zstd", "lzma", "brotli")  # COMPRESSOR=best: zpaq only by name, for its time
+BEST_COMPRESSORS = ("zlib", "zstd", "lzma", "brotli")  # COMPRESSOR=best: the fast ones
 
 
 # Parameter kind -> the precision setting it follows (quant_plan's class): the token embedding and the head are
@@ -2190,7 +2195,10 @@ def pack_artifact(qsd: dict[str, dict], settings: dict, compressor: str, shuffle
     bytes, then all second bytes, ...), which compresses fp16 better. EXPORT_FORMAT=starter: the starter's container."""
     if export_format == "starter":
         return pack_starter(qsd)
-    parts = sorted(((n, p, t) for n, e in qsd.items() for p, t in e.items() if p != "dtype"), key=lambda x: x[2].element_size())
+    # zpaqg: each tensor group (same part and name but for the layer) in a run, so its blocks are each of one kind
+    group = (lambda n, p: (p, re.sub(r"^blocks\.\d+\.", "", n))) if compressor == "zpaqg" else (lambda n, p: ())
+    parts = sorted(((n, p, t) for n, e in qsd.items() for p, t in e.items() if p != "dtype"),
+                   key=lambda x: (x[2].element_size(), *group(x[0], x[1])))
     table, chunks, offset = [], [], 0
     for name, part, t in parts:
         raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -2285,9 +2293,13 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     compressor = artifact_compressor(blob, source)
     if blob.startswith(STARTER_MAGIC):
         return unpack_starter(blob, source), None
-    payload = COMPRESSORS[compressor][1](blob[len(ARTIFACT_MAGIC) + 1 + len(compressor) :])
-    mlen = int.from_bytes(payload[:4], "little")
-    manifest = json.loads(payload[4 : 4 + mlen])
+    try:  # each decompressor has its own error class; any of them means the same: a damaged file
+        payload = COMPRESSORS[compressor][1](blob[len(ARTIFACT_MAGIC) + 1 + len(compressor) :])
+        mlen = int.from_bytes(payload[:4], "little")
+        manifest = json.loads(payload[4 : 4 + mlen])
+    except Exception as e:
+        raise ConfigError(f"{source}: its {compressor} payload does not decode ({type(e).__name__}); the file is "
+                          "damaged or truncated: copy it again") from None
     if manifest["version"] != ARTIFACT_VERSION:
         raise ConfigError(f"{source}: artifact format version {manifest['version']}, this script reads {ARTIFACT_VERSION}")
     data = memoryview(payload)[4 + mlen :]
