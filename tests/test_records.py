@@ -777,7 +777,8 @@ def test_size_estimate_is_the_export_of_the_configuration_and_grows_with_it():
     tiny = {"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
             "BIGRAM_BUCKETS": "64", "COMPRESSOR": "zlib"}
     export, code_bytes, params = estimate_size.estimate(tg.Hyperparameters(tiny), steps=2, tokens=512)
-    assert code_bytes == len(tg.pack_code((REPO / "train_gpt.py").read_bytes())) and export.pruned == 0
+    counted = tg.counted_code((REPO / "train_gpt.py").read_bytes(), tg.Hyperparameters(tiny))
+    assert code_bytes == len(counted) and export.pruned == 0
     # The run's own export: the artifact it returns loads into the configured model.
     model, args = tg.model_from_artifact(export.blob, tg.torch.device("cpu"))
     assert args.num_layers == 2 and sum(p.numel() for p in model.parameters()) / 1e6 == params
