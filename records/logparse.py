@@ -8,6 +8,7 @@ submission's score on the `submission score:` line, repeated as the very last li
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import sys
@@ -55,7 +56,7 @@ _PATTERNS = {
     "warning": re.compile(r"warning:(.*)"),
     "code": re.compile(r"code_sha256:([0-9a-f]{64}) code_bytes:(\d+) code_path:(.*)"),
     "counted": re.compile(r"code plain_bytes:(\d+) packed_bytes:(\d+) counted:(packed|plain)(?: sha256:([0-9a-f]{64}))?"),
-    "counted_file": re.compile(r"counted_code:(.+)"),
+    "counted_file": re.compile(r"counted_code:(\S+)"),
     "versions": re.compile(r"versions (.*)"),
     "hardware": re.compile(r"hardware:(.*) world_size:(\d+) grad_accum_steps:(\d+)"),
     "train_loader": re.compile(r"train_loader:dataset:(\S+) train_shards:(\d+)(?: prefetch_batches:\d+ pinned:[01])?"),
@@ -263,7 +264,7 @@ def _store(log: RunLog, key: str, m: re.Match, line: str) -> None:
         log.counted_code_bytes = int(g[1] if g[2] == "packed" else g[0])
         log.counted_sha256 = g[3] or ""
     elif key == "counted_file":
-        log.counted_file = g[0].encode() + b"\n"  # one line of base85: the file's own newline ends it
+        log.counted_file = base64.b85decode(g[0])
     elif key == "versions":
         log.versions = dict(re.findall(r"(\w+):(\S+)", g[0]))
     elif key == "hardware":
