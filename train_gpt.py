@@ -3948,7 +3948,8 @@ def main() -> None:
         run.log(f"score_artifact:{run.args.score_artifact} (no training; settings from the artifact, a starter one's from the env)")
         score_artifact(run, data, Path(run.args.score_artifact), train_ms=0.0, eval_t0=time.perf_counter())
     else:
-        if run.device.type == "cuda":  # a plan projects GPU runs; on a CPU it would cost seconds for nothing
+        # a plan projects GPU runs (on a CPU it would cost seconds for nothing); a counted copy leaves the planner out
+        if run.device.type == "cuda" and "plan" not in DROPPED_FEATURES:
             run.plan = log_run_plan(run, data.tokens.numel())
         t = build_training(run)
         warm_up_training(run, t)
