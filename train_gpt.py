@@ -3153,7 +3153,9 @@ def print_plan(args: Hyperparameters) -> int:
     torchrun one plan is enough: rank 0's."""
     if os.environ.get("RANK", "0") != "0":
         return 0
-    code = counted_code(Path(__file__).resolve().read_bytes(), args)
+    run = copy.copy(args)
+    run.plan = False  # the planned run's counted code: the planner is not part of it
+    code = counted_code(Path(__file__).resolve().read_bytes(), run)
     plan = make_plan(args, args.plan_world_size, args.plan_gpu, len(code))
     print("\n".join(plan_lines(args, plan)))
     return 1 if plan["problems"] else 0

@@ -88,3 +88,9 @@ def test_counted_copy_runs_exactly_as_the_readable_script(tiny_run, tiny_data, t
     again = (tmp_path / "logs" / "tiny.txt").read_text()
     assert masked_tail(again) == masked_tail(log)
     assert re.search(rf"^code_sha256:{sha[2]} code_bytes:{len(copy)} ", again, re.M)  # the copy ran, and counted itself
+
+
+@pytest.mark.slow  # plans the full-size default model: tens of seconds on a loaded machine
+def test_plan_reports_the_planned_runs_counted_code_not_the_planners(default_copy, capsys):
+    tg.print_plan(tg.Hyperparameters({"PLAN": "1"}))
+    assert re.search(r"^plan bytes model:\d+ code:(\d+) ", capsys.readouterr().out, re.M)[1] == str(len(default_copy))
