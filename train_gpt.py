@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +151,28 @@ def _flag(raw: str) -> bool:
     if raw not in ("0", "1"):
         raise ValueError("expected 0 or 1")
     return raw == "1"
+
+
+# Code a run reaches only with some settings (README "Counted code"): name -> whether these settings reach it. Its
+# code is marked `# [name]` ... `# [/name]` (or one line ending in `# [name]`); the counted copy of a run leaves out
+# every feature its settings do not reach, names them in DROPPED_FEATURES, and refuses settings that reach one.
+FEATURES = {
+    "ngpt": lambda a: a.model == "ngpt",
+    "checkpoint": lambda a: a.checkpoint_every_seconds > 0 or bool(a.resume),
+    "starter": lambda a: a.export_format == "starter",
+    "shuffled": lambda a: a.train_loader == "shuffled",
+    "ttt": lambda a: a.ttt_enabled,
+    "lora_ttt": lambda a: a.lora_ttt_enabled,
+    "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
+}
+DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
+
+
+def refuse_dropped(args) -> None:
+    reached = [name for name in DROPPED_FEATURES if FEATURES[name](args)]
+    if reached:
+        raise ConfigError(f"these settings need {', '.join(reached)}, which this counted copy of train_gpt.py left out "
+                          f"(it was made for other settings); run the readable train_gpt.py")
 
 
 def in_interval(value: float, interval: str) -> bool:
@@ -458,6 +480,7 @@ class Hyperparameters:
         # The resolved evaluation length and stride are what the log and the artifact record.
         self.eval_seq_len = self.settings["EVAL_SEQ_LEN"] = self.eval_seq_len or self.train_seq_len
         self.eval_stride = self.settings["EVAL_STRIDE"] = min(self.eval_stride, self.eval_seq_len)
+        refuse_dropped(self)
         self.validate()
 
     def validate(self) -> None:
@@ -766,6 +789,7 @@ class DistributedTokenLoader:
         self.stream.tokens = load_data_shard(self.files[self.stream.file_idx], self.stream.vocab_size)
 
 
+# [shuffled]
 class ShuffledTokenLoader:
     # Each shard in turn, at a random phase, cut into (seq_len + 1)-token sequences read in a random order;
     # every draw is seeded by (SEED, pass, shard), so all ranks agree and each call deals them disjoint sequences.
@@ -807,13 +831,14 @@ class ShuffledTokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.position, self.sequences = tuple(state["position"]), None
+# [/shuffled]
 
 
 # TRAIN_LOADER=<name> -> loader(args, rank, world_size). A loader's next_batch(global_tokens, seq_len,
 # grad_accum_steps) returns this rank's (x, y) int64 host tensors; state_dict() is the position of its next batch.
 TRAIN_LOADERS = {
     "sequential": lambda args, *where: DistributedTokenLoader(args.train_files, args.vocab_size, *where),
-    "shuffled": lambda args, *where: ShuffledTokenLoader(args.train_files, args.vocab_size, *where, args.seed),
+    "shuffled": lambda args, *where: ShuffledTokenLoader(args.train_files, args.vocab_size, *where, args.seed),  # [shuffled]
 }
 
 
@@ -1394,6 +1419,7 @@ class GPT(nn.Module):
     after_load = after_optimizer_step
 
 
+# [ngpt]
 class _SphereNormalize(torch.autograd.Function):
     # x / |x| over the last axis in (at least) fp32, returned in fp32, so the stream is never rounded to bf16 between
     # normalizations; with allow_in_graph it is one opaque node in Dynamo's graph with this hand-written backward,
@@ -1554,9 +1580,13 @@ class NGPT(nn.Module):
 
     # After Muon/Adam (or a TTT step), and after the EMA or dequantization, which leave rows off the sphere.
     after_optimizer_step = after_load = project_to_sphere
+# [/ngpt]
 
 
-MODELS = {"gpt": GPT, "ngpt": NGPT}
+MODELS = {
+    "gpt": GPT,
+    "ngpt": NGPT,  # [ngpt]
+}
 
 
 def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
@@ -2151,6 +2181,7 @@ def lowrank_term(e: dict) -> Tensor:
     return a @ b
 
 
+# [starter]
 def quantize_starter_int8(state_dict: dict[str, Tensor]) -> dict[str, dict]:
     """The starter's int8 (EXPORT_FORMAT=starter), in quantize_state_dict's layout."""
     out = {}
@@ -2174,6 +2205,7 @@ def quantize_starter_int8(state_dict: dict[str, Tensor]) -> dict[str, dict]:
             raise ConfigError(f"EXPORT_FORMAT=starter: {name} is a {t.ndim}-D float tensor of over 65,536 values, which "
                               "the starter quantizes per tensor and this script does not; use EXPORT_FORMAT=pgolf")
     return out
+# [/starter]
 
 
 def dequantize_state_dict(qsd: dict[str, dict]) -> dict[str, Tensor]:
@@ -2215,6 +2247,7 @@ def pack_artifact(qsd: dict[str, dict], settings: dict, compressor: str, shuffle
         return min(blobs, key=len)
 
 
+# [starter]
 def pack_starter(qsd: dict[str, dict]) -> bytes:
     """The starter's container: its dict layout (the same keys, in the same order, so torch.save writes the same
     bytes), zlib level 9."""
@@ -2235,6 +2268,7 @@ def pack_starter(qsd: dict[str, dict]) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return zlib.compress(buf.getvalue(), 9)
+# [/starter]
 
 
 def seal_artifact(inner: bytes) -> bytes:
@@ -2368,21 +2402,60 @@ def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifa
     return model, args
 
 
-# Counted code: the script itself, or this self-extracting copy of the same source (lzma + base85 + exec).
-CODE_PACK_HEAD = b"import lzma,base64;exec(lzma.decompress(base64.b85decode(b'"
-CODE_PACK_TAIL = b"')))\n"
+# Counted code: the script itself (CODE_PACK=0), or its counted copy: the source a run's settings reach (FEATURES),
+# minified, brotli-compressed (3% under lzma), in a self-extracting file that runs as train_gpt.py. The compressed
+# bytes are a latin-1 string literal, one character each but the 5 escaped: 2% over them, where base85 adds 25%.
+CODE_PACK_HEAD = b"#coding:latin-1\nimport brotli;exec(brotli.decompress('"
+CODE_PACK_TAIL = b"'.encode('latin-1')))\n"
+CODE_ESCAPES = {0: b"\\x00", 10: b"\\n", 13: b"\\r", 39: b"\\'", 92: b"\\\\"}  # what a literal cannot hold
 
 
 def pack_code(source: bytes) -> bytes:
-    packed = base64.b85encode(lzma.compress(source, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME))
+    packed = b"".join(CODE_ESCAPES.get(b, bytes([b])) for b in COMPRESSORS["brotli"][0](source))
     return CODE_PACK_HEAD + packed + CODE_PACK_TAIL
 
 
 def plain_code(code: bytes) -> bytes:
     """The source of a script file, packed or not."""
     if code.startswith(CODE_PACK_HEAD):
-        return lzma.decompress(base64.b85decode(code[len(CODE_PACK_HEAD) : -len(CODE_PACK_TAIL)]))
+        literal = code[len(CODE_PACK_HEAD) : -len(CODE_PACK_TAIL)].decode("unicode_escape")  # latin-1 + escapes
+        return COMPRESSORS["brotli"][1](literal.encode("latin-1"))
     return code
+
+
+# [codegen]
+FEATURE_MARK = re.compile(r"# \[(/?)(\w+)\]$")
+
+
+def strip_features(source: str, dropped: tuple[str, ...]) -> str:
+    """The source without the marked code of the dropped features, DROPPED_FEATURES naming them."""
+    kept, depth = [], 0
+    for line in source.splitlines(keepends=True):
+        mark = FEATURE_MARK.search(line.rstrip())
+        if mark and mark[2] in dropped:
+            if line.lstrip().startswith("#"):  # a block's first or last line; else one marked line
+                depth += -1 if mark[1] else 1
+        elif not depth:
+            kept.append(line)
+    if depth:
+        raise ValueError(f"unbalanced feature markers in train_gpt.py (depth {depth} at the end)")
+    return "".join(kept).replace("DROPPED_FEATURES = ()", f"DROPPED_FEATURES = {dropped!r}", 1)
+
+
+@cache
+def make_counted_copy(source: bytes, dropped: tuple[str, ...]) -> bytes:
+    """The counted copy of a readable source: the dropped features left out, comments and docstrings stripped,
+    minified (python-minifier, as the records; names other files or the log use are kept), packed."""
+    try:
+        import python_minifier
+    except ImportError:
+        raise ConfigError("CODE_PACK=1 counts a minified copy: pip install python-minifier (requirements.txt), "
+                          "or set CODE_PACK=0") from None
+    text = strip_features(source.decode("utf-8"), dropped)
+    # hoisted literals only repeat what the compressor already shares: 1.5% larger packed
+    minified = python_minifier.minify(text, remove_literal_statements=True, rename_globals=False, hoist_literals=False)
+    return pack_code(minified.encode("utf-8"))
+# [/codegen]
 
 
 # -----------------------------
@@ -2612,6 +2685,7 @@ class ChunkSGD:
             self.model.after_optimizer_step()
 
 
+# [ttt]
 def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *, losses=None):
     """Score-first TTT on a copy of base_model: each TTT_CHUNK_TOKENS chunk of targets is scored (sliding
     windows, no gradients), then trained on (ChunkSGD); the last chunk is never trained on.
@@ -2654,6 +2728,7 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
     vl, vb = finish(totals, losses, num_targets)
     return vl, vb, {"compile": compile_s, "score": score_s, "adapt": loop_s - score_s,
                     "adapted": f"{adapted}/{num_chunks - 1}chunks"}
+# [/ttt]
 
 
 def adapter_sizes(model: nn.Module, patterns: str) -> list[tuple[nn.Module, int, int]]:
@@ -2803,6 +2878,7 @@ def lora_progress(label: str, before: int, done: int, mine: int, num_docs: int, 
               f"time:{time.perf_counter() - t_path:.0f}s", flush=True)
 
 
+# [lora_ttt]
 def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *, losses=None):
     """Per-document LoRA TTT on a copy of base_model. LORA_SLOTS rows each hold a document (stream order; ranks
     split documents by position), a row taking the next document as soon as its own is scored; each round is a
@@ -2846,6 +2922,7 @@ def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, devi
     loop_s = time.perf_counter() - t_loop
     vl, vb = finish(totals, losses, num_targets)
     return vl, vb, {"compile": compile_s, "score_and_adapt": loop_s, "adapted": f"{adapted}chunks", "docs": num_docs}
+# [/lora_ttt]
 
 
 def length_batches(docs: list[tuple[int, int]], slots: int) -> tuple[list[list[int]], list[int]]:
@@ -2968,8 +3045,8 @@ class EvalPath:
 EVAL_PATHS = {
     "roundtrip": EvalPath(lambda args: True, evaluate_roundtrip),
     "sliding_window": EvalPath(sliding_differs, evaluate_sliding),
-    "ttt": EvalPath(lambda args: args.ttt_enabled, evaluate_ttt, adapts=True),
-    "lora_ttt": EvalPath(lambda args: args.lora_ttt_enabled, evaluate_lora_ttt, adapts=True),
+    "ttt": EvalPath(lambda args: args.ttt_enabled, evaluate_ttt, adapts=True),  # [ttt]
+    "lora_ttt": EvalPath(lambda args: args.lora_ttt_enabled, evaluate_lora_ttt, adapts=True),  # [lora_ttt]
     "phased_ttt": EvalPath(lambda args: args.phased_ttt_enabled, evaluate_phased_ttt, adapts=True),
 }
 
@@ -3062,13 +3139,17 @@ class Run:
             self.logfile.flush()
 
 
-def counted_code(code: bytes, code_pack: bool) -> bytes:
-    """The code bytes the artifact counts: the plain source, or (CODE_PACK=1) its self-extracting copy; a file that
-    is already packed counts as itself."""
+def packed_copy(code: bytes, args: Hyperparameters) -> bytes:
+    """The counted copy of a script for these settings: the script itself when it is one, else made from it."""
     source = plain_code(code)
-    if not code_pack:
-        return source
-    return code if code != source else pack_code(source)
+    if code != source:
+        return code
+    return make_counted_copy(source, tuple(name for name, reached in FEATURES.items() if not reached(args)))
+
+
+def counted_code(code: bytes, args: Hyperparameters) -> bytes:
+    """The code bytes the artifact counts: the plain source (CODE_PACK=0), or the counted copy."""
+    return packed_copy(code, args) if args.code_pack else plain_code(code)
 
 
 def read_settings() -> Hyperparameters:
@@ -3134,7 +3215,7 @@ def setup_run(args: Hyperparameters) -> Run:
         os.makedirs("logs", exist_ok=True)
         logfile = open(f"logs/{args.run_id}.txt", "a", encoding="utf-8")
         print(f"logs/{args.run_id}.txt")
-    run = Run(args, rank, world_size, distributed, device, code, counted_code(code, args.code_pack), logfile)
+    run = Run(args, rank, world_size, distributed, device, code, counted_code(code, args), logfile)
     log_header(run)
     activate_attention(run)
     random.seed(args.seed)
@@ -3157,8 +3238,10 @@ def log_header(run: Run) -> None:
                 f"artifact's own settings replace them ({', '.join(f'{k}={args.settings[k]}' for k in args.unused_env)})")
     code_path = Path(__file__).resolve()
     run.log(f"code_sha256:{hashlib.sha256(run.code).hexdigest()} code_bytes:{len(run.code)} code_path:{code_path}")
-    run.log(f"code plain_bytes:{len(source)} packed_bytes:{len(counted_code(run.code, True))} "
-            f"counted:{'packed' if args.code_pack else 'plain'}")
+    run.log(f"code plain_bytes:{len(source)} packed_bytes:{len(packed_copy(run.code, args))} "
+            f"counted:{'packed' if args.code_pack else 'plain'} sha256:{hashlib.sha256(run.counted_code).hexdigest()}")
+    if args.code_pack:  # the counted copy itself (in base85), so that freeze can write what is counted
+        run.log("counted_code:" + base64.b85encode(run.counted_code).decode("ascii"), console=False)
     run.log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
             f"sentencepiece:{spm.__version__}")
     hw = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else f"CPU({os.cpu_count()} cores)"
@@ -3449,6 +3532,28 @@ class EvaluationSignals(StopSignals):
         raise Interrupted(128 + signum, signal.Signals(signum).name)
 
 
+def write_atomically(path: Path, data: bytes, setting: str) -> None:
+    """Temporary file, fsync, rename, the rename made durable: a reader sees the old file or the whole new one. A
+    failed write (a full disk) removes its temporary file and stops the run in one line naming the setting."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
+    except OSError as e:
+        raise ConfigError(f"{setting}: writing {path} failed ({e.strerror or e}); no partial file is left: free space "
+                          f"or set {setting} to another folder") from None
+    finally:  # also on a signal
+        tmp.unlink(missing_ok=True)
+
+
+# [checkpoint]
 def _cpu(tree):
     # A CPU copy of every tensor in a nest of dicts, lists and tuples (model and optimizer states).
     return torch.utils._pytree.tree_map(lambda x: x.detach().cpu().clone() if isinstance(x, Tensor) else x, tree)
@@ -3503,27 +3608,6 @@ def training_state(run: Run, t: Training, clock: TrainClock) -> dict | None:
             "step": clock.step, "train_ms": clock.banked_ms, "switched": dict(t.switched),
             "model": _cpu(t.base_model.state_dict()), "loader": t.loader.state_dict(), "ranks": parts,
             "ema": None if t.ema is None else {"updates": t.ema.updates, "average": _cpu(t.ema.average)}}
-
-
-def write_atomically(path: Path, data: bytes, setting: str) -> None:
-    """Temporary file, fsync, rename, the rename made durable: a reader sees the old file or the whole new one. A
-    failed write (a full disk) removes its temporary file and stops the run in one line naming the setting."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        os.fsync(folder)
-        os.close(folder)
-    except OSError as e:
-        raise ConfigError(f"{setting}: writing {path} failed ({e.strerror or e}); no partial file is left: free space "
-                          f"or set {setting} to another folder") from None
-    finally:  # also on a signal
-        tmp.unlink(missing_ok=True)
 
 
 def write_checkpoint(run: Run, t: Training, clock: TrainClock) -> Path:
@@ -3615,6 +3699,7 @@ def resume_command(run: Run, path: Path) -> str:
     env.update({k: os.environ[k] for k in sorted(run.args.settings) if k in os.environ and k != "RESUME"})
     launch = f"torchrun --standalone --nproc_per_node={run.world_size}" if run.distributed else shlex.quote(sys.executable)
     return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + f" {launch} {shlex.quote(sys.argv[0])}"
+# [/checkpoint]
 
 
 def check_finite(run: Run, t: Training, what: str, value: float, step: int) -> None:

@@ -65,7 +65,7 @@ class RandomLoader:
 def bench(name: str, env: dict, steps: int, warmup: int, val_tokens: int, device: torch.device) -> dict:
     args = tg.Hyperparameters(env)
     code = Path(tg.__file__).read_bytes()
-    run = tg.Run(args, 0, WORLD, False, device, code, tg.counted_code(code, args.code_pack), io.StringIO())
+    run = tg.Run(args, 0, WORLD, False, device, code, tg.counted_code(code, args), io.StringIO())
     tg.prepare_device(args, device)
     tg.activate_attention(run)
     torch.manual_seed(args.seed)

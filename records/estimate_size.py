@@ -47,7 +47,7 @@ def estimate(args: tg.Hyperparameters, steps: int, tokens: int, seq_len: int = 2
         ema.apply()
         model.after_load()
     hessians = tg.collect_hessians(model, [batch()]) if args.gptq else None
-    code = tg.counted_code((tg.SCRIPT_DIR / "train_gpt.py").read_bytes(), args.code_pack)
+    code = tg.counted_code((tg.SCRIPT_DIR / "train_gpt.py").read_bytes(), args)
     export = tg.export_artifact(args, model.state_dict(), hessians, len(code), log=lambda msg: None)
     return export, len(code), sum(p.numel() for p in model.parameters()) / 1e6
 

@@ -52,9 +52,10 @@ def load_logs(paths: list[str]) -> list[lp.RunLog]:
         if g.seed in seen:
             raise FreezeError(f"{g.path} and {seen[g.seed]} both ran SEED={g.seed}; each seed once")
         seen[g.seed] = g.path
-        if g.source is None or lp.sha256_bytes(g.source) != g.code_sha256:
-            raise FreezeError(f"{g.path}: the source between source_begin and source_end does not hash to "
-                              f"code_sha256 {g.code_sha256[:12]}; cannot recover the exact script")
+        counted = lp.counted_file(g)
+        if counted is None or lp.sha256_bytes(counted) != (g.counted_sha256 or g.code_sha256):
+            raise FreezeError(f"{g.path}: the counted file the log holds (counted_code: line, or the source between "
+                              f"source_begin and source_end) does not hash to the logged sha256; cannot recover it")
     mismatch = lp.config_mismatch(logs)
     if mismatch:
         raise FreezeError(f"the logs are not seeds of one config: {mismatch}")
@@ -164,7 +165,7 @@ def build_submission(logs: list[lp.RunLog], args, track: str, date: str) -> dict
         "torch_version": first.versions.get("torch", ""),
         "python_version": first.versions.get("python", ""),
         "versions": first.versions,
-        "code_sha256": first.code_sha256,
+        "code_sha256": first.counted_sha256 or first.code_sha256,  # of train_gpt.py, the counted file
         "score_path": first.submission["what"],
         "run_command": " ".join(filter(None, [env_prefix(env), "SEED=<seed>", launcher(first.world_size)])),
         "env": env,
@@ -327,7 +328,7 @@ def freeze(args, records_dir: Path | None = None) -> Path:
                 print(f"warning: {check.name}: {check.detail}", file=sys.stderr)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_gpt.py").write_bytes(logs[0].source)  # the exact bytes that ran, from the log itself
+    (out / "train_gpt.py").write_bytes(lp.counted_file(logs[0]))  # the counted file, from the log itself
     for g in logs:
         (out / seed_log_name(g)).write_bytes(g.path.read_bytes())
     if args.requirements:

@@ -8,6 +8,7 @@ submission's score on the `submission score:` line, repeated as the very last li
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import sys
@@ -54,7 +55,8 @@ _PATTERNS = {
     "env": re.compile(r"env:([^=]+)=(.*)"),
     "warning": re.compile(r"warning:(.*)"),
     "code": re.compile(r"code_sha256:([0-9a-f]{64}) code_bytes:(\d+) code_path:(.*)"),
-    "counted": re.compile(r"code plain_bytes:(\d+) packed_bytes:(\d+) counted:(packed|plain)"),
+    "counted": re.compile(r"code plain_bytes:(\d+) packed_bytes:(\d+) counted:(packed|plain)(?: sha256:([0-9a-f]{64}))?"),
+    "counted_file": re.compile(r"counted_code:(\S+)"),
     "versions": re.compile(r"versions (.*)"),
     "hardware": re.compile(r"hardware:(.*) world_size:(\d+) grad_accum_steps:(\d+)"),
     "train_loader": re.compile(r"train_loader:dataset:(\S+) train_shards:(\d+)(?: prefetch_batches:\d+ pinned:[01])?"),
@@ -103,6 +105,8 @@ class RunLog:
     code_sha256: str = ""
     code_bytes: int = 0
     counted_code_bytes: int | None = None  # the packed copy's size when the run counted that (CODE_PACK=1)
+    counted_sha256: str = ""  # of the counted file (the counted copy, or the script): what a record folder holds
+    counted_file: bytes | None = None  # the counted copy as the log holds it (CODE_PACK=1)
     code_path: str = ""
     source: bytes | None = None  # the script's bytes as the log holds them
     versions: dict[str, str] = field(default_factory=dict)
@@ -227,8 +231,8 @@ def parse_log(path: str | Path) -> RunLog:
     lines = [ln for ln in lines if ln and ln not in ("source_begin", "source_end")]
     log.last_line = lines[-1] if lines else ""
     for line in lines:
-        for key in ("run_id", "setting", "env", "warning", "code", "counted", "versions", "hardware", "train_loader",
-                    "val_loader", "model_params", "eval_path", "resumed", "train_step", "val_step", "stopping_early",
+        for key in ("run_id", "setting", "env", "warning", "code", "counted", "counted_file", "versions", "hardware",
+                    "train_loader", "val_loader", "model_params", "eval_path", "resumed", "train_step", "val_step", "stopping_early",
                     "train_done", "peak_memory", "final_exact", "final", "artifact", "token_losses", "submission"):
             m = _PATTERNS[key].fullmatch(line)
             if m:
@@ -258,6 +262,9 @@ def _store(log: RunLog, key: str, m: re.Match, line: str) -> None:
         log.code_sha256, log.code_bytes, log.code_path = g[0], int(g[1]), g[2]
     elif key == "counted":
         log.counted_code_bytes = int(g[1] if g[2] == "packed" else g[0])
+        log.counted_sha256 = g[3] or ""
+    elif key == "counted_file":
+        log.counted_file = base64.b85decode(g[0])
     elif key == "versions":
         log.versions = dict(re.findall(r"(\w+):(\S+)", g[0]))
     elif key == "hardware":
@@ -331,6 +338,11 @@ def reported_eval_time_ms(log: RunLog) -> int:
     return max(log.submission["eval_time_ms"], sum(v["eval_time_ms"] for v in log.finals.values()))
 
 
+def counted_file(log: RunLog) -> bytes | None:
+    """The file the artifact's code bytes count, as the log holds it: the counted copy (CODE_PACK=1) or the source."""
+    return log.source if log.counted_file is None else log.counted_file
+
+
 def _le(value: float, limit: float) -> str:
     return "<=" if value <= limit else ">"
 
@@ -340,10 +352,18 @@ def run_checks(log: RunLog, time_limits: bool = True) -> list[Check]:
     sub, art, tag = log.submission, log.artifact, log.name
     checks = []
     src_sha = sha256_bytes(log.source) if log.source is not None else ""
+    # the file that ran is in the log: its source, or (a run of a counted copy) the counted copy itself
+    ran = log.counted_file if src_sha != log.code_sha256 and log.counted_sha256 == log.code_sha256 else log.source
     checks.append(Check(
-        f"log source {tag}", src_sha == log.code_sha256 and len(log.source or b"") == log.code_bytes,
+        f"log source {tag}", ran is not None and sha256_bytes(ran) == log.code_sha256 and len(ran) == log.code_bytes,
         f"embedded source sha256 {src_sha[:12]} ({len(log.source or b'')} bytes), "
         f"code_sha256 {log.code_sha256[:12]} ({log.code_bytes} bytes)"))
+    if log.counted_sha256:  # logs since the counted copy name the counted file's hash
+        counted = counted_file(log) or b""
+        checks.append(Check(
+            f"counted file {tag}", sha256_bytes(counted) == log.counted_sha256 and len(counted) == log.counted_code_bytes,
+            f"the log's counted file: sha256 {sha256_bytes(counted)[:12]} ({len(counted)} bytes); logged "
+            f"{log.counted_sha256[:12]} ({log.counted_code_bytes} bytes)"))
     total_ok = art["total_bytes"] == art["model_bytes"] + art["code_bytes"] == sub["total_bytes"]
     checks.append(Check(
         f"size sums {tag}", total_ok,

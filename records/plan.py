@@ -552,7 +552,7 @@ def print_plan(args: Hyperparameters) -> int:
     torchrun one plan is enough: rank 0's."""
     if os.environ.get("RANK", "0") != "0":
         return 0
-    code = tg.counted_code((tg.SCRIPT_DIR / "train_gpt.py").read_bytes(), args.code_pack)
+    code = tg.counted_code((tg.SCRIPT_DIR / "train_gpt.py").read_bytes(), args)
     plan = make_plan(args, args.plan_world_size, args.plan_gpu, len(code))
     print("\n".join(plan_lines(args, plan)))
     return 1 if plan["problems"] else 0

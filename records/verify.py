@@ -55,17 +55,6 @@ def _close(a, b, tol: float) -> bool:
     return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol
 
 
-def packed_size(script: Path) -> int:
-    """Bytes of the self-extracting copy the script itself would count (CODE_PACK=1), by its own pack_code."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("frozen_train_gpt", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)  # importing train_gpt.py runs nothing
-    return len(module.pack_code(script.read_bytes()))
-
-
 # -----------------------------
 # FOLDER CHECKS
 # -----------------------------
@@ -113,11 +102,11 @@ def verify_folder(folder: Path, rep: Report, significance: dict | None = None, t
     if not logs:
         return None, []
 
-    # the code: every log was produced by exactly these bytes
+    # the code: train_gpt.py is the file every log counted (its counted copy, or the script that ran)
     for g in logs:
-        rep.add(f"code hash {g.name}", g.code_sha256 == code_sha and g.code_bytes == len(code),
-                f"log {g.code_sha256[:16]} ({g.code_bytes} bytes), folder train_gpt.py {code_sha[:16]} "
-                f"({len(code)} bytes)")
+        sha, size = (g.counted_sha256, g.counted_code_bytes) if g.counted_sha256 else (g.code_sha256, g.code_bytes)
+        rep.add(f"code hash {g.name}", sha == code_sha and size == len(code),
+                f"log counted {sha[:16]} ({size} bytes), folder train_gpt.py {code_sha[:16]} ({len(code)} bytes)")
     for g in logs:
         rep.extend(lp.run_checks(g, time_limits=time_limits))
         for w in g.warnings:
@@ -128,10 +117,8 @@ def verify_folder(folder: Path, rep: Report, significance: dict | None = None, t
     sub_total, sub_code = sub.get("bytes_total"), sub.get("bytes_code")
     rep.add("bytes_total", sub_total == biggest and isinstance(sub_total, int) and sub_total <= lp.CAP_BYTES,
             f"submission.json {sub_total}, largest log total {biggest:,}, cap {lp.CAP_BYTES:,}")
-    counted = packed_size(folder / "train_gpt.py") if any(g.counted_code_bytes not in (None, len(code)) for g in logs) \
-        else len(code)
-    rep.add("bytes_code", sub_code == counted and all(g.artifact["code_bytes"] == counted for g in logs),
-            f"submission.json {sub_code}, train_gpt.py {len(code)} (counted form {counted}), logs count "
+    rep.add("bytes_code", sub_code == len(code) and all(g.artifact["code_bytes"] == len(code) for g in logs),
+            f"submission.json {sub_code}, train_gpt.py {len(code)}, logs count "
             f"{sorted({g.artifact['code_bytes'] for g in logs})}")
 
     # scores as submission.json states them

@@ -7,6 +7,7 @@ log contract in milliseconds, so its logs carry a true code hash and true source
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -32,15 +33,17 @@ import verify  # noqa: E402
 # A stand-in for train_gpt.py: resolves its settings from the env, writes logs/<RUN_ID>.txt in the contract.
 # The triple-quoted block holds lines that look like log lines, and a 'source_end' line, inside the source.
 FAKE_SCRIPT = r'''"""Stand-in train_gpt.py for tests: writes a log in the contract, trains nothing."""
+import base64
 import hashlib
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 DEFAULTS = {"SEED": "1337", "RUN_ID": "run", "SMOKE": "0", "TTT_ENABLED": "0", "LORA_TTT_ENABLED": "0",
             "NUM_LAYERS": "9", "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKEN_LOSS_PATH": "",
-            "FAKE_TRAIN_MS": "1000", "FAKE_EVAL_MS": "500", "FAKE_MODEL_BYTES": "900000"}
+            "FAKE_TRAIN_MS": "1000", "FAKE_EVAL_MS": "500", "FAKE_MODEL_BYTES": "900000", "FAKE_COUNTED": "0"}
 LOOKALIKES = """
 step:1/1 val_loss:9.0000 val_bpb:9.0000 train_time:1ms step_avg:1.00ms
 eval_path:bogus adapts:1 rule:none
@@ -56,7 +59,9 @@ def main():
     val_loss = 2.0 + 0.001 * (seed % 7) + 0.01 * (layers - 9)
     val_bpb = val_loss / math.log(2) * 0.4
     train_ms, eval_ms, model_bytes = int(s["FAKE_TRAIN_MS"]), int(s["FAKE_EVAL_MS"]), int(s["FAKE_MODEL_BYTES"])
-    total = model_bytes + len(code)
+    # FAKE_COUNTED=1: the artifact counts a counted copy (CODE_PACK=1), here the script with a first line more
+    counted = b"# counted copy\n" + code if s["FAKE_COUNTED"] == "1" else code
+    total = model_bytes + len(counted)
     # the declared paths, as train_gpt.py's registry logs them; the last one enabled scores best
     paths = [("roundtrip", 0, "none", "int8_zlib_roundtrip")]
     paths += [("ttt", 1, "score_first", "ttt")] if s["TTT_ENABLED"] == "1" else []
@@ -67,7 +72,10 @@ def main():
     out += [f"env:{k}={os.environ[k]}" for k in sorted(DEFAULTS) if k in os.environ]
     out += [f"code_sha256:{hashlib.sha256(code).hexdigest()} code_bytes:{len(code)} code_path:{__file__}",
             f"versions python:3.11.9 torch:2.13.0+cpu numpy:2.4.6 sentencepiece:0.2.3",
-            "hardware:cpu:2 world_size:1 grad_accum_steps:8", "source_begin"]
+            f"code plain_bytes:{len(code)} packed_bytes:{len(counted)} counted:{'packed' if counted != code else 'plain'} "
+            f"sha256:{hashlib.sha256(counted).hexdigest()}"]
+    out += [f"counted_code:{base64.b85encode(counted).decode()}"] if counted != code else []
+    out += ["hardware:cpu:2 world_size:1 grad_accum_steps:8", "source_begin"]
     head = "\n".join(out) + "\n"
     tail = [f"train_loader:dataset:{os.path.basename(s['DATA_PATH'])} train_shards:1",
             f"val_loader:shards pattern={s['DATA_PATH']}/fineweb_val_*.bin tokens:65536",
@@ -82,9 +90,9 @@ def main():
              f"final_prequant_exact val_loss:{val_loss - 0.01:.8f} val_bpb:{val_bpb - 0.01:.8f}"]
     tail += [f"eval_path:{name} adapts:{adapts} rule:{rule}" for name, adapts, rule, _ in paths]
     tail += [f"Serialized model int8+zlib: {model_bytes} bytes",
-             f"Code size: {len(code)} bytes",
+             f"Code size: {len(counted)} bytes",
              f"Total submission size int8+zlib: {total} bytes",
-             f"artifact:final_model.int8.pgolf format:int8_zlib model_bytes:{model_bytes} code_bytes:{len(code)} "
+             f"artifact:final_model.int8.pgolf format:int8_zlib model_bytes:{model_bytes} code_bytes:{len(counted)} "
              f"total_bytes:{total} cap:16000000 under_cap:{int(total <= 16000000)}"]
     for _, _, _, scored in paths:
         best = scored == what
@@ -364,6 +372,28 @@ def test_verify_flags_a_code_hash_mismatch(frozen, capsys):
     code, out = run_verify(capsys, frozen)
     assert code == 1
     assert {ln.split(":")[0] for ln in fail_lines(out)} >= {f"FAIL code hash train_seed{s}.log" for s in (1, 2, 3)}
+
+
+def test_freeze_writes_the_counted_copy_and_verify_checks_it_against_the_logs(tmp_path, capsys):
+    logs = [run_fake(tmp_path / "run", seed, FAKE_COUNTED="1", **SMOKE_ENV) for seed in (1, 2)]
+    script = (tmp_path / "run" / "train_gpt.py").read_bytes()
+    assert do_freeze(logs, tmp_path / "record", "--track", "non_record_16mb") == 0
+    frozen_code = (tmp_path / "record" / "train_gpt.py").read_bytes()
+    assert frozen_code == b"# counted copy\n" + script  # what the artifact counted, not the script that made it
+    sub = json.loads((tmp_path / "record" / "submission.json").read_text())
+    assert sub["bytes_code"] == len(frozen_code) and sub["code_sha256"] == lp.sha256_bytes(frozen_code)
+    capsys.readouterr()
+    code, out = run_verify(capsys, tmp_path / "record")
+    assert code == 0 and not fail_lines(out), out
+    assert "PASS counted file train_seed1.log" in out
+    (tmp_path / "record" / "train_gpt.py").write_bytes(script)  # the readable script is not what was counted
+    code, out = run_verify(capsys, tmp_path / "record")
+    assert code == 1 and "FAIL code hash train_seed1.log" in out
+    log = logs[0].read_text()  # a counted copy that does not hash to the logged sha256 cannot be frozen
+    logs[0].write_text(re.sub(r"^counted_code:\S+$", "counted_code:" + base64.b85encode(b"other").decode(), log,
+                              flags=re.M))
+    assert do_freeze(logs, tmp_path / "record2", "--track", "non_record_16mb") == 2
+    assert "does not hash to the logged sha256" in capsys.readouterr().err
 
 
 def test_verify_flags_an_over_cap_artifact(tmp_path, capsys):
@@ -783,7 +813,7 @@ def test_freeze_and_verify_real_tiny_runs(tiny_run, tiny_data, tmp_path, capsys)
     capsys.readouterr()
     code, out = run_verify(capsys, tmp_path / "record")
     assert code == 0 and not fail_lines(out), out
-    assert (tmp_path / "record" / "train_gpt.py").read_bytes() == (Path(__file__).parents[1] / "train_gpt.py").read_bytes()
+    assert (tmp_path / "record" / "train_gpt.py").read_bytes() == (cwd / "train_gpt.packed.py").read_bytes()
     data_path, tok = tiny_data
     assert compare.main([str(losses1), str(run_dir / "losses2.npy"), "--data-path", str(data_path), "--tokenizer", str(tok),
                          "--logs", str(logs[0]), str(logs[1]), "--html", str(tmp_path / "view.html"), "--docs", "0"]) == 0
@@ -801,7 +831,8 @@ def test_size_estimate_is_the_export_of_the_configuration_and_grows_with_it():
     tiny = {"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
             "BIGRAM_BUCKETS": "64", "COMPRESSOR": "zlib"}
     export, code_bytes, params = estimate_size.estimate(tg.Hyperparameters(tiny), steps=2, tokens=512)
-    assert code_bytes == len(tg.pack_code((REPO / "train_gpt.py").read_bytes())) and export.pruned == 0
+    counted = tg.counted_code((REPO / "train_gpt.py").read_bytes(), tg.Hyperparameters(tiny))
+    assert code_bytes == len(counted) and export.pruned == 0
     # The run's own export: the artifact it returns loads into the configured model.
     model, args = tg.model_from_artifact(export.blob, tg.torch.device("cpu"))
     assert args.num_layers == 2 and sum(p.numel() for p in model.parameters()) / 1e6 == params
