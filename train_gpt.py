@@ -79,12 +79,17 @@ def smoke_cache(vocab_size: str) -> dict[str, str]:
 # Its evaluation is the recipe's phased TTT instead of full TTT, at a CPU's scale: prefix half the smoke's 80 val
 # documents, rank-8 adapters, 256-token chunks (the recipe's 48-token chunks and rank 80 take ~20 min here).
 SMOKE_RECIPE_PRESET = {"RECUR_LAYERS": "1-2", "PARALLEL_LANES_FROM": "3", "TTT_ENABLED": "0", "PHASED_TTT_PREFIX_DOCS": "40",
-                       "LORA_RANK": "8", "LORA_CHUNK_TOKENS": "256"}
+                       "LORA_RANK": "8", "LORA_CHUNK_TOKENS": "256",
+                       "LORA_SHORT_CHUNKS": "128:64"}
 # SMOKE=1 on the #2014 recipe: its progressive context at the smoke's 256 tokens (two length changes in 80 steps), the
 # re-warm-up at that scale (#2014's 32 of ~4,900 steps is under one of 80: 2 still exercises it).
 SMOKE_2014_PRESET = {"TRAIN_SEQ_SCHEDULE": "64@0.100,128@0.700,256@1.000", "SEQ_CHANGE_WARMUP_STEPS": "2"}
 # STACK=1855: the #1855 recipe (1.0611), our default before #2014's: every default #2014 changed, back.
-STACK_1855_PRESET = {"QK_GAIN_INIT": "5.0", "TRAIN_SEQ_LEN": "2048", "GPTQ_RESERVE_SECONDS": "0.5", "SOFTCAP_ASYM": "0"}
+STACK_1855_PRESET = {
+    "QK_GAIN_INIT": "5.0", "TRAIN_SEQ_LEN": "2048", "GPTQ_RESERVE_SECONDS": "0.5", "SOFTCAP_ASYM": "0",
+    "LORA_TARGETS": "*.c_q,*.c_k,*.c_v,*.attn,*.mlp,tied_head,lm_head", "LORA_LR": "0.0001",
+    "LORA_SLOTS": "64", "LORA_SHORT_CHUNKS": "", "PHASED_TTT_NUM_PHASES": "3", "AWQ_GROUPS": "0",
+}
 # STACK=1.1194: our default before the 1.0611 recipe (the 1.1194-era stack, README "Default stack"): every default
 # the recipe changed, back, on top of STACK=1855's. BASELINE=1 starts from it.
 STACK_1194_PRESET = {
@@ -97,7 +102,8 @@ STACK_1194_PRESET = {
     "MUON_WD": "0.04", "ADAM_WD": "0.0", "EMBED_WD": "0.0", "WARMDOWN_FRAC": "0.72", "MIN_LR": "0.0",
     "EMA_DECAY": "0.997", "EMA_WARMUP": "1", "COMPRESSOR": "best", "GPTQ_RESERVE_SECONDS": "5.0",
     "QUANT_EMBED": "int8", "SDCLIP_K_ATTN": "12.85", "SDCLIP_K_MLP": "12.85", "SDCLIP_K_EMBED": "10.0",
-    "QUANT_GATE": "float", "QUANT_CONTROL": "fp32", "GPTQ_CALIB_BATCHES": "1", "GPTQ_FP64": "1", "LOWRANK_RANK": "0",
+    "QUANT_GATE": "float", "QUANT_CONTROL": "fp32", "QUANT_FLOAT_MAX": "4096", "GPTQ_CALIB_BATCHES": "1",
+    "GPTQ_FP64": "1", "LOWRANK_RANK": "0",
     "LOWRANK_TENSORS": "4", "LOWRANK_GROUP": "0",
     "EVAL_STRIDE": "64", "TTT_EPOCHS": "3", "TTT_LR": "0.002", "TTT_PARAMS": "blocks.*",
     "LORA_TARGETS": "*.c_q,*.c_v", "LORA_RANK": "8", "LORA_LR": "0.01", "LORA_CHUNK_TOKENS": "256",
@@ -276,12 +282,15 @@ SETTING_SECTIONS = {
         S("TTT_GRAD_CLIP", float, 1.0, NONNEG, "TTT gradient-norm clip; 0: off"),
         S("TTT_PARAMS", str, "*", None, "parameters TTT adapts: comma-separated shell patterns over names"),
         S("LORA_TTT_ENABLED", _flag, False, None, "per-document LoRA TTT path"),
-        S("LORA_TARGETS", str, "*.c_q,*.c_k,*.c_v,*.attn,*.mlp,tied_head,lm_head", None,
-          "modules given adapters: comma-separated shell patterns over module names"),
+        S("LORA_TARGETS", str, "*.c_k,*.attn,*.mlp,tied_head,lm_head", None,
+          "modules given adapters: comma-separated shell patterns over module names (#2014: no Q and V adapters)"),
         S("LORA_RANK", int, 80, COUNT, "adapter rank"),
-        S("LORA_LR", float, 0.0001, NONNEG, "adapter Adam learning rate"),
+        S("LORA_LR", float, 0.000075, NONNEG, "adapter Adam learning rate (#2014's 1e-4 x its local LR mult 0.75)"),
         S("LORA_CHUNK_TOKENS", int, 48, COUNT, "targets scored, then trained on, per document per step"),
-        S("LORA_SLOTS", int, 64, COUNT, "documents adapted side by side per rank"),
+        S("LORA_SLOTS", int, 24, COUNT, "documents adapted side by side per rank"),
+        S("LORA_SHORT_CHUNKS", str, "256:8,2000:24", None,
+          "phased TTT: tokens:chunk,...: a batch whose longest document has at most tokens is scored and trained in "
+          "chunks of chunk (the first step that holds it), others in LORA_CHUNK_TOKENS; '' for none"),
         S("LORA_WARM_A", _flag, True, None, "a slot's A matrices carry over to its next document"),
         S("LORA_SCALE", float, 1.8, POS, "adapter output multiplier"),
         S("LORA_BETA1", float, 0.0, BETA, "adapter Adam beta1"),
@@ -290,7 +299,7 @@ SETTING_SECTIONS = {
         S("LORA_WD", float, 0.5, NONNEG, "adapter decoupled weight decay"),
         S("PHASED_TTT_ENABLED", _flag, True, None, "phased TTT path (the 1.0611 record's): LoRA TTT + SGD phases"),
         S("PHASED_TTT_PREFIX_DOCS", int, 2500, NONNEG, "phased TTT: documents the model trains on; 0: LoRA only"),
-        S("PHASED_TTT_NUM_PHASES", int, 3, COUNT, "phased TTT: global SGD passes over the prefix documents"),
+        S("PHASED_TTT_NUM_PHASES", int, 1, COUNT, "phased TTT: global SGD passes over the prefix documents"),
     ),
     "Model": (
         S("MODEL", str, "gpt", ("gpt", "ngpt"), "architecture: the starter's GPT with options, or nGPT"),
@@ -388,6 +397,7 @@ SETTING_SECTIONS = {
         S("SDCLIP_K_EMBED", float, 14.0, POS, "SDClip k of the embedding and head"),
         S("QUANT_GATE", str, "int8", ("float", "int8"), "attention-gate matrices: float, or int8 per row at |w|max"),
         S("QUANT_CONTROL", str, "fp16", ("fp32", "fp16"), "how control tensors kept float are stored"),
+        S("QUANT_FLOAT_MAX", int, 65_536, NONNEG, "matrices of at most this many values stay float, as the records"),
         S("QAT_START", float, 1.0, FRAC, "fraction of training after which matrices train fake-quantized; 1: never"),
         S("GPTQ", _flag, True, None, "GPTQ on Hessians from training batches; 0: round to nearest"),
         S("GPTQ_EMBED", _flag, True, None, "GPTQ for the embedding too"),
@@ -396,6 +406,10 @@ SETTING_SECTIONS = {
         S("GPTQ_DAMP", float, 0.01, NONNEG, "damping added to the Hessian diagonal, times its mean"),
         S("GPTQ_BLOCK", int, 128, COUNT, "GPTQ column block size"),
         S("GPTQ_FP64", _flag, False, None, "invert the Hessian in float64; 0: float32, as the 1.0611 record"),
+        S("AWQ_GROUPS", int, 1, NONNEG, "AWQ-lite (#2014): this many groups of input columns, of most activation RMS x "
+          "mean |w| over every GPTQ matrix, on the finer AWQ_BITS grid; 0: off"),
+        S("AWQ_GROUP_SIZE", int, 64, COUNT, "AWQ-lite's group of input columns"),
+        S("AWQ_BITS", int, 8, "[2, 8]", "AWQ-lite's grid, in bits"),
         S("LOWRANK_RANK", int, 4, NONNEG, "rank of the low-rank correction of quantization errors; 0: off"),
         S("LOWRANK_TENSORS", int, 3, NONNEG, "matrices (largest errors first) given the correction"),
         S("LOWRANK_GROUP", int, 64, NONNEG, "0: fp16 factors; g: int2 A, int4 B in groups of g"),
@@ -551,6 +565,14 @@ class Hyperparameters:
             raise ConfigError("RESUME continues a training run and SCORE_ARTIFACT trains nothing: unset one of them")
         if (self.lora_ttt_enabled or self.phased_ttt_enabled) and self.lora_chunk_tokens > self.eval_seq_len:
             raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+        try:
+            steps = self.lora_short_chunks.split(",")
+            self.short_chunks = sorted(tuple(int(v) for v in step.split(":")) for step in steps if step)
+        except ValueError:
+            self.short_chunks = [()]
+        if not all(len(st) == 2 and st[0] > 0 and 0 < st[1] <= self.eval_seq_len for st in self.short_chunks):
+            raise ConfigError(f"LORA_SHORT_CHUNKS={self.lora_short_chunks!r} must be 'tokens:chunk,...' with positive "
+                              f"tokens and chunks of at most EVAL_SEQ_LEN={self.eval_seq_len} ('' for none)")
 
     def artifact_settings(self) -> dict[str, object]:
         return {k: v for k, v in self.settings.items() if k not in CHECKPOINT_SETTINGS}
@@ -1291,6 +1313,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if args.skip_gate else None
         self.blocks = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.pass_blocks = None  # split_passes(): modules of their own for a looped block's later passes
         # Two lanes from decoder layer PARALLEL_LANES_FROM on, mixed per layer by these (rows for all layers, as #1855).
         self.lanes_from = args.parallel_lanes_from
         if self.lanes_from >= 0:
@@ -1318,6 +1341,14 @@ class GPT(nn.Module):
         if self.recur_last >= 0:
             self.register_buffer("recur_active", torch.tensor(self._recur_on))
             self.register_load_state_dict_post_hook(lambda m, _: m.set_recurrence(bool(m.recur_active)))
+
+    def split_passes(self) -> None:
+        """Each later pass k of a looped block i runs pass_blocks["i_k"]: new module objects holding the same
+        parameters, so that hooks on them (LoRA TTT's adapters) act per pass, as the records' adapters per position."""
+        later = {(i, order[:pos].count(i)) for order in self.orders for pos, i in enumerate(order)}
+        shared = {id(t): t for t in (*self.parameters(), *self.buffers())}
+        self.pass_blocks = nn.ModuleDict({f"{i}_{k}": copy.deepcopy(self.blocks[i], dict(shared))
+                                          for i, k in sorted(later) if k})
 
     def set_recurrence(self, on: bool) -> None:
         self.recur_active.fill_(on)
@@ -1370,6 +1401,8 @@ class GPT(nn.Module):
         half, lane1 = len(order) // 2, None
         for pos in positions:
             i, j = order[pos], pos - half
+            k = order[:pos].count(i) if self.pass_blocks is not None else 0
+            block = self.pass_blocks[f"{i}_{k}"] if k else self.blocks[i]
             two_lanes = j >= 0 and 0 <= self.lanes_from <= i
             if two_lanes and lane1 is None:
                 lane1 = x
@@ -1380,10 +1413,10 @@ class GPT(nn.Module):
                 else:
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
             if two_lanes:
-                x, lane1 = self.blocks[i].two_lanes(x, lane1, x0, docs, value_embed, self.parallel_resid_lambdas[i],
+                x, lane1 = block.two_lanes(x, lane1, x0, docs, value_embed, self.parallel_resid_lambdas[i],
                                                     self.parallel_post_lambdas[i])
             else:
-                x = self.blocks[i](x, x0, docs, value_embed)
+                x = block(x, x0, docs, value_embed)
             if j < 0:
                 skips.append(x)
         return x if lane1 is None else 0.5 * (x + lane1)
@@ -1969,8 +2002,8 @@ class WeightEMA:
 ARTIFACT_MAGIC = b"PGOLF1"
 ARTIFACT_VERSION = 2
 QUANT_BITS = {"int5": 5, "int6": 6, "int7": 7, "int8": 8, "fp16": 16}
-KEEP_FLOAT_MAX_NUMEL = 4096  # tiny matrices: too few bytes to be worth any error
 STARTER_KEEP_FLOAT_MAX_NUMEL = 65_536
+GATE_INT8_NUMEL = (32, 8192)  # QUANT_GATE=int8 rounds gates of this many values only, as the records
 STARTER_CLIP_Q = 99.99984 / 100
 STARTER_QUANT_FORMAT = "int8_clean_per_row_v1"
 STARTER_MAGIC = b"\x78\xda"  # the starter's container has no header: this is how a level-9 zlib stream starts
@@ -2016,13 +2049,16 @@ BEST_COMPRESSORS = ("zlib", "zstd", "lzma", "brotli")  # COMPRESSOR=best: the fa
 QUANT_CLASS = {"embed": "embed", "head": "embed", "table": "mlp", "gate": "gate", "attn": "attn", "mlp": "mlp"}
 
 
-def tensor_class(name: str, t: Tensor) -> str | None:
-    """The precision setting a tensor follows: 'gate', 'embed', 'attn', 'mlp'; None for tensors kept float (control
-    tensors, vectors, integers, tiny matrices other than gates)."""
+def tensor_class(name: str, t: Tensor, float_max: int) -> str | None:
+    """The precision setting a tensor follows: 'gate' (attention-gate matrices of GATE_INT8_NUMEL values), 'embed',
+    'attn', 'mlp'; None for tensors kept float (control tensors, vectors, integers, other gates, and matrices of at
+    most float_max = QUANT_FLOAT_MAX values, as the records keep them)."""
     kind = param_kind(name, t)
-    if not t.is_floating_point() or kind not in QUANT_CLASS or kind != "gate" and t.numel() <= KEEP_FLOAT_MAX_NUMEL:
+    if not t.is_floating_point() or kind not in QUANT_CLASS:
         return None
-    return QUANT_CLASS[kind]
+    if kind == "gate":
+        return "gate" if GATE_INT8_NUMEL[0] <= t.numel() <= GATE_INT8_NUMEL[1] else None
+    return None if t.numel() <= float_max else QUANT_CLASS[kind]
 
 
 def stored_fp32(name: str, t: Tensor) -> bool:
@@ -2066,7 +2102,7 @@ def configure_qat(model: nn.Module, args: Hyperparameters) -> None:
     plan = quant_plan(args)
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear):
-            cls = tensor_class(f"{name}.weight", m.weight)
+            cls = tensor_class(f"{name}.weight", m.weight, args.quant_float_max)
             if cls is not None and plan[cls][0] < 16:
                 m.qat = partial(fake_quantize, qmax=2 ** (plan[cls][0] - 1) - 1, k=plan[cls][1])
 
@@ -2074,7 +2110,7 @@ def configure_qat(model: nn.Module, args: Hyperparameters) -> None:
 def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
     """GPTQ's Hessians: sum of X^T X over the inputs X of every F.linear that multiplies a 2-D parameter (the
     tied embedding used as the output head included), on a float32 copy without QAT so that weight.to(x.dtype)
-    is the parameter itself."""
+    is the parameter itself; and under "<name>:rows" the number of rows of X (AWQ-lite's activation RMS)."""
     model = copy.deepcopy(base_model).float()
     if model.attention_kernel in PACKED_KERNELS:  # varlen_attn has no fp32 kernel: the dense document mask instead
         model.attention_kernel = "sdpa_masked"
@@ -2090,6 +2126,8 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
                 x = args[0].detach().reshape(-1, args[0].size(-1)).float()
                 h = hessians.setdefault(names[id(args[1])], x.new_zeros(x.size(1), x.size(1)))
                 h.addmm_(x.T, x)
+                rows = hessians.setdefault(f"{names[id(args[1])]}:rows", x.new_zeros((), dtype=torch.float64))
+                rows += x.size(0)
             return func(*args, **(kwargs or {}))
 
     # fp32 attention: flash has no fp32 kernel, so the others are allowed here whatever SDP_BACKENDS says.
@@ -2100,10 +2138,11 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
     return hessians
 
 
-def gptq(w: Tensor, scale: Tensor, qmax: int, H: Tensor, damp: float, block: int, fp64: bool = True) -> Tensor:
+def gptq(w: Tensor, scale: Tensor, qmax: Tensor | int, H: Tensor, damp: float, block: int, fp64: bool = True) -> Tensor:
     """GPTQ (Frantar et al. 2022): quantize columns in order of decreasing Hessian diagonal (act-order), each
     column's rounding error pushed onto the columns not yet quantized, block by block. Returns the codes. The
-    Hessian is inverted in float64 (fp64=False: float32, as the 1.0611 record; about 1 code in 1,300 differs)."""
+    Hessian is inverted in float64 (fp64=False: float32, as the 1.0611 record; about 1 code in 1,300 differs).
+    scale: per row, or per row and column with qmax per column (AWQ-lite's grid on its columns)."""
     W, H = w.float().clone(), H.to(torch.float64 if fp64 else torch.float32).clone()
     dead = H.diagonal() == 0  # inputs that never fired: their weights cannot matter
     H[dead, dead] = 1.0
@@ -2112,12 +2151,15 @@ def gptq(w: Tensor, scale: Tensor, qmax: int, H: Tensor, damp: float, block: int
     perm = torch.argsort(H.diagonal(), descending=True)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    s, Q = scale[:, None], torch.empty_like(W)
+    S = (scale if scale.ndim == 2 else scale[:, None].expand_as(W))[:, perm]
+    qmax = torch.as_tensor(qmax).expand(W.size(1))[perm]
+    Q = torch.empty_like(W)
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))
         W1, E1, Hb = W[:, i1:i2].clone(), torch.empty_like(W[:, i1:i2]), Hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            q = (W1[:, j : j + 1] / s).round().clamp(-qmax, qmax)
+            s = S[:, i1 + j : i1 + j + 1]
+            q = (W1[:, j : j + 1] / s).round().clamp(-qmax[i1 + j], qmax[i1 + j])
             Q[:, i1 + j] = q[:, 0]
             E1[:, j : j + 1] = err = (W1[:, j : j + 1] - q * s) / Hb[j, j]
             W1[:, j:] -= err * Hb[j : j + 1, j:]
@@ -2125,16 +2167,38 @@ def gptq(w: Tensor, scale: Tensor, qmax: int, H: Tensor, damp: float, block: int
     return Q[:, torch.argsort(perm)]
 
 
+def gptq_hessian(name: str, cls: str | None, args: Hyperparameters, hessians: dict | None) -> Tensor | None:
+    return (hessians or {}).get(name) if cls in ("attn", "mlp") or cls == "embed" and args.gptq_embed else None
+
+
+def awq_groups(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict | None) -> dict[str, list[int]]:
+    """AWQ-lite (#2014's): over every GPTQ matrix coarser than int<AWQ_BITS>, the AWQ_GROUPS groups of AWQ_GROUP_SIZE
+    input columns of most salience (activation RMS, sqrt(diag H / rows), times mean |w|, summed) -> their starts."""
+    plan, g, cands = quant_plan(args), args.awq_group_size, []
+    for name, t in state_dict.items():
+        cls = tensor_class(name, t, args.quant_float_max)
+        H, rows = gptq_hessian(name, cls, args, hessians), (hessians or {}).get(f"{name}:rows")
+        if H is not None and rows is not None and plan[cls][0] < args.awq_bits:
+            salience = (H.diagonal().float() / rows.float()).sqrt().cpu() * t.detach().float().cpu().abs().mean(0)
+            cands += [(float(salience[c : c + g].sum()), name, c) for c in range(0, t.size(1) - g + 1, g)]
+    chosen: dict[str, list[int]] = {}
+    for _, name, c in sorted(cands, key=lambda x: -x[0])[: args.awq_groups]:
+        chosen.setdefault(name, []).append(c)
+    return chosen
+
+
 def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
-    """Quantized matrices -> {"q": int8 codes, "scale": fp16 per row (+ "lr_a", "lr_b": fp16 low-rank correction)};
-    float tensors -> {"w"}: fp32 for control tensors, fp16 otherwise. GPTQ where a Hessian is given."""
+    """Quantized matrices -> {"q": int8 codes, "scale": fp16 per row (+ "lr_a", "lr_b": fp16 low-rank correction;
+    + "awq_start", "awq_size", "awq_scale": AWQ-lite's column groups and their fp16 row scales)}; float tensors ->
+    {"w"}: fp32 for control tensors, fp16 otherwise. GPTQ where a Hessian is given."""
     if args.export_format == "starter":  # round to nearest, as the starter: Hessians (GPTQ=1) go unused
         return quantize_starter_int8(state_dict)
     plan, out, errors = quant_plan(args), {}, {}
+    awq = awq_groups(state_dict, args, hessians) if args.awq_groups else {}
     for name, t in state_dict.items():
         t = t.detach()
         dtype = str(t.dtype).removeprefix("torch.")
-        cls = tensor_class(name, t)
+        cls = tensor_class(name, t, args.quant_float_max)
         if cls is None or plan[cls][0] >= 16:
             control = stored_fp32(name, t) and args.quant_control == "fp32"
             keep = torch.float32 if control else torch.float16
@@ -2142,13 +2206,22 @@ def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, he
             continue
         bits, k = plan[cls]
         qmax = 2 ** (bits - 1) - 1
-        scale = sdclip_scales(t, qmax, k)
-        H = (hessians or {}).get(name) if cls != "gate" and (cls != "embed" or args.gptq_embed) else None
-        q = gptq(t, scale, qmax, H.to(t.device), args.gptq_damp, args.gptq_block, args.gptq_fp64) if H is not None \
+        scale = grid = sdclip_scales(t, qmax, k)
+        H, extra = gptq_hessian(name, cls, args, hessians), {}
+        if name in awq:  # its columns on the finer grid of the same clip
+            cols = torch.zeros(t.size(1), dtype=torch.bool, device=t.device)
+            for c in awq[name]:
+                cols[c : c + args.awq_group_size] = True
+            fine_qmax = 2 ** (args.awq_bits - 1) - 1
+            fine = sdclip_scales(t, fine_qmax, k)
+            grid, qmax = torch.where(cols, fine[:, None], scale[:, None]), torch.where(cols, fine_qmax, qmax)
+            extra = {"awq_start": torch.tensor(awq[name], dtype=torch.int16),
+                     "awq_size": torch.tensor(args.awq_group_size, dtype=torch.int16), "awq_scale": fine.half().cpu()}
+        q = gptq(t, grid, qmax, H.to(t.device), args.gptq_damp, args.gptq_block, args.gptq_fp64) if H is not None \
             else (t.float() / scale[:, None]).round().clamp(-qmax, qmax)
-        out[name] = {"q": q.to(torch.int8).cpu().contiguous(), "scale": scale.half().cpu(), "dtype": dtype}
+        out[name] = {"q": q.to(torch.int8).cpu().contiguous(), "scale": scale.half().cpu(), **extra, "dtype": dtype}
         if args.lowrank_rank and cls != "gate":
-            errors[name] = t.float().cpu() - q.cpu() * scale.cpu()[:, None]
+            errors[name] = t.float().cpu() - dequantize_codes(out[name])
     # Low-rank correction (LQER): the top singular directions of the largest quantization errors.
     for name in sorted(errors, key=lambda n: -errors[n].norm().item())[: args.lowrank_tensors]:
         U, S, Vh = torch.linalg.svd(errors[name], full_matrices=False)
@@ -2208,12 +2281,20 @@ def quantize_starter_int8(state_dict: dict[str, Tensor]) -> dict[str, dict]:
 # [/starter]
 
 
+def dequantize_codes(e: dict) -> Tensor:
+    w = e["q"].float() * e["scale"].float()[:, None]
+    for c in e["awq_start"].tolist() if "awq_start" in e else ():
+        cols = slice(c, c + int(e["awq_size"]))
+        w[:, cols] = e["q"][:, cols].float() * e["awq_scale"].float()[:, None]
+    return w
+
+
 def dequantize_state_dict(qsd: dict[str, dict]) -> dict[str, Tensor]:
     out = {}
     for name, e in qsd.items():
         dtype = getattr(torch, e["dtype"])
         if "q" in e:
-            w = e["q"].float() * e["scale"].float()[:, None]
+            w = dequantize_codes(e)
             out[name] = (w + lowrank_term(e) if "lr_a" in e else w).to(dtype)
         else:
             out[name] = e["w"].to(dtype)
@@ -2645,10 +2726,11 @@ def ttt_params(model: nn.Module, args: Hyperparameters) -> list[nn.Parameter]:
 
 
 class ChunkSGD:
-    """TTT's training on chunk c of a token stream cut into TTT_CHUNK_TOKENS chunks: the chunk's EVAL_SEQ_LEN
-    sequences, dealt over ranks (a rank short of one trains a zero-weight copy: one shape), get TTT_EPOCHS SGD steps
-    on their mean loss (momentum TTT_MOMENTUM kept across chunks, gradients averaged over ranks, clipped at
-    TTT_GRAD_CLIP, LR TTT_LR cosine-decayed over the chunks) on the parameters matching TTT_PARAMS."""
+    """TTT's training on chunk c of a token stream cut into TTT_CHUNK_TOKENS chunks: the chunk's whole
+    EVAL_SEQ_LEN sequences (a remainder is not trained on, as #2014's), dealt over ranks (a rank short of one trains
+    a zero-weight copy: one shape), get TTT_EPOCHS SGD steps on their mean loss (momentum TTT_MOMENTUM kept across
+    chunks, gradients averaged over ranks, clipped at TTT_GRAD_CLIP, LR TTT_LR cosine-decayed over the chunks) on
+    the parameters matching TTT_PARAMS."""
 
     def __init__(self, args, model, net, rank, world_size, device):
         self.args, self.model, self.net = args, model, net
@@ -2753,12 +2835,15 @@ def adapter_sizes(model: nn.Module, patterns: str) -> list[tuple[nn.Module, int,
 class LoRA(nn.Module):
     """Adapters per batch row ("slot") on each module named by LORA_TARGETS: a forward hook adds
     LORA_SCALE * x @ A[slot] @ B[slot] to its output, x its first input, so any MODEL adapts unchanged (GPT: c_q,
-    c_k, c_v, proj, fc; attn and mlp as wholes, from their normed input; lm_head or tied_head). B starts at 0 (no
+    c_k, c_v, proj, fc; attn and mlp as wholes, from their normed input; lm_head or tied_head; a looped block's
+    modules once per pass, GPT.split_passes). B starts at 0 (no
     change); A from one draw for all slots, so a document scores the same whatever slot it lands in. active = False
     switches them off without unhooking (phased TTT trains the model alone), so a compiled model keeps its graphs."""
 
     def __init__(self, model: nn.Module, patterns: str, rank: int, slots: int, seed: int, scale: float = 1.0):
         super().__init__()
+        if isinstance(model, GPT):
+            model.split_passes()
         targets = adapter_sizes(model, patterns)
         if not targets:
             raise ConfigError(f"LORA_TARGETS={patterns!r} matches no module called on a tensor; names look like "
@@ -2944,14 +3029,15 @@ def sgd_pass(args, model, net, stream, rank, world_size, device) -> None:
 
 
 def evaluate_phased_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *, losses=None):
-    """Phased score-first TTT, the 1.0611 record's (#1855) evaluation, on a copy of base_model. Documents go in
+    """Phased score-first TTT, the records' (#1855, #2014) evaluation, on a copy of base_model. Documents go in
     length_batches of LORA_SLOTS, dealt over ranks in turn; a batch's rows start together and run lora_rounds in
-    step (every row stepping, as the record's AdamW over the batch), adapters reset per batch (B = 0; A warm with
-    LORA_WARM_A=1, except that a short batch starts from A's draw and leaves A as it found it, as the record's
-    separate adapters for it). Phases: once the batches taken hold boundary k = PHASED_TTT_PREFIX_DOCS * k /
-    PHASED_TTT_NUM_PHASES documents (k = 1..), the copy itself trains on the first `boundary` of them in length
-    order, all scored, their tokens (each document with the BOS that ends it) concatenated: one pass of ChunkSGD,
-    the last chunk left out; then new adapters are drawn. Returns (val_loss, val_bpb, stats)."""
+    step, in chunks of LORA_CHUNK_TOKENS or LORA_SHORT_CHUNKS' for the batch's longest document (every row stepping,
+    as the record's AdamW over the batch), adapters reset per batch (B = 0; A warm with LORA_WARM_A=1, except that a
+    short batch starts from A's draw and leaves A as it found it, as the record's separate adapters for it). Phases:
+    once the batches taken hold boundary k = PHASED_TTT_PREFIX_DOCS * k / PHASED_TTT_NUM_PHASES documents (k = 1..),
+    the copy itself trains on the first `boundary` of them in length order, all scored, their tokens (each document
+    with the BOS that ends it) concatenated: one pass of ChunkSGD, the last chunk left out; then new adapters are
+    drawn. Returns (val_loss, val_bpb, stats)."""
     t_path = time.perf_counter()
     seq_len, slots, phases = args.eval_seq_len, args.lora_slots, args.phased_ttt_num_phases
     num_targets = val_tokens.numel() - 1
@@ -2974,13 +3060,15 @@ def evaluate_phased_ttt(args, base_model, val_tokens, luts, rank, world_size, de
             rows = [[docs[d][0], docs[d][0], docs[d][1]] for d in batch] + [None] * (slots - len(batch))
             held = torch.tensor([row is not None for row in rows], device=device)
             short = len(batch) < slots
+            longest = max(docs[d][1] - docs[d][0] for d in batch) + 1  # tokens, as the record counts a document
+            chunk = next((c for limit, c in args.short_chunks if longest <= limit), args.lora_chunk_tokens)
             warm_a = [a.detach().clone() for a in lora.A] if short else None
             lora.reset(held, args.lora_warm_a and not short)
             opt.reset(held)
             while any(row and row[1] < row[2] for row in rows):
                 adapting = adapting and within_budget(args, t_path, t_loop, done, mine)
-                scored, trained = lora_round(net, opt, rows, tokens, seq_len, args.lora_chunk_tokens, luts, totals,
-                                             losses, adapting, step_all=True)
+                scored, trained = lora_round(net, opt, rows, tokens, seq_len, chunk, luts, totals, losses, adapting,
+                                             step_all=True)
                 adapted += trained
                 before, done = done, done + scored
                 if rank == 0:
@@ -3795,7 +3883,7 @@ def calibrate(run: Run, t: Training) -> dict[str, Tensor]:
         dist.all_reduce(hessians[name])
     sync(run.device)
     run.log(f"gptq_calibration batches:{args.gptq_calib_batches} tokens:{args.gptq_calib_batches * args.train_batch_tokens} "
-            f"matrices:{len(hessians)} time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
+            f"matrices:{sum(':' not in n for n in hessians)} time:{1000.0 * (time.perf_counter() - c0):.0f}ms")
     return hessians
 
 

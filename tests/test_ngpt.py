@@ -167,6 +167,7 @@ def quant_args(args, bits, k=None):
     """args with every block matrix at int<bits> (and SDClip k, if given): round to nearest, no GPTQ."""
     q = copy.copy(args)
     q.quant_attn = q.quant_mlp = f"int{bits}"
+    q.quant_float_max = 0  # every matrix of the tiny model
     if k is not None:
         q.sdclip_k_attn = q.sdclip_k_mlp = q.sdclip_k_embed = k
     return q
@@ -183,7 +184,6 @@ def roundtrip(model, args, bits, renormalize, k=None):
 
 def test_renormalizing_after_dequantization_shrinks_the_roundtrip_gap(trained, monkeypatch):
     model, args, val, _ = trained
-    monkeypatch.setattr(tg, "KEEP_FLOAT_MAX_NUMEL", 0)  # quantize every matrix of the tiny model
     pre = val_loss(model, val)
 
     def gaps(bits, k=None):
@@ -203,7 +203,6 @@ def test_renormalizing_after_dequantization_shrinks_the_roundtrip_gap(trained, m
 
 def test_control_tensors_pass_through_quantization_in_fp32(trained, monkeypatch):
     model, _, _, _ = trained
-    monkeypatch.setattr(tg, "KEEP_FLOAT_MAX_NUMEL", 0)
     qsd = tg.quantize_state_dict(model.state_dict(), quant_args(trained[1], 6))
     controls = [n for n in qsd if n.rsplit(".", 1)[-1] in ("attn_alpha", "mlp_alpha", "s_qk", "s_uv", "s_z")]
     assert len(controls) == 1 + 2 * 4

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import train_gpt as tg
 from conftest import ROOT, TINY_ENV, data_env, exact_line
 
-# Every block matrix above KEEP_FLOAT_MAX_NUMEL, so each one is quantized.
+# Every block matrix above QUANT_FLOAT_MAX (STACK=1.1194: 4,096), so each one is quantized.
 # The 1.1194-era stack's quantization (int8 embeddings, SDClip 12.85, no low-rank): the constants these tests were
 # written for; tests/test_recipe_quant.py covers the recipe's.
 SMALL = {"VOCAB_SIZE": "256", "NUM_LAYERS": "2", "MODEL_DIM": "96", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "STACK": "1.1194"}
@@ -106,9 +106,12 @@ def test_hessians_cover_every_matrix_and_the_tied_head():
                 if p.ndim == 2 and not any(pat in n for pat in tg.CONTROL_TENSOR_NAME_PATTERNS)}
     matrices.discard("bigram.weight")
     assert matrices <= set(hessians) and "tok_emb.weight" in hessians and hessians["tok_emb.weight"].shape == (96, 96)
-    assert all(any(pat in n for pat in tg.CONTROL_TENSOR_NAME_PATTERNS) for n in set(hessians) - matrices)  # gates
+    hs = {n for n in hessians if not n.endswith(":rows")}
+    assert all(any(pat in n for pat in tg.CONTROL_TENSOR_NAME_PATTERNS) for n in hs - matrices)  # gates
+    assert {f"{n}:rows" for n in hs} == set(hessians) - hs  # and each one's row count (AWQ-lite)
     inputs = torch.cat(seen)
     assert torch.allclose(hessians["blocks.1.mlp.proj.weight"], inputs.T @ inputs, rtol=1e-4, atol=1e-4)
+    assert hessians["blocks.1.mlp.proj.weight:rows"] == inputs.size(0)
 
 
 def test_each_tensor_class_gets_its_own_precision():
@@ -121,8 +124,8 @@ def test_each_tensor_class_gets_its_own_precision():
         assert qsd[name]["q"].abs().max() <= qmax
     assert qsd["tok_emb.weight"]["w"].dtype == torch.float16
     assert qsd["blocks.0.attn_scale"]["w"].dtype == torch.float32  # control tensors stay fp32
-    assert tg.tensor_class("blocks.0.mlp.fc.weight", torch.zeros(128, 64)) == "mlp"
-    assert tg.tensor_class("blocks.0.mlp.fc.weight", torch.zeros(64, 64)) is None  # tiny matrices stay float
+    assert tg.tensor_class("blocks.0.mlp.fc.weight", torch.zeros(128, 64), args.quant_float_max) == "mlp"
+    assert tg.tensor_class("blocks.0.mlp.fc.weight", torch.zeros(64, 64), args.quant_float_max) is None  # tiny: float
 
 
 def test_low_rank_correction_shrinks_the_largest_errors():
@@ -206,7 +209,7 @@ def test_default_zpaqg_round_trips_exactly_groups_tensors_and_is_no_larger_than_
     torch.manual_seed(0)
     sd = {f"blocks.{i}.{m}.weight": 0.02 * torch.randn(256, 128) * torch.rand(256, 1).add(0.5)
           for i in range(2) for m in ("attn.c_q", "mlp.fc")}
-    qsd = tg.quantize_state_dict(sd, tg.Hyperparameters({"QUANT": "int6"}))
+    qsd = tg.quantize_state_dict(sd, tg.Hyperparameters({"QUANT": "int6", "QUANT_FLOAT_MAX": "4096"}))
     blob = tg.pack_artifact(qsd, {}, "zpaqg")
     back, _ = tg.unpack_artifact(blob)
     ours, theirs = tg.dequantize_state_dict(back), tg.dequantize_state_dict(qsd)

@@ -140,7 +140,7 @@ def test_parameter_groups_are_the_records(pr1855):
         assert groups[id(p)] == want, name
         big = torch.zeros(1024, 1024)  # any 2-D tensor under a control name stays float, whatever its size
         # (the attention gate is its own class: float too, unless QUANT_GATE=int8 rounds it as the record's export)
-        assert (want == "scalar") == (tg.tensor_class(name, big) in (None, "gate")), name
+        assert (want == "scalar") == (tg.tensor_class(name, big, 65_536) in (None, "gate")), name
 
 
 @pytest.mark.parametrize("loop", [False, True])

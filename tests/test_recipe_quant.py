@@ -19,6 +19,7 @@ RECIPE_QUANT = {
     "QUANT_CONTROL": "fp16",  # its passthrough stores every float tensor of <= 65,536 values in fp16
     "LOWRANK_RANK": "4", "LOWRANK_TENSORS": "3", "LOWRANK_GROUP": "64",  # LQER_RANK, LQER_TOP_K, LQER_ASYM_GROUP
     "COMPRESSOR": "zpaq",  # the ZPAQ of its per-group lrzip, in one stream and without its row sort (README)
+    "AWQ_GROUPS": "0",  # #1855 has no AWQ-lite (tests/test_frontier_eval.py compares #2014's)
 }
 # The record's settings for the same (the reproduce command's; its LQER_FACTOR_BITS=4 is for the symmetric
 # packing, which its asymmetric one replaces whenever the group divides B).
@@ -196,7 +197,7 @@ def test_zpaq_round_trips_and_beats_every_other_compressor_on_int6_codes():
     """ZPAQ (the back end of the record's lrzip, from pip): on GPTQ-like int6 codes it lands under the smallest of
     the others (on a full-size stand-in: 133,768 bytes under brotli; README "Against the 1.0611 record")."""
     torch.manual_seed(0)
-    sd = {f"blocks.{i}.mlp.fc.weight": 0.02 * torch.randn(256, 256) for i in range(4)}
+    sd = {f"blocks.{i}.mlp.fc.weight": 0.02 * torch.randn(320, 256) for i in range(4)}  # over 65,536: quantized
     qsd = tg.quantize_state_dict(sd, recipe_args())
     blob = tg.pack_artifact(qsd, {"SEED": 1}, "zpaq")
     back, settings = tg.unpack_artifact(blob)

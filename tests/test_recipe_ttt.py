@@ -28,7 +28,7 @@ RECIPE_TTT = {
     "LORA_LR": "0.0001", "LORA_BETA1": "0", "LORA_BETA2": "0.99", "LORA_EPS": "1e-10", "LORA_WD": "0.5",
     "LORA_WARM_A": "1", "LORA_TARGETS": "*.c_q,*.c_k,*.c_v,*.attn,*.mlp,tied_head,lm_head",
     "TTT_PARAMS": "*", "TTT_LR": "0.001", "TTT_MOMENTUM": "0.9", "TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "32768",
-    "TTT_GRAD_CLIP": "1.0", "DOC_ATTENTION": "1",
+    "TTT_GRAD_CLIP": "1.0", "DOC_ATTENTION": "1", "LORA_SHORT_CHUNKS": "", "SOFTCAP_ASYM": "0",
 }
 
 VOCAB, LAYERS, DIM, HEADS, KV_HEADS, SEQ = 64, 2, 32, 4, 2, 32

@@ -829,7 +829,7 @@ def test_size_estimate_is_the_export_of_the_configuration_and_grows_with_it():
     import train_gpt as tg
 
     tiny = {"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
-            "BIGRAM_BUCKETS": "64", "COMPRESSOR": "zlib"}
+            "BIGRAM_BUCKETS": "64", "COMPRESSOR": "zlib", "QUANT_FLOAT_MAX": "4096"}  # 65,536: all of it stays float
     export, code_bytes, params = estimate_size.estimate(tg.Hyperparameters(tiny), steps=2, tokens=512)
     counted = tg.counted_code((REPO / "train_gpt.py").read_bytes(), tg.Hyperparameters(tiny))
     assert code_bytes == len(counted) and export.pruned == 0
