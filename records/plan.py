@@ -5,7 +5,7 @@ computed or allocated), one training micro-step and one optimizer step run at th
 phase (the depth-recurrence switch, the sequence-length schedule), and FLOPs, memory, time, steps, evaluation time
 and bytes come out. No GPU and no data are needed. It lives outside train_gpt.py so that a record run does not count
 its bytes; train_gpt.py loads it by path (PLAN=1, and the plan a CUDA run logs before training). Its constants are
-fitted on the records' logs in CALIBRATION; docs/planner.md gives the model and its error on each log.
+fitted on the records' logs in CALIBRATION; docs/plan.md gives the model and its error on each log.
 """
 
 from __future__ import annotations
@@ -531,7 +531,7 @@ def plan_lines(args: Hyperparameters, p: dict) -> list[str]:
     lines.append(f"plan model_constants eval_efficiency_batched:{PLAN_EVAL_EFFICIENCY['batched']} "
                  f"eval_efficiency_adaptive:{PLAN_EVAL_EFFICIENCY['adaptive']} lora_token_us:{LORA_TOKEN_S * 1e6:.3f} "
                  f"lora_round_ms:{LORA_ROUND_S * 1e3:.1f} global_token_us:{GLOBAL_TOKEN_S * 1e6:.3f} "
-                 f"compression_ratio:{PLAN_COMPRESSION_RATIO} val_tokens:{p['val_tokens']} (docs/planner.md)")
+                 f"compression_ratio:{PLAN_COMPRESSION_RATIO} val_tokens:{p['val_tokens']} (docs/plan.md)")
     lines.append("plan eval " + " ".join(f"{k}:{v:.0f}s" for k, v in p["evals"].items()) +
                  f" total:{sum(p['evals'].values()):.0f}s limit:{EVAL_LIMIT_SECONDS:.0f}s")
     lines.append("| what | predicted | limit |")
@@ -558,7 +558,7 @@ def print_plan(args: Hyperparameters) -> int:
 
 def calibration_rows(torch_version: str = "2.9") -> list[dict]:
     """The plan of each CALIBRATION log's settings on 8 H100s beside the logged figures: the planner's error per log
-    (docs/planner.md's table; tests/test_plan.py bounds it)."""
+    (docs/plan.md's table; tests/test_plan.py bounds it)."""
     rows = []
     for p in CALIBRATION:
         args = Hyperparameters({**p.env, "PLAN_TORCH": torch_version})

@@ -229,7 +229,7 @@ def test_doc_lengths_sum_to_the_split_and_ascend():
 
 @pytest.mark.slow  # a plan of each record's settings (nine traced steps and the quantizer at full size): minutes
 def test_the_plan_is_within_15_percent_of_each_records_log():
-    # docs/planner.md's table. ms/step on every log (#2014's is held out of the time model's fit), evaluation time
+    # docs/plan.md's table. ms/step on every log (#2014's is held out of the time model's fit), evaluation time
     # where the plan prices the log's paths, bytes where the log's export is ours (#1855's recipe).
     for row in plan.calibration_rows():
         for what in ("ms_step", "steps", "eval_s", "model_bytes"):
