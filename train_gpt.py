@@ -55,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 SIZE_CAP_BYTES = 16_000_000
 MAX_PARAMS = 2**30
 SCRIPT_DIR = Path(__file__).resolve().parent
+# [presets]
 # SMOKE=1 defaults: a tiny model on the embedded corpus, about three minutes on 2 CPU cores (sliding-window and
 # TTT evaluation included).
 # Env vars set explicitly still win over these.
@@ -121,6 +122,7 @@ BASELINE_PRESET = {
     "EXPORT_FORMAT": "starter", "CODE_PACK": "0", "SOFTCAP_FP32": "0", "ROPE_FP32": "0", "SDP_BACKENDS": "flash",
     "DOC_ATTENTION": "0",
 }
+# [/presets]
 
 
 class ConfigError(Exception):
@@ -163,12 +165,14 @@ def _flag(raw: str) -> bool:
 # code is marked `# [name]` ... `# [/name]` (or one line ending in `# [name]`); the counted copy of a run leaves out
 # every feature its settings do not reach, names them in DROPPED_FEATURES, and refuses settings that reach one.
 FEATURES = {
+    "presets": lambda a: a.smoke or a.baseline or a.stack != "2014",
     "ngpt": lambda a: a.model == "ngpt",
     "checkpoint": lambda a: a.checkpoint_every_seconds > 0 or bool(a.resume),
-    "starter": lambda a: a.export_format == "starter",
+    "starter": lambda a: a.export_format == "starter" or bool(a.score_artifact),  # SCORE_ARTIFACT may read one
     "shuffled": lambda a: a.train_loader == "shuffled",
     "ttt": lambda a: a.ttt_enabled,
     "lora_ttt": lambda a: a.lora_ttt_enabled,
+    "score": lambda a: bool(a.score_artifact),
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
 DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
@@ -433,10 +437,12 @@ CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPO
 RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("ALLOW_ENV RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
                                                     "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES "
                                                     "ALLOW_OTHER_TOKENIZER".split())
+# [score]
 # What the env may set when scoring an artifact (SCORE_ARTIFACT): where things are, how it is evaluated; the rest is
 # the artifact's.
 SCORE_MAY_SET = RESUME_MAY_DIFFER | frozenset("SCORE_ARTIFACT VAL_BATCH_SIZE COMPILE SDP_BACKENDS".split())
 SCORE_MAY_SET_PREFIXES = ("EVAL_", "TTT_", "LORA_", "PHASED_TTT_", "PLAN")
+# [/score]
 
 
 def available_compressors() -> list[str]:
@@ -466,6 +472,7 @@ class Hyperparameters:
         env = dict(os.environ if env is None else env)
         self.explicit = frozenset(env)  # set by the user, not by a preset
         self.unused_env: list[str] = []  # SCORE_ARTIFACT: env settings the artifact's own replace
+        # [presets]
         baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
         older = baseline or env.get("STACK") == "1.1194"
         before = older or env.get("STACK") in ("1855", "1.0611")  # #1855's recipe or older
@@ -475,6 +482,7 @@ class Hyperparameters:
                    **(SMOKE_RECIPE_PRESET if smoke and not older else {}),
                    **(SMOKE_2014_PRESET if smoke and not before else {})}
         env = {**presets, **env}
+        # [/presets]
         self.settings: dict[str, object] = {}
         self.world_size = int(env.get("WORLD_SIZE", "1"))  # torchrun's; needed by the batch rule
         model = env.get("MODEL", "gpt")
@@ -561,8 +569,10 @@ class Hyperparameters:
         if (self.ttt_enabled or self.phased_ttt_enabled) and self.ttt_chunk_tokens < self.eval_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be at least EVAL_SEQ_LEN={self.eval_seq_len} "
                               "(a chunk is trained on as its whole sequences)")
+        # [checkpoint]
         if self.resume and self.score_artifact:
             raise ConfigError("RESUME continues a training run and SCORE_ARTIFACT trains nothing: unset one of them")
+        # [/checkpoint]
         if (self.lora_ttt_enabled or self.phased_ttt_enabled) and self.lora_chunk_tokens > self.eval_seq_len:
             raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         try:
@@ -2367,6 +2377,7 @@ def unseal_artifact(blob: bytes, source: str = "artifact") -> bytes:
     return blob[n:]
 
 
+# [starter]
 def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
     try:
         raw = zlib.decompress(blob)
@@ -2385,12 +2396,15 @@ def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
     for name, w in obj["passthrough"].items():
         qsd[name] = {"w": w, "dtype": orig_dtypes.get(name, str(w.dtype).removeprefix("torch."))}
     return qsd
+# [/starter]
 
 
 def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
     blob = unseal_artifact(blob, source)
+    # [starter]
     if blob.startswith(STARTER_MAGIC):
         return "zlib"
+    # [/starter]
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic): corrupt, or not written by train_gpt.py; "
                           "re-export or re-download it, or give a file train_gpt.py wrote")
@@ -2406,8 +2420,10 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     container, which carries none)."""
     blob = unseal_artifact(blob, source)
     compressor = artifact_compressor(blob, source)
+    # [starter]
     if blob.startswith(STARTER_MAGIC):
         return unpack_starter(blob, source), None
+    # [/starter]
     try:  # each decompressor has its own error class; any of them means the same: a damaged file
         payload = COMPRESSORS[compressor][1](blob[len(ARTIFACT_MAGIC) + 1 + len(compressor) :])
         mlen = int.from_bytes(payload[:4], "little")
@@ -2471,8 +2487,10 @@ def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifa
     qsd, settings = unpack_artifact(blob, source)
     if settings is not None:
         args = Hyperparameters(settings_env(settings))
+    # [starter]
     elif args is None:
         raise ConfigError(f"{source}: a starter artifact carries no settings; score it with the run's (SCORE_ARTIFACT)")
+    # [/starter]
     model = build_model(args, device)
     try:
         model.load_state_dict(dequantize_state_dict(qsd), strict=True)
@@ -2488,11 +2506,14 @@ def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifa
 # bytes are a latin-1 string literal, one character each but the 5 escaped: 2% over them, where base85 adds 25%.
 CODE_PACK_HEAD = b"#coding:latin-1\nimport brotli;exec(brotli.decompress('"
 CODE_PACK_TAIL = b"'.encode('latin-1')))\n"
-CODE_ESCAPES = {0: b"\\x00", 10: b"\\n", 13: b"\\r", 39: b"\\'", 92: b"\\\\"}  # what a literal cannot hold
+CODE_ESCAPES = {0: b"\\0", 10: b"\\n", 13: b"\\r", 39: b"\\'", 92: b"\\\\"}  # what a literal cannot hold
 
 
 def pack_code(source: bytes) -> bytes:
-    packed = b"".join(CODE_ESCAPES.get(b, bytes([b])) for b in COMPRESSORS["brotli"][0](source))
+    z = COMPRESSORS["brotli"][0](source)
+    # \0 is \x00 but before a digit, where it would read as a longer octal escape
+    packed = b"".join(b"\\x00" if b == 0 and z[i + 1 : i + 2].isdigit() else CODE_ESCAPES.get(b, bytes([b]))
+                      for i, b in enumerate(z))
     return CODE_PACK_HEAD + packed + CODE_PACK_TAIL
 
 
@@ -2505,6 +2526,8 @@ def plain_code(code: bytes) -> bytes:
 
 
 # [codegen]
+import ast  # only the counted copy's maker parses the source
+
 FEATURE_MARK = re.compile(r"# \[(/?)(\w+)\]$")
 
 
@@ -2523,6 +2546,18 @@ def strip_features(source: str, dropped: tuple[str, ...]) -> str:
     return "".join(kept).replace("DROPPED_FEATURES = ()", f"DROPPED_FEATURES = {dropped!r}", 1)
 
 
+class BlankSettingDocs(ast.NodeTransformer):
+    """Empties the settings' docs (S's 5th argument, Derived's 1st): only records/settings_doc.py reads them, from
+    the readable source."""
+
+    def visit_Call(self, node: ast.Call) -> ast.Call:
+        self.generic_visit(node)
+        at = {"S": 4, "Derived": 0}.get(node.func.id) if isinstance(node.func, ast.Name) else None
+        if at is not None and len(node.args) > at:
+            node.args[at] = ast.Constant("")
+        return node
+
+
 @cache
 def make_counted_copy(source: bytes, dropped: tuple[str, ...]) -> bytes:
     """The counted copy of a readable source: the dropped features left out, comments and docstrings stripped,
@@ -2532,9 +2567,10 @@ def make_counted_copy(source: bytes, dropped: tuple[str, ...]) -> bytes:
     except ImportError:
         raise ConfigError("CODE_PACK=1 counts a minified copy: pip install python-minifier (requirements.txt), "
                           "or set CODE_PACK=0") from None
-    text = strip_features(source.decode("utf-8"), dropped)
-    # hoisted literals only repeat what the compressor already shares: 1.5% larger packed
-    minified = python_minifier.minify(text, remove_literal_statements=True, rename_globals=False, hoist_literals=False)
+    text = ast.unparse(BlankSettingDocs().visit(ast.parse(strip_features(source.decode("utf-8"), dropped))))
+    # hoisted literals only repeat what the compressor already shares: 1.5% larger packed; one line: 0.3% smaller
+    minified = python_minifier.minify(text, remove_literal_statements=True, rename_globals=False, hoist_literals=False,
+                                      prefer_single_line=True)
     return pack_code(minified.encode("utf-8"))
 # [/codegen]
 
@@ -3245,6 +3281,7 @@ def read_settings() -> Hyperparameters:
     args = Hyperparameters()
     if not args.score_artifact:
         return args
+    # [score]
     path = Path(args.score_artifact)
     if not path.is_file():
         raise ConfigError(f"SCORE_ARTIFACT={path} does not exist; give the path of an artifact file")
@@ -3256,6 +3293,7 @@ def read_settings() -> Hyperparameters:
     args = Hyperparameters({**stored, **used})
     args.unused_env = sorted(k for k in os.environ.keys() - used.keys() if os.environ[k] != stored[k])
     return args
+    # [/score]
 
 
 def check_outputs(args: Hyperparameters) -> None:
@@ -3321,9 +3359,11 @@ def log_header(run: Run) -> None:
     for name in sorted(args.settings):
         if name in os.environ:
             run.log(f"env:{name}={os.environ[name]}")
+    # [score]
     if args.unused_env:
         run.log(f"warning: SCORE_ARTIFACT: env {', '.join(f'{k}={os.environ[k]}' for k in args.unused_env)} not used: the "
                 f"artifact's own settings replace them ({', '.join(f'{k}={args.settings[k]}' for k in args.unused_env)})")
+    # [/score]
     code_path = Path(__file__).resolve()
     run.log(f"code_sha256:{hashlib.sha256(run.code).hexdigest()} code_bytes:{len(run.code)} code_path:{code_path}")
     run.log(f"code plain_bytes:{len(source)} packed_bytes:{len(packed_copy(run.code, args))} "
@@ -3350,6 +3390,7 @@ def activate_attention(run: Run) -> None:
             f"capability:{capability} fa3_installed:{int(fa3_installed)} why:{why}")
 
 
+# [presets]
 def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
     """SMOKE=1 builds the embedded dataset and tokenizer once, if they are missing (rank 0 builds, others wait),
     only into its own cache: a DATA_PATH or TOKENIZER_PATH elsewhere is the user's and is never written."""
@@ -3372,6 +3413,7 @@ def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
             raise ConfigError("smoke: data/build_shards.py failed (see above); fix it or set DATA_PATH and TOKENIZER_PATH")
     if dist.is_initialized():
         dist.barrier()
+# [/presets]
 
 
 @dataclass
@@ -3383,7 +3425,7 @@ class ValData:
 def load_val_data(run: Run) -> ValData:
     """The whole val split, checked to be the challenge's, and what its bytes are counted with."""
     args = run.args
-    ensure_smoke_data(args, run.master)
+    ensure_smoke_data(args, run.master)  # [presets]
     sp = load_tokenizer(args)
     seq_len = max(args.train_seq_len, args.eval_seq_len)
     tokens = load_validation_tokens(args.val_files, args.vocab_size, seq_len).to(run.device, torch.int64)

@@ -42,21 +42,34 @@ def test_default_record_run_counts_at_most_31000_bytes(default_copy):
     assert len(default_copy) <= RECORD_CODE_BYTES, len(default_copy)
     source = tg.plain_code(default_copy).decode()
     dropped = re.search(r"DROPPED_FEATURES=(.*)", source).group(1)
-    for name in ("ngpt", "checkpoint", "starter", "shuffled", "ttt", "lora_ttt", "codegen"):
+    for name in ("presets", "ngpt", "checkpoint", "starter", "shuffled", "ttt", "lora_ttt", "score", "codegen"):
         assert repr(name) in dropped
     assert "phased_ttt" in source and "class GPT" in source and "class NGPT" not in source
     assert "python_minifier" not in source  # the copy runs without the minifier: it is its own counted code
+    assert "SMOKE_PRESET" not in source and "the starter's configuration" not in source  # presets and docs left out
+
+
+def test_packed_literal_escapes_nul_short_except_before_a_digit(monkeypatch):
+    blob = b"\x007\x00a\x00\n\r'\\\x008\x00"
+    monkeypatch.setitem(tg.COMPRESSORS, "brotli", (lambda b: blob, lambda b: b))
+    packed = tg.pack_code(b"")
+    literal = packed[len(tg.CODE_PACK_HEAD) - 1 : -len(tg.CODE_PACK_TAIL) + 1]
+    assert literal == b"'\\x007\\0a\\0\\n\\r\\'\\\\\\x008\\0'"
+    assert eval(literal.decode("latin-1")).encode("latin-1") == blob == tg.plain_code(packed)
 
 
 def test_counted_copy_counts_itself_and_drops_only_what_the_settings_do_not_reach(default_copy):
     assert tg.counted_code(default_copy, tg.Hyperparameters({})) == default_copy
     reached = {name for name, needed in tg.FEATURES.items() if needed(tg.Hyperparameters({"MODEL": "ngpt", "TTT_ENABLED": "1"}))}
     assert reached == {"ngpt", "ttt"}
+    for env in {"SMOKE": "1"}, {"BASELINE": "1"}, {"STACK": "1855"}:  # the presets: the SMOKE=1 copy keeps them
+        assert tg.FEATURES["presets"](tg.Hyperparameters(env))
 
 
 def test_counted_copy_refuses_settings_that_need_a_dropped_feature(default_copy, tmp_path):
     (tmp_path / "train_gpt.py").write_bytes(default_copy)
-    for env, feature in ({"MODEL": "ngpt"}, "ngpt"), ({"CHECKPOINT_EVERY_SECONDS": "60"}, "checkpoint"):
+    for env, feature in (({"MODEL": "ngpt"}, "ngpt"), ({"CHECKPOINT_EVERY_SECONDS": "60"}, "checkpoint"),
+                         ({"SMOKE": "1"}, "presets")):
         proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=tmp_path, capture_output=True, text=True,
                               timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
         assert proc.returncode == 2, proc.stderr[-2000:]
