@@ -523,11 +523,13 @@ class Hyperparameters:
             raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli; "
                               "zpaq: pip install zpaq); "
                               f"choose best or one of {available_compressors()}")
+        # [starter]
         int8 = {v for name, v in self.settings.items() if SETTINGS[name].check == QUANTS} == {"int8"}
         if self.export_format == "starter" and (not int8 or self.compressor != "zlib" or self.lowrank_rank
                                                 or self.qat_start < 1):
             raise ConfigError("EXPORT_FORMAT=starter is the starter's int8 + zlib export: set QUANT=int8 (QUANT_ATTN, "
                               "QUANT_MLP, QUANT_EMBED too), COMPRESSOR=zlib, LOWRANK_RANK=0, QAT_START=1 (BASELINE=1 does)")
+        # [/starter]
         if self.doc_attention and not {"mem_efficient", "math"} & set(self.sdp_backends.split(",")):
             raise ConfigError(f"DOC_ATTENTION=1 needs a masked-attention kernel where varlen_attn is missing (before "
                               f"sm80, GPTQ's fp32 calibration): add mem_efficient or math to SDP_BACKENDS={self.sdp_backends!r}")
@@ -2503,18 +2505,24 @@ def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifa
 
 # Counted code: the script itself (CODE_PACK=0), or its counted copy: the source a run's settings reach (FEATURES),
 # minified, brotli-compressed (3% under lzma), in a self-extracting file that runs as train_gpt.py. The compressed
-# bytes are a latin-1 string literal, one character each but the 5 escaped: 2% over them, where base85 adds 25%.
-CODE_PACK_HEAD = b"#coding:latin-1\nimport brotli;exec(brotli.decompress('"
-CODE_PACK_TAIL = b"'.encode('latin-1')))\n"
-CODE_ESCAPES = {0: b"\\0", 10: b"\\n", 13: b"\\r", 39: b"\\'", 92: b"\\\\"}  # what a literal cannot hold
+# bytes are a triple-quoted latin-1 string literal, one character each but the few escaped: 1% over them, where
+# base85 adds 25%.
+CODE_PACK_HEAD = b"#coding:latin-1\nimport brotli;exec(brotli.decompress('''"
+CODE_PACK_TAIL = b"'''.encode('latin-1')))\n"
+CODE_ESCAPES = {0: b"\\0", 13: b"\\r", 92: b"\\\\"}  # what a literal cannot hold (a raw \r reads as \n)
+
+
+def escape_code_byte(b: int, after: bytes) -> bytes:
+    if b == 0 and after.isdigit():  # \0 before a digit would read as a longer octal escape
+        return b"\\x00"
+    if b == 39 and after in (b"'", b""):  # a quote before another, or the last, could close the literal
+        return b"\\'"
+    return CODE_ESCAPES.get(b, bytes([b]))
 
 
 def pack_code(source: bytes) -> bytes:
     z = COMPRESSORS["brotli"][0](source)
-    # \0 is \x00 but before a digit, where it would read as a longer octal escape
-    packed = b"".join(b"\\x00" if b == 0 and z[i + 1 : i + 2].isdigit() else CODE_ESCAPES.get(b, bytes([b]))
-                      for i, b in enumerate(z))
-    return CODE_PACK_HEAD + packed + CODE_PACK_TAIL
+    return CODE_PACK_HEAD + b"".join(escape_code_byte(b, z[i + 1 : i + 2]) for i, b in enumerate(z)) + CODE_PACK_TAIL
 
 
 def plain_code(code: bytes) -> bytes:

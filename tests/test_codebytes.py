@@ -3,6 +3,7 @@ bytes the records spend, runs exactly as the readable script does, and refuses s
 
 import hashlib
 import os
+import random
 import re
 import subprocess
 import sys
@@ -49,13 +50,15 @@ def test_default_record_run_counts_at_most_31000_bytes(default_copy):
     assert "SMOKE_PRESET" not in source and "the starter's configuration" not in source  # presets and docs left out
 
 
-def test_packed_literal_escapes_nul_short_except_before_a_digit(monkeypatch):
-    blob = b"\x007\x00a\x00\n\r'\\\x008\x00"
-    monkeypatch.setitem(tg.COMPRESSORS, "brotli", (lambda b: blob, lambda b: b))
-    packed = tg.pack_code(b"")
-    literal = packed[len(tg.CODE_PACK_HEAD) - 1 : -len(tg.CODE_PACK_TAIL) + 1]
-    assert literal == b"'\\x007\\0a\\0\\n\\r\\'\\\\\\x008\\0'"
-    assert eval(literal.decode("latin-1")).encode("latin-1") == blob == tg.plain_code(packed)
+def test_packed_literal_escapes_only_what_would_change_or_close_it(monkeypatch):
+    blobs = [b"\x007\x00a\n\r'b''\\\x008\x00'", b"'", b"''", b"'''", b"\\'", bytes(range(256)) * 2,
+             bytes(random.Random(0).choices(b"\x00\n\r'\\7a", k=4000))]
+    monkeypatch.setitem(tg.COMPRESSORS, "brotli", (lambda b: blobs[int(b)], lambda b: b))
+    assert tg.pack_code(b"0") == tg.CODE_PACK_HEAD + rb"\x007\0a" + b"\n" + rb"\r'b\''\\\x008\0\'" + tg.CODE_PACK_TAIL
+    for i, blob in enumerate(blobs):
+        packed = tg.pack_code(str(i).encode())
+        literal = packed[len(tg.CODE_PACK_HEAD) - 3 : -len(tg.CODE_PACK_TAIL) + 3]  # with its quotes
+        assert eval(literal.decode("latin-1")).encode("latin-1") == blob == tg.plain_code(packed)
 
 
 def test_counted_copy_counts_itself_and_drops_only_what_the_settings_do_not_reach(default_copy):
