@@ -173,6 +173,7 @@ FEATURES = {
     "ttt": lambda a: a.ttt_enabled,
     "lora_ttt": lambda a: a.lora_ttt_enabled,
     "score": lambda a: bool(a.score_artifact),
+    "qat": lambda a: a.qat_start < 1,
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
 DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
@@ -996,7 +997,7 @@ class CastedLinear(nn.Linear):
     # fp32 weights for the optimizer, cast to the activation dtype at matmul time. QAT: with qat set (configure_qat
     # installs the export grid's rounding), the forward uses it (straight-through gradient) while the qat_on buffer
     # is 1; a buffer, not a Python flag, because torch.compile freezes Python flags but reads buffers on every call.
-    qat: Callable[[Tensor], Tensor] | None = None
+    qat: Callable[[Tensor], Tensor] | None = None  # [qat]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -1004,8 +1005,8 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat is not None:
-            w = w + self.qat_on * (self.qat(w.detach()) - w.detach())
+        if self.qat is not None:  # [qat]
+            w = w + self.qat_on * (self.qat(w.detach()) - w.detach())  # [qat]
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -2097,6 +2098,7 @@ def sdclip_scales(w: Tensor, qmax: int, k: float) -> Tensor:
     return (spread / qmax).clamp_min(1e-7).half().float()
 
 
+# [qat]
 def fake_quantize(w: Tensor, qmax: int, k: float) -> Tensor:
     """w rounded to nearest on its export grid: the QAT forward."""
     s = sdclip_scales(w, qmax, k)[:, None]
@@ -2117,6 +2119,7 @@ def configure_qat(model: nn.Module, args: Hyperparameters) -> None:
             cls = tensor_class(f"{name}.weight", m.weight, args.quant_float_max)
             if cls is not None and plan[cls][0] < 16:
                 m.qat = partial(fake_quantize, qmax=2 ** (plan[cls][0] - 1) - 1, k=plan[cls][1])
+# [/qat]
 
 
 def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
@@ -2126,9 +2129,9 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
     model = copy.deepcopy(base_model).float()
     if model.attention_kernel in PACKED_KERNELS:  # varlen_attn has no fp32 kernel: the dense document mask instead
         model.attention_kernel = "sdpa_masked"
-    for m in model.modules():
-        if isinstance(m, CastedLinear):
-            m.qat = None
+    for m in model.modules():  # [qat]
+        if isinstance(m, CastedLinear):  # [qat]
+            m.qat = None  # [qat]
     names = {id(p): n for n, p in model.named_parameters() if p.ndim == 2}
     hessians: dict[str, Tensor] = {}
 
@@ -3479,8 +3482,8 @@ def build_training(run: Run) -> Training:
     run.log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(loader.files)} "
             f"prefetch_batches:{loader.depth} pinned:{int(loader.pin)}")
     base_model = build_model(args, run.device)
-    if args.qat_start < 1:
-        configure_qat(base_model, args)
+    if args.qat_start < 1:  # [qat]
+        configure_qat(base_model, args)  # [qat]
     model = compiled(base_model, args)
     if run.distributed:
         model = ddp_without_matrices(model, base_model, run.device)
@@ -3602,11 +3605,13 @@ def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
         t.switched[f"seq_len:{t.seq_len}"] = clock.step
         run.log(f"seq_len:{t.seq_len} step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
                 f"rewarmup_steps:{args.seq_change_warmup_steps}")
+    # [qat]
     if args.qat_start < 1 and "qat" not in t.switched and frac >= args.qat_start:
         set_qat(t.base_model, True)
         t.switched["qat"] = clock.step
         run.log(f"qat:on step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
                 f"quant:{args.quant_attn}/{args.quant_mlp}")
+    # [/qat]
     if args.recur_last >= 0 and "recurrence" not in t.switched and frac >= args.recur_start_frac:
         t.base_model.set_recurrence(True)
         t.switched["recurrence"] = clock.step
@@ -3821,8 +3826,8 @@ def restore_training(run: Run, t: Training, clock: TrainClock) -> None:
             average.copy_(saved)
     t.loader.load_state_dict(state["loader"])
     t.switched = dict(state["switched"])
-    if "qat" in t.switched:
-        set_qat(t.base_model, True)
+    if "qat" in t.switched:  # [qat]
+        set_qat(t.base_model, True)  # [qat]
     set_rng_state(part["rng"], run.device)
     clock.step, clock.banked_ms = state["step"], state["train_ms"]
     clock.ms = clock.banked_ms
@@ -3945,7 +3950,7 @@ def finish_training(run: Run, data: ValData, t: Training, clock: TrainClock) -> 
         t.ema.apply()
         t.base_model.after_load()  # an average of unit rows is not unit
         run.log(f"ema:applied decay:{args.ema_decay} steps:{clock.step}")
-    set_qat(t.base_model, False)  # the pre-quant score and the Hessians read the float weights
+    set_qat(t.base_model, False)  # the pre-quant score and the Hessians read the float weights  # [qat]
     hessians = calibrate(run, t) if args.gptq else None
     t.loader.close()  # the last training batch has been read
     clock.pause()
@@ -4027,10 +4032,12 @@ def score_stages(run: Run, data: ValData, t: Training, export: Export, gptq_used
     """The quantization gap by stage, on the training model: the QAT forward if QAT ran (round to nearest on the
     export grid), then the quantized weights before any pruning (they replace the float weights)."""
     args = run.args
+    # [qat]
     if args.qat_start < 1:
         set_qat(t.base_model, True)
         score(run, data, f"{args.quant}_qat", partial(evaluate, label="qat"), t.model)
         set_qat(t.base_model, False)
+    # [/qat]
     t.base_model.load_state_dict(dequantize_state_dict(export.quantized))
     t.base_model.after_load()
     score(run, data, f"{args.quant}_{'gptq' if gptq_used else 'rtn'}", partial(evaluate, label="quantized"), t.model)
