@@ -2,6 +2,7 @@
 bytes the records spend, runs exactly as the readable script does, and refuses settings it left the code of out."""
 
 import hashlib
+import importlib.util
 import os
 import random
 import re
@@ -78,6 +79,19 @@ def test_counted_copy_refuses_settings_that_need_a_dropped_feature(default_copy,
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert re.fullmatch(rf"error: these settings need {feature}, which this counted copy of train_gpt.py left "
                             r"out .*; run the readable train_gpt.py\n", proc.stderr), proc.stderr[-2000:]
+
+
+def test_smoke_copy_keeps_the_presets_and_resolves_the_same_settings(tmp_path, monkeypatch):
+    env = {"SMOKE": "1", "RUN_ID": "smoke"}
+    copy = tg.counted_code((ROOT / "train_gpt.py").read_bytes(), tg.Hyperparameters(env))
+    (tmp_path / "smoke_copy.py").write_bytes(copy)
+    spec = importlib.util.spec_from_file_location("smoke_copy", tmp_path / "smoke_copy.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "smoke_copy", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    assert "presets" not in module.DROPPED_FEATURES
+    settings = {k: str(v).replace(str(tmp_path), str(ROOT)) for k, v in module.Hyperparameters(env).settings.items()}
+    assert settings == {k: str(v) for k, v in tg.Hyperparameters(env).settings.items()}
 
 
 def masked_tail(log: str) -> list[str]:
