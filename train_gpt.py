@@ -168,11 +168,10 @@ FEATURES = {
     "presets": lambda a: a.smoke or a.baseline or a.stack != "2014",
     "ngpt": lambda a: a.model == "ngpt",
     "checkpoint": lambda a: a.checkpoint_every_seconds > 0 or bool(a.resume),
-    "starter": lambda a: a.export_format == "starter" or bool(a.score_artifact),  # SCORE_ARTIFACT may read one
+    "starter": lambda a: a.export_format == "starter",
     "shuffled": lambda a: a.train_loader == "shuffled",
     "ttt": lambda a: a.ttt_enabled,
     "lora_ttt": lambda a: a.lora_ttt_enabled,
-    "score": lambda a: bool(a.score_artifact),
     "qat": lambda a: a.qat_start < 1,
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
@@ -438,12 +437,10 @@ CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPO
 RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("ALLOW_ENV RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
                                                     "TRAIN_LOG_EVERY VAL_LOSS_EVERY MAX_WALLCLOCK_SECONDS PREFETCH_BATCHES "
                                                     "ALLOW_OTHER_TOKENIZER".split())
-# [score]
 # What the env may set when scoring an artifact (SCORE_ARTIFACT): where things are, how it is evaluated; the rest is
 # the artifact's.
 SCORE_MAY_SET = RESUME_MAY_DIFFER | frozenset("SCORE_ARTIFACT VAL_BATCH_SIZE COMPILE SDP_BACKENDS".split())
 SCORE_MAY_SET_PREFIXES = ("EVAL_", "TTT_", "LORA_", "PHASED_TTT_", "PLAN")
-# [/score]
 
 
 def available_compressors() -> list[str]:
@@ -2406,10 +2403,11 @@ def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
 
 def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
     blob = unseal_artifact(blob, source)
-    # [starter]
     if blob.startswith(STARTER_MAGIC):
+        if "starter" in DROPPED_FEATURES:  # SCORE_ARTIFACT given the starter's container: its reader is left out
+            raise ConfigError(f"{source}: a starter artifact, which this counted copy of train_gpt.py cannot read (it "
+                              "was made for other settings); score it with the readable train_gpt.py")
         return "zlib"
-    # [/starter]
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic): corrupt, or not written by train_gpt.py; "
                           "re-export or re-download it, or give a file train_gpt.py wrote")
@@ -3292,7 +3290,6 @@ def read_settings() -> Hyperparameters:
     args = Hyperparameters()
     if not args.score_artifact:
         return args
-    # [score]
     path = Path(args.score_artifact)
     if not path.is_file():
         raise ConfigError(f"SCORE_ARTIFACT={path} does not exist; give the path of an artifact file")
@@ -3304,7 +3301,6 @@ def read_settings() -> Hyperparameters:
     args = Hyperparameters({**stored, **used})
     args.unused_env = sorted(k for k in os.environ.keys() - used.keys() if os.environ[k] != stored[k])
     return args
-    # [/score]
 
 
 def check_outputs(args: Hyperparameters) -> None:
@@ -3370,11 +3366,9 @@ def log_header(run: Run) -> None:
     for name in sorted(args.settings):
         if name in os.environ:
             run.log(f"env:{name}={os.environ[name]}")
-    # [score]
     if args.unused_env:
         run.log(f"warning: SCORE_ARTIFACT: env {', '.join(f'{k}={os.environ[k]}' for k in args.unused_env)} not used: the "
                 f"artifact's own settings replace them ({', '.join(f'{k}={args.settings[k]}' for k in args.unused_env)})")
-    # [/score]
     code_path = Path(__file__).resolve()
     run.log(f"code_sha256:{hashlib.sha256(run.code).hexdigest()} code_bytes:{len(run.code)} code_path:{code_path}")
     run.log(f"code plain_bytes:{len(source)} packed_bytes:{len(packed_copy(run.code, args))} "

@@ -44,7 +44,7 @@ def test_default_record_run_counts_at_most_31000_bytes(default_copy):
     assert len(default_copy) <= RECORD_CODE_BYTES, len(default_copy)
     source = tg.plain_code(default_copy).decode()
     dropped = re.search(r"DROPPED_FEATURES=(.*)", source).group(1)
-    for name in ("presets", "ngpt", "checkpoint", "starter", "shuffled", "ttt", "lora_ttt", "score", "codegen"):
+    for name in ("presets", "ngpt", "checkpoint", "starter", "shuffled", "ttt", "lora_ttt", "qat", "codegen"):
         assert repr(name) in dropped
     assert "phased_ttt" in source and "class GPT" in source and "class NGPT" not in source
     assert "python_minifier" not in source  # the copy runs without the minifier: it is its own counted code
@@ -81,17 +81,30 @@ def test_counted_copy_refuses_settings_that_need_a_dropped_feature(default_copy,
                             r"out .*; run the readable train_gpt.py\n", proc.stderr), proc.stderr[-2000:]
 
 
+def import_copy(copy: bytes, tmp_path, monkeypatch):
+    """A counted copy imported as a module (its main() not run)."""
+    (tmp_path / "counted_copy.py").write_bytes(copy)
+    spec = importlib.util.spec_from_file_location("counted_copy", tmp_path / "counted_copy.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "counted_copy", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_smoke_copy_keeps_the_presets_and_resolves_the_same_settings(tmp_path, monkeypatch):
     env = {"SMOKE": "1", "RUN_ID": "smoke"}
-    copy = tg.counted_code((ROOT / "train_gpt.py").read_bytes(), tg.Hyperparameters(env))
-    (tmp_path / "smoke_copy.py").write_bytes(copy)
-    spec = importlib.util.spec_from_file_location("smoke_copy", tmp_path / "smoke_copy.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "smoke_copy", module)  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = import_copy(tg.counted_code((ROOT / "train_gpt.py").read_bytes(), tg.Hyperparameters(env)), tmp_path,
+                         monkeypatch)
     assert "presets" not in module.DROPPED_FEATURES
     settings = {k: str(v).replace(str(tmp_path), str(ROOT)) for k, v in module.Hyperparameters(env).settings.items()}
     assert settings == {k: str(v) for k, v in tg.Hyperparameters(env).settings.items()}
+
+
+def test_default_copy_names_a_starter_artifact_it_cannot_read(default_copy, tmp_path, monkeypatch):
+    blob = tg.STARTER_MAGIC + b"\x00" * 8
+    assert tg.artifact_compressor(blob) == "zlib"
+    with pytest.raises(Exception, match="a starter artifact, which this counted copy of train_gpt.py cannot read"):
+        import_copy(default_copy, tmp_path, monkeypatch).artifact_compressor(blob)
 
 
 def masked_tail(log: str) -> list[str]:
