@@ -173,6 +173,7 @@ FEATURES = {
     "ttt": lambda a: a.ttt_enabled,
     "lora_ttt": lambda a: a.lora_ttt_enabled,
     "qat": lambda a: a.qat_start < 1,
+    "bigram": lambda a: a.bigram_buckets > 0,
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
 DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
@@ -1253,18 +1254,21 @@ class Block(nn.Module):
                 resid[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp)
 
 
+# [bigram]
 def bigram_buckets(input_ids: Tensor, buckets: int) -> Tensor:
     # Hash of (previous, current) token; a position with no previous token of its own document (window start,
     # BOS) gets the last bucket, so nothing leaks across a document boundary.
     prev = F.pad(input_ids[:, :-1], (1, 0))
     has_prev = (input_ids != BOS_ID) & (torch.arange(input_ids.size(1), device=input_ids.device) > 0)
     return torch.where(has_prev, (prev * 92821 + input_ids) % (buckets - 1), buckets - 1)
+# [/bigram]
 
 
 def attach_bigram(model: nn.Module, args: Hyperparameters) -> None:
     # BigramHash, shared by GPT and nGPT: a table of hashed token pairs, projected into the stream by a matrix that
     # starts at zero (model.bigram is None when BIGRAM_BUCKETS=0).
     model.bigram = nn.Embedding(args.bigram_buckets, args.bigram_dim) if args.bigram_buckets else None
+    # [bigram]
     if model.bigram is not None:
         model.bigram_proj = CastedLinear(args.bigram_dim, args.model_dim, bias=False)
         model.bigram_proj._zero_init = True
@@ -1272,6 +1276,7 @@ def attach_bigram(model: nn.Module, args: Hyperparameters) -> None:
 
 def bigram_features(model: nn.Module, input_ids: Tensor) -> Tensor:
     return model.bigram_proj(model.bigram(bigram_buckets(input_ids, model.bigram.num_embeddings)))
+# [/bigram]
 
 
 class TiedHead(nn.Module):
@@ -1367,8 +1372,8 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         docs = doc_layout(self, input_ids)
         x = self.tok_emb(input_ids)
-        if self.bigram is not None:
-            x = x + bigram_features(self, input_ids)
+        if self.bigram is not None:  # [bigram]
+            x = x + bigram_features(self, input_ids)  # [bigram]
         if self.smear_gate is not None:
             # Gate in the previous token's embedding; a BOS (and the window's first token) takes in nothing.
             prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != BOS_ID)[..., None].to(x.dtype)

@@ -44,7 +44,7 @@ def test_default_record_run_counts_at_most_31000_bytes(default_copy):
     assert len(default_copy) <= RECORD_CODE_BYTES, len(default_copy)
     source = tg.plain_code(default_copy).decode()
     dropped = re.search(r"DROPPED_FEATURES=(.*)", source).group(1)
-    for name in ("presets", "ngpt", "checkpoint", "starter", "shuffled", "ttt", "lora_ttt", "qat", "codegen"):
+    for name in ("presets", "ngpt", "checkpoint", "starter", "shuffled", "ttt", "lora_ttt", "qat", "bigram", "codegen"):
         assert repr(name) in dropped
     assert "phased_ttt" in source and "class GPT" in source and "class NGPT" not in source
     assert "python_minifier" not in source  # the copy runs without the minifier: it is its own counted code
