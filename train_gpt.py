@@ -55,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 SIZE_CAP_BYTES = 16_000_000
 MAX_PARAMS = 2**30
 SCRIPT_DIR = Path(__file__).resolve().parent
+# [presets]
 # SMOKE=1 defaults: a tiny model on the embedded corpus (README: the smoke's time and scores). Env vars set explicitly
 # still win over these.
 SMOKE_PRESET = {
@@ -124,6 +125,7 @@ BASELINE_PRESET = {
     "EXPORT_FORMAT": "starter", "CODE_PACK": "0", "SOFTCAP_FP32": "0", "ROPE_FP32": "0", "SDP_BACKENDS": "flash",
     "DOC_ATTENTION": "0",
 }
+# [/presets]
 
 
 class ConfigError(Exception):
@@ -166,12 +168,15 @@ def _flag(raw: str) -> bool:
 # code is marked `# [name]` ... `# [/name]` (or one line ending in `# [name]`); the counted copy of a run leaves out
 # every feature its settings do not reach, names them in DROPPED_FEATURES, and refuses settings that reach one.
 FEATURES = {
+    "presets": lambda a: a.smoke or a.baseline or a.stack != "2014",
     "ngpt": lambda a: a.model == "ngpt",
     "checkpoint": lambda a: a.checkpoint_every_seconds > 0 or bool(a.resume),
     "starter": lambda a: a.export_format == "starter",
     "shuffled": lambda a: a.train_loader == "shuffled",
     "ttt": lambda a: a.ttt_enabled,
     "lora_ttt": lambda a: a.lora_ttt_enabled,
+    "qat": lambda a: a.qat_start < 1,
+    "bigram": lambda a: a.bigram_buckets > 0,
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
 DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
@@ -469,6 +474,7 @@ class Hyperparameters:
         env = dict(os.environ if env is None else env)
         self.explicit = frozenset(env)  # set by the user, not by a preset
         self.unused_env: list[str] = []  # SCORE_ARTIFACT: env settings the artifact's own replace
+        # [presets]
         baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
         older = baseline or env.get("STACK") == "1.1194"
         before = older or env.get("STACK") in ("1855", "1.0611")  # #1855's recipe or older
@@ -478,6 +484,7 @@ class Hyperparameters:
                    **(SMOKE_RECIPE_PRESET if smoke and not older else {}),
                    **(SMOKE_2014_PRESET if smoke and not before else {})}
         env = {**presets, **env}
+        # [/presets]
         self.settings: dict[str, object] = {}
         self.world_size = int(env.get("WORLD_SIZE", "1"))  # torchrun's; needed by the batch rule
         model = env.get("MODEL", "gpt")
@@ -518,11 +525,13 @@ class Hyperparameters:
             raise ConfigError(f"COMPRESSOR={self.compressor!r} is unknown or not installed (brotli: pip install brotli; "
                               "zpaq: pip install zpaq); "
                               f"choose best or one of {available_compressors()}")
+        # [starter]
         int8 = {v for name, v in self.settings.items() if SETTINGS[name].check == QUANTS} == {"int8"}
         if self.export_format == "starter" and (not int8 or self.compressor != "zlib" or self.lowrank_rank
                                                 or self.qat_start < 1):
             raise ConfigError("EXPORT_FORMAT=starter is the starter's int8 + zlib export: set QUANT=int8 (QUANT_ATTN, "
                               "QUANT_MLP, QUANT_EMBED too), COMPRESSOR=zlib, LOWRANK_RANK=0, QAT_START=1 (BASELINE=1 does)")
+        # [/starter]
         if self.doc_attention and not {"mem_efficient", "math"} & set(self.sdp_backends.split(",")):
             raise ConfigError(f"DOC_ATTENTION=1 needs a masked-attention kernel where varlen_attn is missing (before "
                               f"sm80, GPTQ's fp32 calibration): add mem_efficient or math to SDP_BACKENDS={self.sdp_backends!r}")
@@ -564,8 +573,10 @@ class Hyperparameters:
         if (self.ttt_enabled or self.phased_ttt_enabled) and self.ttt_chunk_tokens < self.eval_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be at least EVAL_SEQ_LEN={self.eval_seq_len} "
                               "(a chunk is trained on as its whole sequences)")
+        # [checkpoint]
         if self.resume and self.score_artifact:
             raise ConfigError("RESUME continues a training run and SCORE_ARTIFACT trains nothing: unset one of them")
+        # [/checkpoint]
         if (self.lora_ttt_enabled or self.phased_ttt_enabled) and self.lora_chunk_tokens > self.eval_seq_len:
             raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         try:
@@ -987,7 +998,7 @@ class CastedLinear(nn.Linear):
     # fp32 weights for the optimizer, cast to the activation dtype at matmul time. QAT: with qat set (configure_qat
     # installs the export grid's rounding), the forward uses it (straight-through gradient) while the qat_on buffer
     # is 1; a buffer, not a Python flag, because torch.compile freezes Python flags but reads buffers on every call.
-    qat: Callable[[Tensor], Tensor] | None = None
+    qat: Callable[[Tensor], Tensor] | None = None  # [qat]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -995,8 +1006,8 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat is not None:
-            w = w + self.qat_on * (self.qat(w.detach()) - w.detach())
+        if self.qat is not None:  # [qat]
+            w = w + self.qat_on * (self.qat(w.detach()) - w.detach())  # [qat]
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -1246,18 +1257,21 @@ class Block(nn.Module):
                 resid[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp)
 
 
+# [bigram]
 def bigram_buckets(input_ids: Tensor, buckets: int) -> Tensor:
     # Hash of (previous, current) token; a position with no previous token of its own document (window start,
     # BOS) gets the last bucket, so nothing leaks across a document boundary.
     prev = F.pad(input_ids[:, :-1], (1, 0))
     has_prev = (input_ids != BOS_ID) & (torch.arange(input_ids.size(1), device=input_ids.device) > 0)
     return torch.where(has_prev, (prev * 92821 + input_ids) % (buckets - 1), buckets - 1)
+# [/bigram]
 
 
 def attach_bigram(model: nn.Module, args: Hyperparameters) -> None:
     # BigramHash, shared by GPT and nGPT: a table of hashed token pairs, projected into the stream by a matrix that
     # starts at zero (model.bigram is None when BIGRAM_BUCKETS=0).
     model.bigram = nn.Embedding(args.bigram_buckets, args.bigram_dim) if args.bigram_buckets else None
+    # [bigram]
     if model.bigram is not None:
         model.bigram_proj = CastedLinear(args.bigram_dim, args.model_dim, bias=False)
         model.bigram_proj._zero_init = True
@@ -1265,6 +1279,7 @@ def attach_bigram(model: nn.Module, args: Hyperparameters) -> None:
 
 def bigram_features(model: nn.Module, input_ids: Tensor) -> Tensor:
     return model.bigram_proj(model.bigram(bigram_buckets(input_ids, model.bigram.num_embeddings)))
+# [/bigram]
 
 
 class TiedHead(nn.Module):
@@ -1360,8 +1375,8 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         docs = doc_layout(self, input_ids)
         x = self.tok_emb(input_ids)
-        if self.bigram is not None:
-            x = x + bigram_features(self, input_ids)
+        if self.bigram is not None:  # [bigram]
+            x = x + bigram_features(self, input_ids)  # [bigram]
         if self.smear_gate is not None:
             # Gate in the previous token's embedding; a BOS (and the window's first token) takes in nothing.
             prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != BOS_ID)[..., None].to(x.dtype)
@@ -2088,6 +2103,7 @@ def sdclip_scales(w: Tensor, qmax: int, k: float) -> Tensor:
     return (spread / qmax).clamp_min(1e-7).half().float()
 
 
+# [qat]
 def fake_quantize(w: Tensor, qmax: int, k: float) -> Tensor:
     """w rounded to nearest on its export grid: the QAT forward."""
     s = sdclip_scales(w, qmax, k)[:, None]
@@ -2108,6 +2124,7 @@ def configure_qat(model: nn.Module, args: Hyperparameters) -> None:
             cls = tensor_class(f"{name}.weight", m.weight, args.quant_float_max)
             if cls is not None and plan[cls][0] < 16:
                 m.qat = partial(fake_quantize, qmax=2 ** (plan[cls][0] - 1) - 1, k=plan[cls][1])
+# [/qat]
 
 
 def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
@@ -2117,9 +2134,9 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
     model = copy.deepcopy(base_model).float()
     if model.attention_kernel in PACKED_KERNELS:  # varlen_attn has no fp32 kernel: the dense document mask instead
         model.attention_kernel = "sdpa_masked"
-    for m in model.modules():
-        if isinstance(m, CastedLinear):
-            m.qat = None
+    for m in model.modules():  # [qat]
+        if isinstance(m, CastedLinear):  # [qat]
+            m.qat = None  # [qat]
     names = {id(p): n for n, p in model.named_parameters() if p.ndim == 2}
     hessians: dict[str, Tensor] = {}
 
@@ -2370,6 +2387,7 @@ def unseal_artifact(blob: bytes, source: str = "artifact") -> bytes:
     return blob[n:]
 
 
+# [starter]
 def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
     try:
         raw = zlib.decompress(blob)
@@ -2388,11 +2406,15 @@ def unpack_starter(blob: bytes, source: str) -> dict[str, dict]:
     for name, w in obj["passthrough"].items():
         qsd[name] = {"w": w, "dtype": orig_dtypes.get(name, str(w.dtype).removeprefix("torch."))}
     return qsd
+# [/starter]
 
 
 def artifact_compressor(blob: bytes, source: str = "artifact") -> str:
     blob = unseal_artifact(blob, source)
     if blob.startswith(STARTER_MAGIC):
+        if "starter" in DROPPED_FEATURES:  # SCORE_ARTIFACT given the starter's container: its reader is left out
+            raise ConfigError(f"{source}: a starter artifact, which this counted copy of train_gpt.py cannot read (it "
+                              "was made for other settings); score it with the readable train_gpt.py")
         return "zlib"
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ConfigError(f"{source}: not a Parameter Golf artifact (bad magic): corrupt, or not written by train_gpt.py; "
@@ -2409,8 +2431,10 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     container, which carries none)."""
     blob = unseal_artifact(blob, source)
     compressor = artifact_compressor(blob, source)
+    # [starter]
     if blob.startswith(STARTER_MAGIC):
         return unpack_starter(blob, source), None
+    # [/starter]
     try:  # each decompressor has its own error class; any of them means the same: a damaged file
         payload = COMPRESSORS[compressor][1](blob[len(ARTIFACT_MAGIC) + 1 + len(compressor) :])
         mlen = int.from_bytes(payload[:4], "little")
@@ -2474,8 +2498,10 @@ def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifa
     qsd, settings = unpack_artifact(blob, source)
     if settings is not None:
         args = Hyperparameters(settings_env(settings))
+    # [starter]
     elif args is None:
         raise ConfigError(f"{source}: a starter artifact carries no settings; score it with the run's (SCORE_ARTIFACT)")
+    # [/starter]
     model = build_model(args, device)
     try:
         model.load_state_dict(dequantize_state_dict(qsd), strict=True)
@@ -2488,15 +2514,24 @@ def model_from_artifact(blob: bytes, device: torch.device, source: str = "artifa
 
 # Counted code: the script itself (CODE_PACK=0), or its counted copy: the source a run's settings reach (FEATURES),
 # minified, brotli-compressed (3% under lzma), in a self-extracting file that runs as train_gpt.py. The compressed
-# bytes are a latin-1 string literal, one character each but the 5 escaped: 2% over them, where base85 adds 25%.
-CODE_PACK_HEAD = b"#coding:latin-1\nimport brotli;exec(brotli.decompress('"
-CODE_PACK_TAIL = b"'.encode('latin-1')))\n"
-CODE_ESCAPES = {0: b"\\x00", 10: b"\\n", 13: b"\\r", 39: b"\\'", 92: b"\\\\"}  # what a literal cannot hold
+# bytes are a triple-quoted latin-1 string literal, one character each but the few escaped: 1% over them, where
+# base85 adds 25%.
+CODE_PACK_HEAD = b"#coding:latin-1\nimport brotli;exec(brotli.decompress('''"
+CODE_PACK_TAIL = b"'''.encode('latin-1')))\n"
+CODE_ESCAPES = {0: b"\\0", 13: b"\\r", 92: b"\\\\"}  # what a literal cannot hold (a raw \r reads as \n)
+
+
+def escape_code_byte(b: int, after: bytes) -> bytes:
+    if b == 0 and after.isdigit():  # \0 before a digit would read as a longer octal escape
+        return b"\\x00"
+    if b == 39 and after in (b"'", b""):  # a quote before another, or the last, could close the literal
+        return b"\\'"
+    return CODE_ESCAPES.get(b, bytes([b]))
 
 
 def pack_code(source: bytes) -> bytes:
-    packed = b"".join(CODE_ESCAPES.get(b, bytes([b])) for b in COMPRESSORS["brotli"][0](source))
-    return CODE_PACK_HEAD + packed + CODE_PACK_TAIL
+    z = COMPRESSORS["brotli"][0](source)
+    return CODE_PACK_HEAD + b"".join(escape_code_byte(b, z[i + 1 : i + 2]) for i, b in enumerate(z)) + CODE_PACK_TAIL
 
 
 def plain_code(code: bytes) -> bytes:
@@ -2508,6 +2543,8 @@ def plain_code(code: bytes) -> bytes:
 
 
 # [codegen]
+import ast  # only the counted copy's maker parses the source
+
 FEATURE_MARK = re.compile(r"# \[(/?)(\w+)\]$")
 
 
@@ -2526,6 +2563,18 @@ def strip_features(source: str, dropped: tuple[str, ...]) -> str:
     return "".join(kept).replace("DROPPED_FEATURES = ()", f"DROPPED_FEATURES = {dropped!r}", 1)
 
 
+class BlankSettingDocs(ast.NodeTransformer):
+    """Empties the settings' docs (S's 5th argument, Derived's 1st): only records/settings_doc.py reads them, from
+    the readable source."""
+
+    def visit_Call(self, node: ast.Call) -> ast.Call:
+        self.generic_visit(node)
+        at = {"S": 4, "Derived": 0}.get(node.func.id) if isinstance(node.func, ast.Name) else None
+        if at is not None and len(node.args) > at:
+            node.args[at] = ast.Constant("")
+        return node
+
+
 @cache
 def make_counted_copy(source: bytes, dropped: tuple[str, ...]) -> bytes:
     """The counted copy of a readable source: the dropped features left out, comments and docstrings stripped,
@@ -2535,9 +2584,10 @@ def make_counted_copy(source: bytes, dropped: tuple[str, ...]) -> bytes:
     except ImportError:
         raise ConfigError("CODE_PACK=1 counts a minified copy: pip install python-minifier (requirements.txt), "
                           "or set CODE_PACK=0") from None
-    text = strip_features(source.decode("utf-8"), dropped)
-    # hoisted literals only repeat what the compressor already shares: 1.5% larger packed
-    minified = python_minifier.minify(text, remove_literal_statements=True, rename_globals=False, hoist_literals=False)
+    text = ast.unparse(BlankSettingDocs().visit(ast.parse(strip_features(source.decode("utf-8"), dropped))))
+    # hoisted literals only repeat what the compressor already shares: 1.5% larger packed; one line: 0.3% smaller
+    minified = python_minifier.minify(text, remove_literal_statements=True, rename_globals=False, hoist_literals=False,
+                                      prefer_single_line=True)
     return pack_code(minified.encode("utf-8"))
 # [/codegen]
 
@@ -3353,6 +3403,7 @@ def activate_attention(run: Run) -> None:
             f"capability:{capability} fa3_installed:{int(fa3_installed)} why:{why}")
 
 
+# [presets]
 def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
     """SMOKE=1 builds the embedded dataset and tokenizer once, if they are missing (rank 0 builds, others wait),
     only into its own cache: a DATA_PATH or TOKENIZER_PATH elsewhere is the user's and is never written."""
@@ -3375,6 +3426,7 @@ def ensure_smoke_data(args: Hyperparameters, master: bool) -> None:
             raise ConfigError("smoke: data/build_shards.py failed (see above); fix it or set DATA_PATH and TOKENIZER_PATH")
     if dist.is_initialized():
         dist.barrier()
+# [/presets]
 
 
 @dataclass
@@ -3386,7 +3438,7 @@ class ValData:
 def load_val_data(run: Run) -> ValData:
     """The whole val split, checked to be the challenge's, and what its bytes are counted with."""
     args = run.args
-    ensure_smoke_data(args, run.master)
+    ensure_smoke_data(args, run.master)  # [presets]
     sp = load_tokenizer(args)
     seq_len = max(args.train_seq_len, args.eval_seq_len)
     tokens = load_validation_tokens(args.val_files, args.vocab_size, seq_len).to(run.device, torch.int64)
@@ -3432,8 +3484,8 @@ def build_training(run: Run) -> Training:
     run.log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(loader.files)} "
             f"prefetch_batches:{loader.depth} pinned:{int(loader.pin)}")
     base_model = build_model(args, run.device)
-    if args.qat_start < 1:
-        configure_qat(base_model, args)
+    if args.qat_start < 1:  # [qat]
+        configure_qat(base_model, args)  # [qat]
     model = compiled(base_model, args)
     if run.distributed:
         model = ddp_without_matrices(model, base_model, run.device)
@@ -3555,11 +3607,13 @@ def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
         t.switched[f"seq_len:{t.seq_len}"] = clock.step
         run.log(f"seq_len:{t.seq_len} step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
                 f"rewarmup_steps:{args.seq_change_warmup_steps}")
+    # [qat]
     if args.qat_start < 1 and "qat" not in t.switched and frac >= args.qat_start:
         set_qat(t.base_model, True)
         t.switched["qat"] = clock.step
         run.log(f"qat:on step:{clock.step}/{args.iterations} train_time:{clock.ms:.0f}ms "
                 f"quant:{args.quant_attn}/{args.quant_mlp}")
+    # [/qat]
     if args.recur_last >= 0 and "recurrence" not in t.switched and frac >= args.recur_start_frac:
         t.base_model.set_recurrence(True)
         t.switched["recurrence"] = clock.step
@@ -3774,8 +3828,8 @@ def restore_training(run: Run, t: Training, clock: TrainClock) -> None:
             average.copy_(saved)
     t.loader.load_state_dict(state["loader"])
     t.switched = dict(state["switched"])
-    if "qat" in t.switched:
-        set_qat(t.base_model, True)
+    if "qat" in t.switched:  # [qat]
+        set_qat(t.base_model, True)  # [qat]
     set_rng_state(part["rng"], run.device)
     clock.step, clock.banked_ms = state["step"], state["train_ms"]
     clock.ms = clock.banked_ms
@@ -3898,7 +3952,7 @@ def finish_training(run: Run, data: ValData, t: Training, clock: TrainClock) -> 
         t.ema.apply()
         t.base_model.after_load()  # an average of unit rows is not unit
         run.log(f"ema:applied decay:{args.ema_decay} steps:{clock.step}")
-    set_qat(t.base_model, False)  # the pre-quant score and the Hessians read the float weights
+    set_qat(t.base_model, False)  # the pre-quant score and the Hessians read the float weights  # [qat]
     hessians = calibrate(run, t) if args.gptq else None
     t.loader.close()  # the last training batch has been read
     clock.pause()
@@ -3980,10 +4034,12 @@ def score_stages(run: Run, data: ValData, t: Training, export: Export, gptq_used
     """The quantization gap by stage, on the training model: the QAT forward if QAT ran (round to nearest on the
     export grid), then the quantized weights before any pruning (they replace the float weights)."""
     args = run.args
+    # [qat]
     if args.qat_start < 1:
         set_qat(t.base_model, True)
         score(run, data, f"{args.quant}_qat", partial(evaluate, label="qat"), t.model)
         set_qat(t.base_model, False)
+    # [/qat]
     t.base_model.load_state_dict(dequantize_state_dict(export.quantized))
     t.base_model.after_load()
     score(run, data, f"{args.quant}_{'gptq' if gptq_used else 'rtn'}", partial(evaluate, label="quantized"), t.model)
