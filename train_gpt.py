@@ -589,7 +589,8 @@ class Hyperparameters:
                               f"tokens and chunks of at most EVAL_SEQ_LEN={self.eval_seq_len} ('' for none)")
 
     def artifact_settings(self) -> dict[str, object]:
-        return {k: v for k, v in self.settings.items() if k not in CHECKPOINT_SETTINGS}
+        # Not the run's name (a random uuid by default): same settings and seed, same artifact bytes.
+        return {k: v for k, v in self.settings.items() if k not in CHECKPOINT_SETTINGS and k != "RUN_ID"}
 
     def _recur_span(self) -> tuple[int, int]:
         # RECUR_LAYERS "first-last" -> (first, last); (-1, -1) when off.

@@ -343,7 +343,7 @@ def test_run_logs_calibration_and_the_gap_by_stage(tiny_run):
     gptq, roundtrip = (exact_line(log, s).split(" ", 1)[1] for s in ("int6_gptq", f"{fmt}_roundtrip"))
     assert gptq == roundtrip and not re.search(r"^cap_remedy", log, re.M)
     packed = (cwd / "train_gpt.packed.py").read_bytes()
-    assert f"code_bytes:{len(packed)} " in log and b"\nDROPPED_FEATURES=" in tg.plain_code(packed)
+    assert f"code_bytes:{len(packed)} " in log and b"DROPPED_FEATURES='presets'" in tg.plain_code(packed)
 
 
 def test_packed_copy_scores_the_artifact_alone_exactly_as_the_run_did(tiny_run, tiny_data, tmp_path):
