@@ -94,7 +94,7 @@ STACK_1855_PRESET = {
     "LORA_TARGETS": "*.c_q,*.c_k,*.c_v,*.attn,*.mlp,tied_head,lm_head", "LORA_LR": "0.0001",
     "LORA_SLOTS": "64", "LORA_SHORT_CHUNKS": "", "PHASED_TTT_NUM_PHASES": "3", "AWQ_GROUPS": "0",
 }
-# STACK=1.1194: our default before the 1.0611 recipe (the 1.1194-era stack, README "Default stack"): every default
+# STACK=1.1194: our default before the 1.0611 recipe (the 1.1194-era stack, docs/frontier.md): every default
 # the recipe changed, back, on top of STACK=1855's. BASELINE=1 starts from it.
 STACK_1194_PRESET = {
     "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
@@ -115,7 +115,7 @@ STACK_1194_PRESET = {
     "LORA_WD": "0.0", "PHASED_TTT_ENABLED": "0",
 }
 
-# BASELINE=1: the starter's configuration, for every default of the record stack (README "Default stack");
+# BASELINE=1: the starter's configuration, for every default of the record stack (docs/frontier.md);
 # SMOKE=1 and explicit env vars win over it, so SMOKE=1 BASELINE=1 is the starter at the smoke scale.
 BASELINE_PRESET = {
     "NUM_LAYERS": "9", "MLP_MULT": "2", "MLP_ACT": "relu2", "ROPE_DIMS": "0", "XSA_LAST_N": "0", "LN_SCALE": "0",
@@ -164,7 +164,7 @@ def _flag(raw: str) -> bool:
     return raw == "1"
 
 
-# Code a run reaches only with some settings (README "Counted code"): name -> whether these settings reach it. Its
+# Code a run reaches only with some settings (docs/counted-code.md): name -> whether these settings reach it. Its
 # code is marked `# [name]` ... `# [/name]` (or one line ending in `# [name]`); the counted copy of a run leaves out
 # every feature its settings do not reach, names them in DROPPED_FEATURES, and refuses settings that reach one.
 FEATURES = {
@@ -242,7 +242,7 @@ SETTING_SECTIONS = {
         S("SEED", int, 1337, "[0, 4294967295]", "seeds Python, NumPy and torch (NumPy's range)"),
         S("ALLOW_ENV", str, "", None, "env names the misspelling check lets through, comma-separated"),
         S("TOKEN_LOSS_PATH", str, "", None, "if set, save the submission's per-target losses (float32 .npy, nats)"),
-        S("PLAN", _flag, False, None, "print the run's plan (README \"Plan a run\") and exit, training nothing"),
+        S("PLAN", _flag, False, None, "print the run's plan (docs/plan.md) and exit, training nothing"),
         S("PLAN_WORLD_SIZE", int, Derived("WORLD_SIZE if above 1, else 8",
                                           lambda a: a.world_size if a.world_size > 1 else 8), COUNT,
           "GPUs the plan is for"),
@@ -435,7 +435,7 @@ SETTING_SECTIONS = {
 SETTINGS = {s.name: s for section in SETTING_SECTIONS.values() for s in section}
 
 
-# Settings a resumed run may change (README "Checkpoints and resume"): where things are, what is logged, the cap.
+# Settings a resumed run may change (docs/run.md "Checkpoints and resume"): where things are, what is logged, the cap.
 # The checkpoint ones are not stored in the artifact: a resumed run exports the same bytes as an uninterrupted one.
 CHECKPOINT_SETTINGS = frozenset("CHECKPOINT_EVERY_SECONDS CHECKPOINT_DIR CHECKPOINT_KEEP RESUME".split())
 RESUME_MAY_DIFFER = CHECKPOINT_SETTINGS | frozenset("ALLOW_ENV RUN_ID DATA_PATH TOKENIZER_PATH ARTIFACT_PATH TOKEN_LOSS_PATH "
@@ -1037,7 +1037,7 @@ def enable_sdp_backends(names: str) -> None:
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend in names.split(","))
 
 
-# Attention kernels (README "Attention"): the log's attention:kernel= line names the one a run uses. Plain causal
+# Attention kernels (docs/model.md "Attention"): the log's attention:kernel= line names the one a run uses. Plain causal
 # attention is SDPA (fa3: routed to FlashAttention 3 through PyTorch's registry; flash: PyTorch's FlashAttention 2;
 # sdpa: PyTorch's choice, on CPU or before sm80). DOC_ATTENTION=1 packs documents for varlen_attn (fa3_varlen, varlen)
 # on CUDA; elsewhere a dense document mask (sdpa_masked) is the reference the packed path is tested against.
@@ -1297,7 +1297,7 @@ CLIP_ORDER = ("skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_r
 
 class GPT(nn.Module):
     """The challenge starter's model (U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap) with
-    the architecture options on top; their defaults are the record stack (README "Default stack")."""
+    the architecture options on top; their defaults are the record stack (docs/frontier.md)."""
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -3183,7 +3183,7 @@ class EvalPath:
 
 
 # Each enabled path prints final_<name> (the roundtrip: final_<quant>_<compressor>_roundtrip), in this order; the
-# best is the submission's score. README "Evaluation" describes each.
+# best is the submission's score. docs/evaluation.md describes each.
 EVAL_PATHS = {
     "roundtrip": EvalPath(lambda args: True, evaluate_roundtrip),
     "sliding_window": EvalPath(sliding_differs, evaluate_sliding),
@@ -3263,7 +3263,7 @@ class Run:
     counted_code: bytes  # what the artifact's size counts
     logfile: object = None
     results: list = field(default_factory=list)  # (what, val_loss, val_bpb, per-target losses) of each final_ score
-    plan: dict | None = None  # rank 0's plan of this run (README "Plan a run"), checked at train_done
+    plan: dict | None = None  # rank 0's plan of this run (docs/plan.md), checked at train_done
 
     @property
     def master(self) -> bool:
@@ -3622,7 +3622,7 @@ def apply_switches(run: Run, t: Training, clock: TrainClock) -> None:
                 f"layers:{args.recur_first}-{args.recur_last} loops:{args.recur_loops}")
 
 
-# Checkpoints (README "Checkpoints and resume"): one file per checkpoint, written by rank 0 with every rank's own
+# Checkpoints (docs/run.md "Checkpoints and resume"): one file per checkpoint, written by rank 0 with every rank's own
 # part gathered into it; a header line with a sha256 of the rest catches truncation and corruption.
 CHECKPOINT_MAGIC = b"PGOLF-CHECKPOINT-1\n"
 EXIT_DIVERGED = 3  # a stop on a signal exits 128 + the signal's number (SIGINT 130, SIGTERM 143); ConfigError 2
@@ -4122,7 +4122,7 @@ def score_artifact(run: Run, data: ValData, path: Path, train_ms: float, eval_t0
 def main() -> None:
     check_launch(os.environ)
     args = read_settings()
-    if args.plan:  # PLAN=1: predict the run (README "Plan a run"), train nothing
+    if args.plan:  # PLAN=1: predict the run (docs/plan.md), train nothing
         raise SystemExit(print_plan(args))
     check_outputs(args)
     run = setup_run(args)

@@ -1,4 +1,4 @@
-"""Compare the artifact compressors on the full-size stand-in of README "Against the 1.0611 record".
+"""Compare the artifact compressors on the full-size stand-in of docs/export.md "Against the 1.0611 record".
 
     OMP_NUM_THREADS=1 python3 records/compress_bench.py [--cache /tmp/standin_qsd.pt] [NAME ...]
 

@@ -1,4 +1,4 @@
-"""Attention (README "Attention"): DOC_ATTENTION keeps every document apart in training and in every evaluation
+"""Attention (docs/model.md "Attention"): DOC_ATTENTION keeps every document apart in training and in every evaluation
 path; the packed varlen path agrees with the dense-mask reference; the kernel choice and its log line."""
 
 import re

@@ -85,7 +85,8 @@ def _stop_worker(rank, init_file, out, env):
 
 
 @pytest.mark.parametrize("env, first", [({"MAX_WALLCLOCK_SECONDS": 100, "GPTQ": 0}, 1),  # agreed every step
-                                        ({"MAX_WALLCLOCK_SECONDS": 0}, tg.STOP_CHECK_STEPS)])  # every 10 steps
+                                        pytest.param({"MAX_WALLCLOCK_SECONDS": 0}, tg.STOP_CHECK_STEPS,  # every 10 steps
+                                                     marks=pytest.mark.slow)])  # (slow: the README command's 5 minutes)
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, env, first):
     out = mp.Manager().dict()
     mp.spawn(_stop_worker, args=(str(tmp_path / "init"), out, env), nprocs=2)

@@ -1,4 +1,4 @@
-"""The counted code (README "Counted code"): the counted copy holds only what a run's settings reach, fits the
+"""The counted code (docs/counted-code.md): the counted copy holds only what a run's settings reach, fits the
 bytes the records spend, runs exactly as the readable script does, and refuses settings it left the code of out."""
 
 import hashlib

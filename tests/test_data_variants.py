@@ -371,6 +371,7 @@ def test_build_from_the_challenge_docs_needs_their_first_50000_as_val(challenge_
         tg.check_val_split(str(out), summary["val_tokens"])
 
 
+@pytest.mark.slow  # a whole run: keeps the README command under 5 minutes on 2 cores
 def test_train_gpt_refuses_a_leaky_caseops_build_and_scores_a_clean_one_by_its_sidecar(
         caseops_build, leaky_caseops, tmp_path):
     b = caseops_build

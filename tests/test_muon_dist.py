@@ -65,7 +65,8 @@ def _two_rank_worker(rank, init_file, out, env):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("env", [{"XSA_LAST_N": "1"}, {"MODEL": "ngpt"}], ids=["gpt", "ngpt"])
+@pytest.mark.parametrize("env", [{"XSA_LAST_N": "1"}, pytest.param({"MODEL": "ngpt"}, marks=pytest.mark.slow)],
+                         ids=["gpt", "ngpt"])  # nGPT's two processes: slow (the README command under 5 minutes)
 def test_two_gloo_processes_equal_one_with_global_norm_clipping(env, tmp_path):
     mp.start_processes(_two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt"), env), nprocs=2,
                        start_method="spawn")

@@ -157,7 +157,7 @@ def full_pair(pr1855):
     return pair(pr1855, {}, {})
 
 
-@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("loop", [pytest.param(False, marks=pytest.mark.slow), True])  # the default's loop on: not slow
 @pytest.mark.parametrize("docs", [False, True])
 def test_full_shape_forward_and_gradients_equal_the_records(pr1855, full_pair, loop, docs):
     record, ours = full_pair

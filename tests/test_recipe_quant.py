@@ -8,7 +8,7 @@ import torch
 import train_gpt as tg
 from conftest import pr1855_model, pr1855_settings
 
-# Our settings that quantize as the record's reproduce command does (README "Reproducing").
+# Our settings that quantize as the record's reproduce command does (docs/data.md "Reproducing").
 RECIPE_QUANT = {
     "QUANT": "int6", "QUANT_EMBED": "int7",  # MATRIX_BITS=6, EMBED_BITS=7
     "SDCLIP_K_ATTN": "13.0", "SDCLIP_K_MLP": "11.5", "SDCLIP_K_EMBED": "14.0",  # ATTN_/MLP_/EMBED_CLIP_SIGMAS
@@ -195,7 +195,7 @@ def test_recipe_quantization_equals_the_records_on_its_models_hessians(pr1855):
 
 def test_zpaq_round_trips_and_beats_every_other_compressor_on_int6_codes():
     """ZPAQ (the back end of the record's lrzip, from pip): on GPTQ-like int6 codes it lands under the smallest of
-    the others (on a full-size stand-in: 133,768 bytes under brotli; README "Against the 1.0611 record")."""
+    the others (on a full-size stand-in: 133,768 bytes under brotli; docs/export.md "Against the 1.0611 record")."""
     torch.manual_seed(0)
     sd = {f"blocks.{i}.mlp.fc.weight": 0.02 * torch.randn(320, 256) for i in range(4)}  # over 65,536: quantized
     qsd = tg.quantize_state_dict(sd, recipe_args())
