@@ -283,7 +283,7 @@ SETTING_SECTIONS = {
         S("EVAL_STRIDE", int, 0, NONNEG, "targets between sliding windows, at most EVAL_SEQ_LEN; 0: no sliding path"),
         S("EVAL_MAX_SECONDS", float, 540.0, NONNEG, "adaptive paths stop adapting past this pace; scoring goes on"),
         S("TTT_ENABLED", _flag, False, None, "score-first TTT path"),
-        S("TTT_CHUNK_TOKENS", int, 32768, COUNT, "TTT chunk, scored then trained on; a multiple of EVAL_SEQ_LEN"),
+        S("TTT_CHUNK_TOKENS", int, 32768, COUNT, "TTT chunk, scored then trained on as its whole EVAL_SEQ_LEN windows"),
         S("TTT_EPOCHS", int, 1, COUNT, "TTT SGD steps per chunk"),
         S("TTT_LR", float, 0.001, NONNEG, "TTT SGD learning rate, cosine-decayed over the chunks"),
         S("TTT_MOMENTUM", float, 0.9, BETA, "TTT SGD momentum"),

@@ -156,8 +156,7 @@ def pr2014():
     import importlib.util
 
     path = REFERENCE / "pr2014" / "train_gpt.py"
-    if not path.is_file():
-        pytest.skip(f"no reference record at {path}")
+    require_reference(path)
     if "pr2014_train_gpt" not in sys.modules:
         os.environ.setdefault("FUSED_CE_ENABLED", "0")
         if str(REFERENCE) not in sys.path:

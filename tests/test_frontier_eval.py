@@ -4,39 +4,18 @@ eval_val_ttt_phased with the loop on (adapters per pass), the no_qv mask, its lo
 chunk schedule and one phase; the score-first prefix probe on the default evaluation path."""
 
 import copy
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
 import test_recipe_ttt as rt
 import train_gpt as tg
-from conftest import CPU, REFERENCE, pr1855_model, pr1855_settings
+from conftest import CPU, pr1855_model, pr1855_settings
 from test_recipe_model import RECIPE, ours_from_record
 from test_recipe_model import RECORD as RECIPE_RECORD
 from test_recipe_quant import RECIPE_QUANT, RECORD_QUANT, spd, trained_like
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-
-
-@pytest.fixture(scope="session")
-def pr2014():
-    """#2014's train_gpt.py imported once as module `pr2014_train_gpt` (as conftest's pr1855 fixture)."""
-    path = REFERENCE / "pr2014" / "train_gpt.py"
-    if not path.is_file():
-        pytest.skip(f"no reference record at {path}")
-    if "pr2014_train_gpt" not in sys.modules:
-        os.environ.setdefault("FUSED_CE_ENABLED", "0")
-        if str(REFERENCE) not in sys.path:
-            sys.path.append(str(REFERENCE))
-        spec = importlib.util.spec_from_file_location("pr2014_train_gpt", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        module.BOS_ID = tg.BOS_ID
-    return sys.modules["pr2014_train_gpt"]
 
 
 # -----------------------------
