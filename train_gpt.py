@@ -125,6 +125,23 @@ BASELINE_PRESET = {
     "EXPORT_FORMAT": "starter", "CODE_PACK": "0", "SOFTCAP_FP32": "0", "ROPE_FP32": "0", "SDP_BACKENDS": "flash",
     "DOC_ATTENTION": "0",
 }
+# STACK=<name>: the stack it starts from (None: the default) and the settings it changes on top of that one's, and
+# the settings SMOKE=1 changes on top of SMOKE_PRESET there (a stack's own smoke preset, not its base's).
+STACKS = {
+    "2014": (None, {}, SMOKE_RECIPE_PRESET | SMOKE_2014_PRESET),
+    "1855": ("2014", STACK_1855_PRESET, SMOKE_RECIPE_PRESET),
+    "1.1194": ("1855", STACK_1194_PRESET, {}),
+}
+STACK_ALIASES = {"1.0611": "1855"}
+
+
+def stack_presets(name: str) -> dict[str, str]:
+    """The settings STACK=name changes, its bases' first; an unknown name changes none (validate() refuses it)."""
+    name = STACK_ALIASES.get(name, name)
+    if name not in STACKS:
+        return {}
+    base, preset, _ = STACKS[name]
+    return {**(stack_presets(base) if base else {}), **preset}
 # [/presets]
 
 
@@ -230,7 +247,7 @@ SETTING_SECTIONS = {
     "Run": (
         S("SMOKE", _flag, False, None, "the CPU smoke preset: tiny model, embedded dataset built on first use"),
         S("BASELINE", _flag, False, None, "the starter's configuration (on STACK=1.1194); SMOKE and explicit env win"),
-        S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194"),
+        S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194"),  # STACKS' names and aliases
           "a recipe by its record: 2014 (the default), 1855 (alias 1.0611), 1.1194 (the stack before them)"),
         S("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", None,
           "folder of fineweb_train_*.bin / fineweb_val_*.bin shards (+ byte sidecar, manifest.json)"),
@@ -476,13 +493,10 @@ class Hyperparameters:
         self.unused_env: list[str] = []  # SCORE_ARTIFACT: env settings the artifact's own replace
         # [presets]
         baseline, smoke = env.get("BASELINE") == "1", env.get("SMOKE") == "1"
-        older = baseline or env.get("STACK") == "1.1194"
-        before = older or env.get("STACK") in ("1855", "1.0611")  # #1855's recipe or older
-        presets = {**(STACK_1855_PRESET if before else {}), **(STACK_1194_PRESET if older else {}),
-                   **(BASELINE_PRESET if baseline else {}),
+        stack = "1.1194" if baseline else STACK_ALIASES.get(env.get("STACK", "2014"), env.get("STACK", "2014"))
+        presets = {**stack_presets(stack), **(BASELINE_PRESET if baseline else {}),
                    **(SMOKE_PRESET | smoke_cache(env.get("VOCAB_SIZE", SMOKE_PRESET["VOCAB_SIZE"])) if smoke else {}),
-                   **(SMOKE_RECIPE_PRESET if smoke and not older else {}),
-                   **(SMOKE_2014_PRESET if smoke and not before else {})}
+                   **(STACKS[stack][2] if smoke and stack in STACKS else {})}
         env = {**presets, **env}
         # [/presets]
         self.settings: dict[str, object] = {}

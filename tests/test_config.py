@@ -120,10 +120,23 @@ def test_every_preset_entry_is_a_declared_setting_whose_value_parses_and_lies_in
         setting.check_value(setting.cast(raw))
 
 
+@pytest.mark.parametrize("name", list(tg.STACKS))
+def test_each_stack_changes_every_setting_it_names_from_its_base(name):
+    base, preset, smoke = tg.STACKS[name]
+    for raw_name, raw in {**preset, **smoke}.items():
+        setting = tg.SETTINGS[raw_name]
+        setting.check_value(setting.cast(raw))
+    if base:
+        mine, theirs = tg.Hyperparameters({"STACK": name}), tg.Hyperparameters({"STACK": base})
+        assert [k for k in preset if getattr(mine, k.lower()) == getattr(theirs, k.lower())] == []
+    assert tg.Hyperparameters({"STACK": name, "SMOKE": "1"}).num_layers == int(tg.SMOKE_PRESET["NUM_LAYERS"])
+
+
 def test_each_setting_choice_has_an_implementation():
     # The choices are declared with the setting (validation needs nothing defined later); the code behind them agrees.
     choices = {name: set(s.check) for name, s in tg.SETTINGS.items() if isinstance(s.check, tuple)}
     assert choices["MODEL"] == set(tg.MODELS) and choices["MUON_NS_COEFFS"] == set(tg.NS_COEFFS)
+    assert choices["STACK"] == set(tg.STACKS) | set(tg.STACK_ALIASES)
     assert choices["TRAIN_LOADER"] == set(tg.TRAIN_LOADERS) and choices["PLAN_GPU"] == set(tg.load_planner().GPU_SPECS)
     assert all(choices[q] == set(tg.QUANT_BITS) for q in ("QUANT", "QUANT_ATTN", "QUANT_MLP", "QUANT_EMBED"))
 
