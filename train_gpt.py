@@ -107,7 +107,7 @@ STACK_1194_PRESET = {
     "EMA_DECAY": "0.997", "EMA_WARMUP": "1", "COMPRESSOR": "best", "GPTQ_RESERVE_SECONDS": "5.0",
     "QUANT_EMBED": "int8", "SDCLIP_K_ATTN": "12.85", "SDCLIP_K_MLP": "12.85", "SDCLIP_K_EMBED": "10.0",
     "QUANT_GATE": "float", "QUANT_CONTROL": "fp32", "QUANT_FLOAT_MAX": "4096", "GPTQ_CALIB_BATCHES": "1",
-    "GPTQ_FP64": "1", "LOWRANK_RANK": "0",
+    "GPTQ_FP64": "1", "LOWRANK_RANK": "0", "GRAD_CLIP_SCOPE": "global",
     "LOWRANK_TENSORS": "4", "LOWRANK_GROUP": "0",
     "EVAL_STRIDE": "64", "TTT_EPOCHS": "3", "TTT_LR": "0.002", "TTT_PARAMS": "blocks.*",
     "LORA_TARGETS": "*.c_q,*.c_v", "LORA_RANK": "8", "LORA_LR": "0.01", "LORA_CHUNK_TOKENS": "256",
@@ -392,7 +392,9 @@ SETTING_SECTIONS = {
         S("BETA1", float, 0.9, BETA, "Adam beta1"),
         S("BETA2", float, 0.99, BETA, "Adam beta2"),
         S("ADAM_EPS", float, 1e-8, POS, "Adam epsilon"),
-        S("GRAD_CLIP_NORM", float, 0.3, NONNEG, "global gradient-norm clip; 0: off"),
+        S("GRAD_CLIP_NORM", float, 0.3, NONNEG, "gradient-norm clip; 0: off"),
+        S("GRAD_CLIP_SCOPE", str, "rank", ("rank", "global"), "rank: each GPU clips its own gradients, then they are "
+          "averaged (#1855/#2014); global: the averaged gradients are clipped by their norm (one GPU: the same)"),
         S("MUON_NS_COEFFS", str, "polar_express_plain", ("quintic", "polar_express", "polar_express_plain"),
           "Newton-Schulz coefficients"),
         S("MUON_BF16", _flag, True, None, "Muon's momentum and Newton-Schulz in bf16 on every device"),
@@ -1872,16 +1874,33 @@ def clip_grad_norm_global(grads: list[Tensor], shards: list[Tensor], max_norm: f
     return norm
 
 
+def average_across_ranks(grads: list[Tensor]) -> None:
+    """Each gradient replaced by its mean over the ranks, one all-reduce per dtype (gloo has no ReduceOp.AVG)."""
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.flatten() for g in same]) / dist.get_world_size()
+        dist.all_reduce(flat)
+        for g, mean in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(mean.view_as(g))
+
+
 def step_optimizers(optimizers: list[torch.optim.Optimizer], muon: Muon, grad_clip_norm: float,
-                    clip_order: Callable[[], list[Tensor]] | None = None) -> Tensor | None:
+                    clip_order: Callable[[], list[Tensor]] | None = None, per_rank: bool = False) -> Tensor | None:
     """Every optimizer's step. Muon's gradient reductions are launched first, so they travel while the clipping norm
-    and Adam's steps compute; the clip, if on, sees the global norm (all parameters, every rank's data; on one rank
-    summed in the model's clip_order if it has one), which is returned (None without clipping)."""
-    muon.reduce_grads()
+    and Adam's steps compute. The clip, if on, sees the global norm (all parameters, every rank's data; on one rank
+    summed in the model's clip_order if it has one), which is returned (None without clipping). per_rank (with the
+    clip on; GRAD_CLIP_SCOPE=rank, #1855/#2014): each rank clips its own gradients by their norm (returned), then
+    they are averaged, the non-matrix ones here (DDP left them alone)."""
+    others = [p.grad for opt in optimizers if opt is not muon for g in opt.param_groups for p in g["params"]
+              if p.grad is not None]
     norm = None
-    if grad_clip_norm > 0:
-        others = [p.grad for opt in optimizers if opt is not muon for g in opt.param_groups for p in g["params"]
-                  if p.grad is not None]
+    if per_rank:
+        mine = [p.grad for g in muon.param_groups for p in g["params"] if p.grad is not None] + others
+        norm = clip_grad_norm_global(mine, [], grad_clip_norm, clip_order() if clip_order else mine)
+        if distributed_now():
+            average_across_ranks(others)
+    muon.reduce_grads()
+    if grad_clip_norm > 0 and not per_rank:
         ordered = clip_order() if clip_order is not None and not distributed_now() else None
         norm = clip_grad_norm_global(others, muon.reduced_grads(), grad_clip_norm, ordered)
     for opt in optimizers:
@@ -3518,12 +3537,13 @@ def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tenso
     which read the loss, and (2) in TrainClock.tick on several ranks: every step when a time budget or checkpoint
     cadence needs an agreed clock (as the starter's wallclock check), else every STOP_CHECK_STEPS steps."""
     args, accum = run.args, run.grad_accum_steps
+    per_rank = args.grad_clip_norm > 0 and args.grad_clip_scope == "rank"
     for opt in t.optimizers:
         opt.zero_grad(set_to_none=True)
     train_loss = torch.zeros((), device=run.device)
     for micro in range(accum):
-        if run.distributed:
-            t.model.require_backward_grad_sync = micro == accum - 1
+        if run.distributed:  # DDP averages the last micro-step's gradients, unless each rank clips its own first
+            t.model.require_backward_grad_sync = micro == accum - 1 and not per_rank
         x, y = t.loader.next_batch(args.train_batch_tokens, t.seq_len, accum)
         with autocast(run.device):
             loss = t.model(x, y).mean()
@@ -3534,7 +3554,7 @@ def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tenso
     for opt in t.optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
-    step_optimizers(t.optimizers, t.muon, args.grad_clip_norm, getattr(t.base_model, "clip_order", None))
+    step_optimizers(t.optimizers, t.muon, args.grad_clip_norm, getattr(t.base_model, "clip_order", None), per_rank)
     t.base_model.after_optimizer_step()
     return train_loss / accum
 

@@ -374,7 +374,8 @@ def test_ranks_agree_on_the_training_time(tmp_path):
 
 
 STACK = {"MUON_NS_COEFFS": "polar_express", "MUON_ROW_NORM": "1", "NORMUON_BETA2": "0.9", "MUON_WD": "0.04",
-         "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled", "GRAD_CLIP_NORM": "0.3"}
+         "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled", "GRAD_CLIP_NORM": "0.3",
+         "GRAD_CLIP_SCOPE": "global"}
 
 
 @pytest.mark.slow
@@ -388,6 +389,12 @@ def test_torchrun_two_processes_with_the_option_stack_match_one(tiny_data, tmp_p
     bpb = [float(re.search(r"^submission score:\S+ val_loss:\S+ val_bpb:(\S+)", t, re.M).group(1)) for t in (one, two)]
     # Measured: 6.124007 vs 6.12404372 (3.7e-5 apart: the reductions' order); the effects reported are ~1e-3.
     assert bpb[0] == pytest.approx(bpb[1], abs=1e-4)
+    # Each rank clipping its own gradients (the default; DDP's averaging left to the step): the same first loss,
+    # then other steps (tests/test_muon_dist.py checks the rule itself).
+    run_train(tmp_path, {**env, "RUN_ID": "rank", "GRAD_CLIP_SCOPE": "rank"}, nproc=2)
+    rank = train_losses((tmp_path / "logs" / "rank.txt").read_text())
+    gaps = [abs(a - b) for a, b in zip(rank, train_losses(two))]
+    assert gaps[0] < 1e-5 and max(gaps) > 2e-4  # measured 1.1e-3 to 4.8e-3: beyond the reductions' order (2e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
