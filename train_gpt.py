@@ -1619,7 +1619,7 @@ class NGPT(nn.Module):
         self.cosine_logits = args.ngpt_cosine_logits
         if self.cosine_logits:  # seed 001: one scalar, stored as itself
             self.s_z, self.s_z_gain = nn.Parameter(torch.tensor(args.ngpt_logit_scale_init)), 1.0
-        self.project_every, self.unprojected_steps = args.ngpt_project_every, 0
+        self.geodesic, self.project_every, self.unprojected_steps = args.ngpt_geodesic, args.ngpt_project_every, 0
         # A loaded state (warm-up's restore, a resume) starts a new count of NGPT_PROJECT_EVERY steps.
         self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "unprojected_steps", 0))
         # Random unit rows (or columns) everywhere; free embeddings start with unit rows too; BigramHash's
@@ -1630,8 +1630,6 @@ class NGPT(nn.Module):
                 m.weight.data = F.normalize(m.weight.data, dim=getattr(m, "_sphere_dim", 1))
                 if getattr(m, "_zero_init", False):
                     nn.init.zeros_(m.weight)
-                if args.ngpt_geodesic and hasattr(m, "_sphere_dim"):  # Muon reads it: geodesic_step_ along this axis
-                    m.weight._geodesic_dim = m._sphere_dim
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         docs = doc_layout(self, input_ids)
@@ -1650,6 +1648,10 @@ class NGPT(nn.Module):
     GROUP_OF = {**GPT.GROUP_OF, "gate": "matrix"}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        if self.geodesic:  # Muon's geodesic_step_ reads the axis from the parameters it is given, so tag them here
+            for m in self.modules():
+                if hasattr(m, "_sphere_dim"):
+                    m.weight._geodesic_dim = m._sphere_dim
         # s_z, then the blocks, then the rest: the order its optimizers (and checkpoints) have always had
         named = sorted(self.named_parameters(), key=lambda np: (np[0] != "s_z", not np[0].startswith("blocks.")))
         return kind_groups(named, self.GROUP_OF)
