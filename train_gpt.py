@@ -374,6 +374,16 @@ SETTING_SECTIONS = {
         S("NGPT_LOGIT_SCALE_INIT", float, 1.0, POS, "initial per-vocabulary logit scale s_z", "ngpt"),
         S("NGPT_NORM_EMBED", _flag, False, None, "the token embedding's rows on the sphere too", "ngpt"),
         S("NGPT_OPAQUE_NORM", _flag, True, None, "normalize through one opaque fp32 op under torch.compile", "ngpt"),
+        # [ngpt]
+        S("NGPT_ADD_RESIDUAL", _flag, False, None, "h <- norm(h + alpha * block(h)) (seed 001): no -h term, the block's "
+          "output not normalized, alpha one signed scalar per update", "ngpt"),
+        S("NGPT_COSINE_LOGITS", _flag, False, None, "logits = s_z * cos(h, output row), s_z one learnable scalar from "
+          "NGPT_LOGIT_SCALE_INIT (seed 001: 10), no softcap", "ngpt"),
+        S("NGPT_PROJECT_EVERY", int, 1, COUNT, "lazy projection: the sphere matrices are put back on the sphere after "
+          "every Nth optimizer step only", "ngpt"),
+        S("NGPT_GEODESIC", _flag, False, None, "Muon rotates each unit row (column) along the tangent part of its step "
+          "(the sphere's exp map) instead of stepping off the sphere and projecting back", "ngpt"),
+        # [/ngpt]
         S("NGPT_MATRIX_LR", float, 0.04, NONNEG, "Muon LR of the sphere matrices", "ngpt"),
         S("NGPT_EMBED_LR", float, 0.05, NONNEG, "Adam LR of the token embedding", "ngpt"),
         S("NGPT_HEAD_LR", float, 0.008, NONNEG, "Adam LR of an untied output head", "ngpt"),
@@ -1576,8 +1586,14 @@ class NGPTBlock(nn.Module):
         self.attn_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_scale))
         self.mlp_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_scale))
         self.alpha_gain = args.ngpt_alpha_init / args.ngpt_alpha_scale
+        self.add_residual = args.ngpt_add_residual
+        if self.add_residual:  # one alpha per update, stored and scaled as the per-dimension ones
+            self.attn_alpha, self.mlp_alpha = (nn.Parameter(torch.tensor(args.ngpt_alpha_scale)) for _ in range(2))
 
     def forward(self, h: Tensor, docs: dict[str, Tensor]) -> Tensor:
+        if self.add_residual:  # seed 001's rule: a signed step along the raw block output, then back onto the sphere
+            h = self.norm(h + self.attn_alpha * self.alpha_gain * self.attn(h, docs))
+            return self.norm(h + self.mlp_alpha * self.alpha_gain * self.mlp(h))
         # A step of size |alpha| (per dimension) from h toward the block's normalized output, back onto the sphere.
         h = self.norm(h + (self.attn_alpha * self.alpha_gain).abs() * (self.norm(self.attn(h, docs)) - h))
         return self.norm(h + (self.mlp_alpha * self.alpha_gain).abs() * (self.norm(self.mlp(h)) - h))
@@ -1602,6 +1618,12 @@ class NGPT(nn.Module):
         self.lm_head = None if args.tie_embeddings else sphere_linear(dim, args.vocab_size, 1)
         self.s_z = nn.Parameter(torch.full((args.vocab_size,), dim ** -0.5))
         self.s_z_gain = args.ngpt_logit_scale_init * dim ** 0.5
+        self.cosine_logits = args.ngpt_cosine_logits
+        if self.cosine_logits:  # seed 001: one scalar, stored as itself
+            self.s_z, self.s_z_gain = nn.Parameter(torch.tensor(args.ngpt_logit_scale_init)), 1.0
+        self.geodesic, self.project_every, self.unprojected_steps = args.ngpt_geodesic, args.ngpt_project_every, 0
+        # A loaded state (warm-up's restore, a resume) starts a new count of NGPT_PROJECT_EVERY steps.
+        self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "unprojected_steps", 0))
         # Random unit rows (or columns) everywhere; free embeddings start with unit rows too; BigramHash's
         # projection starts at zero.
         for m in self.modules():
@@ -1618,6 +1640,8 @@ class NGPT(nn.Module):
         for block in self.blocks:
             h = block(h, docs)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        if self.cosine_logits:  # unit rows: h is unit too, so F.linear gives the cosines
+            w = self.norm(w)
         logits = (self.s_z * self.s_z_gain) * F.linear(h, w.to(h.dtype)).float()
         return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
@@ -1626,6 +1650,10 @@ class NGPT(nn.Module):
     GROUP_OF = {**GPT.GROUP_OF, "gate": "matrix"}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        if self.geodesic:  # Muon's geodesic_step_ reads the axis from the parameters it is given, so tag them here
+            for m in self.modules():
+                if hasattr(m, "_sphere_dim"):
+                    m.weight._geodesic_dim = m._sphere_dim
         # s_z, then the blocks, then the rest: the order its optimizers (and checkpoints) have always had
         named = sorted(self.named_parameters(), key=lambda np: (np[0] != "s_z", not np[0].startswith("blocks.")))
         return kind_groups(named, self.GROUP_OF)
@@ -1642,12 +1670,30 @@ class NGPT(nn.Module):
     def project_to_sphere(self) -> None:
         """Unit norm, in fp32, along each constrained matrix's declared axis; a free embedding and control
         tensors are never touched. Weight decay on these matrices would be undone here, so none applies."""
+        self.unprojected_steps = 0
         for m in self.modules():
             if hasattr(m, "_sphere_dim"):
                 m.weight.copy_(F.normalize(m.weight.float(), dim=m._sphere_dim))
 
-    # After Muon/Adam (or a TTT step), and after the EMA or dequantization, which leave rows off the sphere.
-    after_optimizer_step = after_load = project_to_sphere
+    def after_optimizer_step(self) -> None:
+        # After Muon/Adam (or a TTT step): every NGPT_PROJECT_EVERY-th one projects (seed 001's lazy projection).
+        self.unprojected_steps += 1
+        if self.unprojected_steps >= self.project_every:
+            self.project_to_sphere()
+
+    # After the EMA or dequantization, which leave rows off the sphere.
+    after_load = project_to_sphere
+
+
+def geodesic_step_(p: Tensor, u: Tensor, lr: float) -> None:
+    """NGPT_GEODESIC: each unit vector w of p along p._geodesic_dim moves by the exponential map of v, the tangent
+    part of Muon's step -lr * u: w <- cos|v| w + sin|v| v / |v|, a rotation in the plane of w and v, so it stays on
+    the sphere with no projection."""
+    w = p.float()
+    v = -lr * u.float()
+    v = v - w * (v * w).sum(p._geodesic_dim, keepdim=True)
+    angle = v.norm(dim=p._geodesic_dim, keepdim=True)
+    p.copy_(w * angle.cos() + v * torch.sinc(angle / math.pi))  # sinc(a / pi) = sin(a) / a, 1 at a = 0
 # [/ngpt]
 
 
@@ -1846,6 +1892,11 @@ class Muon(torch.optim.Optimizer):
             if handle is not None:
                 handle.wait()
             for p, u in zip(ps, full):
+                # [ngpt]
+                if hasattr(p, "_geodesic_dim"):
+                    geodesic_step_(p, u, group["lr"])
+                    continue
+                # [/ngpt]
                 p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
