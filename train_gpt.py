@@ -348,7 +348,8 @@ SETTING_SECTIONS = {
         S("LORA_EPS", float, 1e-10, POS, "adapter Adam eps"),
         S("LORA_WD", float, 0.5, NONNEG, "adapter decoupled weight decay"),
         S("LORA_A_STD", float, 0.0, NONNEG, "adapters' A drawn from N(0, this); 0: uniform in +-1/sqrt(fan-in)"),
-        S("LORA_B_STD", float, 0.0, NONNEG, "adapters' B drawn from N(0, this) (one draw every document starts from); 0: zero"),
+        S("LORA_B_STD", float, 0.0, NONNEG, "adapters' B drawn from N(0, this), one draw every document starts from; "
+          "0: zero"),
         S("LORA_CHUNK_CONTEXT", _flag, False, None, "LoRA TTT: a chunk's targets see only the chunk's own tokens, "
           "not the document before it (#1090)"),
         S("PHASED_TTT_ENABLED", _flag, True, None, "phased TTT path (the 1.0611 record's): LoRA TTT + SGD phases"),
@@ -2991,24 +2992,25 @@ class LoRA(nn.Module):
         dev = next(model.parameters()).device
         self.A = nn.ParameterList(nn.Parameter(torch.empty(slots, n_in, rank, device=dev)) for _, n_in, _ in targets)
         self.B = nn.ParameterList(nn.Parameter(torch.empty(slots, rank, n_out, device=dev)) for *_, n_out in targets)
-        self.draw(seed, *init_std)
+        self.init_std = init_std  # [lora_init]
+        self.draw(seed)
         self.active = True
         for (m, *_), a, b in zip(targets, self.A, self.B):
             m.register_forward_hook(lambda mod, inp, out, a=a, b=b: out + scale * (inp[0] @ a @ b) if self.active
                                     else out)
 
     @torch.no_grad()
-    def draw(self, seed: int, a_std: float = 0.0, b_std: float = 0.0) -> None:
-        # Every slot from scratch: B = 0, A (and A_init) uniform in +-1/sqrt(fan-in) from the seed; with a_std or
-        # b_std, N(0, std) (#1090's init, one draw every document starts from).
+    def draw(self, seed: int) -> None:
+        # Every slot from scratch: B = 0, A (and A_init) uniform in +-1/sqrt(fan-in) from the seed; with init_std
+        # (LORA_A_STD, LORA_B_STD), from N(0, std) (#1090's init, one draw every document starts from).
         gen = torch.Generator(device=self.A[0].device).manual_seed(seed)
         for a, b in zip(self.A, self.B):
             n_in, rank = a.shape[1:]
             a.copy_((2 * torch.rand(n_in, rank, generator=gen, device=a.device) - 1) / n_in ** 0.5)
             b.zero_()
-            if a_std or b_std:  # [lora_init]
-                a.copy_(a_std * torch.randn(n_in, rank, generator=gen, device=a.device))  # [lora_init]
-                b.copy_(b_std * torch.randn(*b.shape[1:], generator=gen, device=b.device))  # [lora_init]
+            if any(self.init_std):  # [lora_init]
+                a.copy_(self.init_std[0] * torch.randn(n_in, rank, generator=gen, device=a.device))  # [lora_init]
+                b.copy_(self.init_std[1] * torch.randn(*b.shape[1:], generator=gen, device=b.device))  # [lora_init]
         self.A_init, self.B_init = [a.detach().clone() for a in self.A], [b.detach().clone() for b in self.B]
 
     @torch.no_grad()
@@ -3565,7 +3567,6 @@ class Training:
     muon: Muon
     loader: object
     ema: WeightEMA | None
-    swa: object = None  # WeightSWA with SWA_EVERY
     switched: dict[str, int] = field(default_factory=dict)
     seq_len: int = 0  # this stage's training sequence length (TRAIN_SEQ_SCHEDULE)
     resume: tuple[Path, dict] | None = None  # RESUME's checkpoint (path, state), read and checked, until restored
@@ -3589,10 +3590,7 @@ def build_training(run: Run) -> Training:
     optimizers, muon = build_optimizers(args, base_model)
     run.log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     ema = WeightEMA(base_model, args.ema_decay, args.ema_warmup) if args.ema_decay > 0 else None
-    t = Training(base_model, model, optimizers, muon, loader, ema, seq_len=args.seq_stages[0][0], resume=resume)
-    if args.swa_every:  # [swa]
-        t.swa = WeightSWA(base_model)  # [swa]
-    return t
+    return Training(base_model, model, optimizers, muon, loader, ema, seq_len=args.seq_stages[0][0], resume=resume)
 
 
 def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tensor:
@@ -3992,6 +3990,7 @@ def train(run: Run, data: ValData, t: Training) -> TrainClock:
     if t.resume is not None:
         restore_training(run, t, clock)
     checkpoint_ms = clock.banked_ms  # training time at the last checkpoint
+    t.swa = WeightSWA(t.base_model) if args.swa_every else None  # [swa]
     with StopSignals() as signals:
         clock.start()
         while not clock.done():
@@ -4056,7 +4055,7 @@ def finish_training(run: Run, data: ValData, t: Training, clock: TrainClock) -> 
         t.base_model.after_load()  # an average of unit rows is not unit
         run.log(f"ema:applied decay:{args.ema_decay} steps:{clock.step}")
     # [swa]
-    if t.swa is not None and t.swa.count > 1:  # one snapshot is the weights of its step: #1090 keeps the final ones
+    if args.swa_every and t.swa.count > 1:  # one snapshot is the weights of its step: #1090 keeps the final ones
         t.swa.apply()
         run.log(f"swa:applied checkpoints:{t.swa.count} every:{args.swa_every} steps:{clock.step}")
     # [/swa]

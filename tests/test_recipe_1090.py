@@ -81,6 +81,7 @@ def test_loss_and_every_gradient_are_1090s(pr1090):
     own = dict(ours.named_parameters())
     assert set(grads) == set(own)
     worst = max(((p.grad - grads[n]).abs().max() / grads[n].abs().max()).item() for n, p in own.items())
+    print(f"small: loss {abs(loss_theirs.item() - loss_ours.item()):.2e} grad {worst:.2e}")
     assert worst < 1e-4
 
 
@@ -100,10 +101,10 @@ def test_full_shape_loss_and_gradients_are_1090s(pr1090):
     x, y = tokens(args, T=256)
     loss_theirs, loss_ours = theirs(x, y), ours(x, y).mean()
     loss_theirs.backward(), loss_ours.backward()
-    assert abs(loss_theirs.item() - loss_ours.item()) < 1e-5
     grads = ours_from_theirs({n: p.grad for n, p in theirs.named_parameters()})
-    assert max(((p.grad - grads[n]).abs().max() / grads[n].abs().max()).item()
-               for n, p in ours.named_parameters()) < 1e-3
+    worst = max(((p.grad - grads[n]).abs().max() / grads[n].abs().max()).item() for n, p in ours.named_parameters())
+    print(f"full: loss {abs(loss_theirs.item() - loss_ours.item()):.2e} grad {worst:.2e}")
+    assert abs(loss_theirs.item() - loss_ours.item()) < 1e-5 and worst < 1e-4
 
 
 def test_one_step_of_each_optimizer_is_1090s(pr1090, monkeypatch):
@@ -329,5 +330,6 @@ def test_lora_ttt_scores_are_1090s(pr1090, tiny_data, tmp_path, monkeypatch):
     tg.evaluate_lora_ttt(tg.Hyperparameters({**env, "LORA_LR": "0"}), ours, val_tokens, luts, 0, 1, CPU,
                          losses=still)
     gap = max(abs(loss - still[s:e].mean().item()) for (_, loss, _), (s, e) in zip(state["calls"], expected))
-    print(f"lora ttt: {len(expected)} scoring forwards, {adapting} adapting; worst {worst:.2e}, without adapting {gap:.2e}")
+    print(f"lora ttt: {len(expected)} scoring forwards, {adapting} adapting; worst {worst:.2e}, "
+          f"without adapting {gap:.2e}")
     assert gap > 100 * worst
