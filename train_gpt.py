@@ -350,8 +350,8 @@ SETTING_SECTIONS = {
         S("LORA_A_STD", float, 0.0, NONNEG, "adapters' A drawn from N(0, this); 0: uniform in +-1/sqrt(fan-in)"),
         S("LORA_B_STD", float, 0.0, NONNEG, "adapters' B drawn from N(0, this), one draw every document starts from; "
           "0: zero"),
-        S("LORA_CHUNK_CONTEXT", _flag, False, None, "LoRA TTT: a chunk's targets see only the chunk's own tokens, "
-          "not the document before it (#1090)"),
+        S("LORA_CHUNK_CONTEXT", _flag, False, None, "LORA_TTT_ENABLED's path: a chunk's targets see only the chunk's "
+          "own tokens, not the document before it (#1090)"),
         S("PHASED_TTT_ENABLED", _flag, True, None, "phased TTT path (the 1.0611 record's): LoRA TTT + SGD phases"),
         S("PHASED_TTT_PREFIX_DOCS", int, 2500, NONNEG, "phased TTT: documents the model trains on; 0: LoRA only"),
         S("PHASED_TTT_NUM_PHASES", int, 1, COUNT, "phased TTT: global SGD passes over the prefix documents"),
