@@ -114,6 +114,26 @@ STACK_1194_PRESET = {
     "LORA_WARM_A": "0", "LORA_SCALE": "1.0", "LORA_BETA1": "0.9", "LORA_BETA2": "0.95", "LORA_EPS": "1e-8",
     "LORA_WD": "0.0", "PHASED_TTT_ENABLED": "0",
 }
+# STACK=1090: #1090's run (openai/parameter-golf #1090, 1.1573 after LoRA TTT on one H100 PCIe; docs/p1090.md) on
+# top of STACK=1.1194's: 11 x 512, SwiGLU with hidden 1024, XSA on the last 4 layers, full RoPE, its fixed SmearGate,
+# orthogonal init, Muon without weight decay (its script never passes MUON_WD on), linear warmdown over 3,000 steps
+# of time, SWA every 200 steps of it, 524,288 tokens per step (8 micro-steps on one GPU), 4,850 s; int5 MLP, int6
+# attention, int8 embedding at each row's |w|max, zstd; rank-8 LoRA TTT on Q and V, 256-token chunks on their own.
+STACK_1090_PRESET = {
+    "MLP_ACT": "swiglu", "MLP_MULT": "2", "ROPE_DIMS": "0", "LN_SCALE": "0", "SKIP_GATE": "0",
+    "SMEAR_GATE": "0", "SMEAR_HALF": "1", "BIGRAM_BUCKETS": "0", "PARALLEL_RESID_FROM": "-1", "ORTHO_INIT": "1",
+    "QK_GAIN_INIT": "1.5", "SOFTCAP_FP32": "0", "ROPE_FP32": "0", "SDP_BACKENDS": "flash",
+    "DOC_ATTENTION": "0", "TRAIN_BATCH_TOKENS": "524288", "MAX_WALLCLOCK_SECONDS": "4850", "WARMDOWN_FRAC": "0",
+    "WARMDOWN_ITERS": "3000", "MUON_WD": "0", "MUON_ROW_NORM": "0", "GRAD_CLIP_NORM": "0", "EMA_DECAY": "0",
+    "SWA_EVERY": "200", "GPTQ": "0", "QUANT_MLP": "int5", "SDCLIP_K_ATTN": "0", "SDCLIP_K_MLP": "0",
+    "SDCLIP_K_EMBED": "0", "QUANT_CONTROL": "fp16", "QUANT_FLOAT_MAX": "896", "COMPRESSOR": "zstd", "EVAL_STRIDE": "0",
+    "LORA_TTT_ENABLED": "1", "LORA_LR": "0.05", "LORA_SCALE": "0.125", "LORA_BETA2": "0.999", "LORA_A_STD": "0.01",
+    "LORA_B_STD": "0.001", "LORA_CHUNK_CONTEXT": "1", "EVAL_MAX_SECONDS": "86400",
+}
+# SMOKE=1 STACK=1090: its 4 layers with XSA on the last 2, warmdown over the last 30 of 80 steps with SWA every 5, its
+# LoRA TTT (alone: no sliding windows, no full TTT) on the val split's first 8 documents.
+SMOKE_1090_PRESET = {"XSA_LAST_N": "2", "WARMDOWN_ITERS": "30", "SWA_EVERY": "5", "VAL_DOCS": "8", "LORA_SLOTS": "8",
+                     "TTT_ENABLED": "0", "EVAL_STRIDE": "0"}
 
 # BASELINE=1: the starter's configuration, for every default of the record stack (docs/frontier.md);
 # SMOKE=1 and explicit env vars win over it, so SMOKE=1 BASELINE=1 is the starter at the smoke scale.
@@ -131,6 +151,7 @@ STACKS = {
     "2014": (None, {}, SMOKE_RECIPE_PRESET | SMOKE_2014_PRESET),
     "1855": ("2014", STACK_1855_PRESET, SMOKE_RECIPE_PRESET),
     "1.1194": ("1855", STACK_1194_PRESET, {}),
+    "1090": ("1.1194", STACK_1090_PRESET, SMOKE_1090_PRESET),
 }
 STACK_ALIASES = {"1.0611": "1855"}
 
@@ -194,6 +215,9 @@ FEATURES = {
     "lora_ttt": lambda a: a.lora_ttt_enabled,
     "qat": lambda a: a.qat_start < 1,
     "bigram": lambda a: a.bigram_buckets > 0,
+    "smear_half": lambda a: a.smear_half,
+    "swa": lambda a: a.swa_every > 0,
+    "lora_init": lambda a: a.lora_a_std > 0 or a.lora_b_std > 0,
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
 DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
@@ -247,8 +271,9 @@ SETTING_SECTIONS = {
     "Run": (
         S("SMOKE", _flag, False, None, "the CPU smoke preset: tiny model, embedded dataset built on first use"),
         S("BASELINE", _flag, False, None, "the starter's configuration (on STACK=1.1194); SMOKE and explicit env win"),
-        S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194"),  # STACKS' names and aliases
-          "a recipe by its record: 2014 (the default), 1855 (alias 1.0611), 1.1194 (the stack before them)"),
+        S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194", "1090"),  # STACKS' names and aliases
+          "a recipe by its record: 2014 (the default), 1855 (alias 1.0611), 1.1194 (the stack before them), 1090 "
+          "(#1090's 1-GPU run: docs/p1090.md)"),
         S("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", None,
           "folder of fineweb_train_*.bin / fineweb_val_*.bin shards (+ byte sidecar, manifest.json)"),
         S("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", None,
@@ -322,6 +347,11 @@ SETTING_SECTIONS = {
         S("LORA_BETA2", float, 0.99, BETA, "adapter Adam beta2"),
         S("LORA_EPS", float, 1e-10, POS, "adapter Adam eps"),
         S("LORA_WD", float, 0.5, NONNEG, "adapter decoupled weight decay"),
+        S("LORA_A_STD", float, 0.0, NONNEG, "adapters' A drawn from N(0, this); 0: uniform in +-1/sqrt(fan-in)"),
+        S("LORA_B_STD", float, 0.0, NONNEG, "adapters' B drawn from N(0, this), one draw every document starts from; "
+          "0: zero"),
+        S("LORA_CHUNK_CONTEXT", _flag, False, None, "LORA_TTT_ENABLED's path: a chunk's targets see only the chunk's "
+          "own tokens, not the document before it (#1090)"),
         S("PHASED_TTT_ENABLED", _flag, True, None, "phased TTT path (the 1.0611 record's): LoRA TTT + SGD phases"),
         S("PHASED_TTT_PREFIX_DOCS", int, 2500, NONNEG, "phased TTT: documents the model trains on; 0: LoRA only"),
         S("PHASED_TTT_NUM_PHASES", int, 1, COUNT, "phased TTT: global SGD passes over the prefix documents"),
@@ -360,6 +390,8 @@ SETTING_SECTIONS = {
           "[-1, inf)", "two-lane parallel decoder from this layer on; -1: off", "gpt"),
         S("SKIP_GATE", _flag, True, None, "U-Net skips mixed in through a learned sigmoid gate", "gpt"),
         S("SMEAR_GATE", _flag, True, None, "SmearGate: mix in the previous token's embedding (not across BOS)", "gpt"),
+        S("SMEAR_HALF", _flag, False, None, "after the embedding's norm, each position's mean with the previous "
+          "position's, no gate, across BOS too (#1090's SmearGate, whose gate no optimizer holds)", "gpt"),
         S("SMEAR_GATE_DIMS", int, Derived("12; 0 with SMEAR_GATE=0", lambda a: 12 if a.smear_gate else 0), NONNEG,
           "SmearGate's gate read from the first N dims; 0: the per-dim mix", "gpt"),
         S("BIGRAM_BUCKETS", int, 0, NONNEG, "BigramHash buckets of (previous, current) token; 0: off (1 refused)"),
@@ -420,6 +452,8 @@ SETTING_SECTIONS = {
         S("MIN_LR", float, 0.1, FRAC, "floor of the LR multiplier"),
         S("EMA_DECAY", float, 0.9965, BETA, "if > 0: an fp32 EMA of the weights replaces them at the end"),
         S("EMA_WARMUP", _flag, False, None, "the EMA's decay warmed up as min(EMA_DECAY, n / (n + 9))"),
+        S("SWA_EVERY", int, 0, NONNEG, "SWA: an fp32 sum of the weights every N steps of the warmdown; their mean "
+          "replaces them at the end (with 2 or more); 0: off"),
         S("TRAIN_LOADER", str, "sequential", ("sequential", "shuffled"), "order of the training sequences"),
         S("PREFETCH_BATCHES", int, 2, NONNEG, "batches a background thread builds ahead; 0: none"),
     ),
@@ -429,9 +463,10 @@ SETTING_SECTIONS = {
         S("QUANT_ATTN", str, Derived("QUANT", lambda a: a.quant), QUANTS, "precision of .attn. matrices"),
         S("QUANT_MLP", str, Derived("QUANT", lambda a: a.quant), QUANTS, "precision of every other block matrix"),
         S("QUANT_EMBED", str, "int7", QUANTS, "precision of the embedding and output head"),
-        S("SDCLIP_K_ATTN", float, 13.0, POS, "SDClip: clip rows at k standard deviations (attention matrices)"),
-        S("SDCLIP_K_MLP", float, 11.5, POS, "SDClip k of the other block matrices"),
-        S("SDCLIP_K_EMBED", float, 14.0, POS, "SDClip k of the embedding and head"),
+        S("SDCLIP_K_ATTN", float, 13.0, NONNEG, "SDClip: clip rows at k standard deviations (attention matrices); "
+          "0: at |w|max"),
+        S("SDCLIP_K_MLP", float, 11.5, NONNEG, "SDClip k of the other block matrices"),
+        S("SDCLIP_K_EMBED", float, 14.0, NONNEG, "SDClip k of the embedding and head"),
         S("QUANT_GATE", str, "int8", ("float", "int8"), "attention-gate matrices: float, or int8 per row at |w|max"),
         S("QUANT_CONTROL", str, "fp16", ("fp32", "fp16"), "how control tensors kept float are stored"),
         S("QUANT_FLOAT_MAX", int, 65_536, NONNEG, "matrices of at most this many values stay float, as the records"),
@@ -599,6 +634,11 @@ class Hyperparameters:
         if (self.ttt_enabled or self.phased_ttt_enabled) and self.ttt_chunk_tokens < self.eval_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be at least EVAL_SEQ_LEN={self.eval_seq_len} "
                               "(a chunk is trained on as its whole sequences)")
+        # [swa]
+        if self.swa_every and (self.ema_decay > 0 or self.resume):
+            raise ConfigError(f"SWA_EVERY={self.swa_every} averages the weights itself and its sums are not checkpointed: "
+                              "set EMA_DECAY=0 and unset RESUME")
+        # [/swa]
         # [checkpoint]
         if self.resume and self.score_artifact:
             raise ConfigError("RESUME continues a training run and SCORE_ARTIFACT trains nothing: unset one of them")
@@ -1229,20 +1269,21 @@ def norm_pct_dropout(h: Tensor, frac: float) -> Tensor:
 
 
 class MLP(nn.Module):
-    # relu^2 (modded-nanogpt), leaky2 = LeakyReLU(0.5)^2, or swiglu (fc holds the gate and up halves).
+    # relu^2 (modded-nanogpt), leaky2 = LeakyReLU(0.5)^2, or swiglu: silu(fc(x)) * up(x), two matrices that Muon
+    # orthogonalizes one by one (#1090).
     def __init__(self, args: Hyperparameters):
         super().__init__()
         hidden = args.mlp_mult * args.model_dim
         self.act, self.dropout = args.mlp_act, args.norm_pct_dropout
-        self.fc = CastedLinear(args.model_dim, hidden * (2 if self.act == "swiglu" else 1), bias=False)
+        self.fc = CastedLinear(args.model_dim, hidden, bias=False)
+        self.up = CastedLinear(args.model_dim, hidden, bias=False) if self.act == "swiglu" else None
         self.proj = CastedLinear(hidden, args.model_dim, bias=False)
         self.proj._zero_init = True
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
-        if self.act == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+        if self.up is not None:
+            h = F.silu(h) * self.up(x)
         else:
             h = (F.leaky_relu(h, 0.5) if self.act == "leaky2" else torch.relu(h)).square()
         if self.training and self.dropout > 0:
@@ -1342,6 +1383,7 @@ class GPT(nn.Module):
             dims = args.smear_gate_dims
             self.smear_gate = nn.Parameter(torch.zeros(1, dims) if dims else torch.full((dim,), 3.0))
             self.smear_lambda = nn.Parameter(torch.zeros(1)) if dims else None
+        self.smear_half = args.smear_half  # [smear_half]
         kv_dim = args.num_kv_heads * (dim // args.num_heads)
         self.value_embed = nn.Embedding(args.vocab_size, kv_dim) if args.value_embed_layers else None
         # The blocks' run order: each once, and with depth recurrence a second order that reruns the loop
@@ -1413,6 +1455,8 @@ class GPT(nn.Module):
                 gate = torch.sigmoid(F.linear(x[..., : self.smear_gate.size(1)], self.smear_gate.to(x.dtype)))
                 x = x + self.smear_lambda.to(x.dtype) * gate * prev
         x = F.rms_norm(x, (x.size(-1),))
+        if self.smear_half:  # [smear_half]
+            x = 0.5 * x + 0.5 * F.pad(x[:, :-1], (0, 0, 1, 0))  # [smear_half]
         value_embed = None if self.value_embed is None else self.value_embed(input_ids).to(x.dtype)
         x0, skips, shared = x, [], self.shared_blocks
         x = self.run_blocks(self.orders[0], range(shared), x, x0, skips, docs, value_embed)
@@ -2085,6 +2129,34 @@ class WeightEMA:
     def apply(self) -> None:
         for t, a in zip(self.weights, self.average):
             t.copy_(a)
+
+
+# [swa]
+class WeightSWA:
+    """Stochastic weight averaging (#1090): an fp32 sum of the float weights, added every SWA_EVERY steps of the
+    warmdown; their mean replaces the weights at the end."""
+
+    def __init__(self, model: nn.Module):
+        self.weights = [t for t in model.state_dict().values() if t.is_floating_point()]
+        self.total, self.count = [torch.zeros_like(t, dtype=torch.float32) for t in self.weights], 0
+
+    @torch.no_grad()
+    def add(self) -> None:
+        torch._foreach_add_(self.total, [t.float() for t in self.weights])
+        self.count += 1
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for t, total in zip(self.weights, self.total):
+            t.copy_(total / self.count)
+
+
+def swa_start(args: Hyperparameters, clock) -> float:
+    """The step the warmdown starts at, as #1090 reckons it: under a time budget, of the steps the pace so far
+    projects (whole steps)."""
+    total = args.iterations if clock.budget_ms is None else int(clock.budget_ms * clock.step / clock.ms)
+    return total - (args.warmdown_frac * total if args.warmdown_frac > 0 else args.warmdown_iters)
+# [/swa]
 
 
 # -----------------------------
@@ -2978,7 +3050,8 @@ class LoRA(nn.Module):
     change); A from one draw for all slots, so a document scores the same whatever slot it lands in. active = False
     switches them off without unhooking (phased TTT trains the model alone), so a compiled model keeps its graphs."""
 
-    def __init__(self, model: nn.Module, patterns: str, rank: int, slots: int, seed: int, scale: float = 1.0):
+    def __init__(self, model: nn.Module, patterns: str, rank: int, slots: int, seed: int, scale: float = 1.0,
+                 init_std: tuple[float, float] = (0.0, 0.0)):
         super().__init__()
         if isinstance(model, GPT):
             model.split_passes()
@@ -2989,6 +3062,7 @@ class LoRA(nn.Module):
         dev = next(model.parameters()).device
         self.A = nn.ParameterList(nn.Parameter(torch.empty(slots, n_in, rank, device=dev)) for _, n_in, _ in targets)
         self.B = nn.ParameterList(nn.Parameter(torch.empty(slots, rank, n_out, device=dev)) for *_, n_out in targets)
+        self.init_std = init_std  # [lora_init]
         self.draw(seed)
         self.active = True
         for (m, *_), a, b in zip(targets, self.A, self.B):
@@ -2997,19 +3071,23 @@ class LoRA(nn.Module):
 
     @torch.no_grad()
     def draw(self, seed: int) -> None:
-        # Every slot from scratch: B = 0, A (and A_init) uniform in +-1/sqrt(fan-in) from the seed.
+        # Every slot from scratch: B = 0, A (and A_init) uniform in +-1/sqrt(fan-in) from the seed; with init_std
+        # (LORA_A_STD, LORA_B_STD), from N(0, std) (#1090's init, one draw every document starts from).
         gen = torch.Generator(device=self.A[0].device).manual_seed(seed)
         for a, b in zip(self.A, self.B):
             n_in, rank = a.shape[1:]
             a.copy_((2 * torch.rand(n_in, rank, generator=gen, device=a.device) - 1) / n_in ** 0.5)
             b.zero_()
-        self.A_init = [a.detach().clone() for a in self.A]
+            if any(self.init_std):  # [lora_init]
+                a.copy_(self.init_std[0] * torch.randn(n_in, rank, generator=gen, device=a.device))  # [lora_init]
+                b.copy_(self.init_std[1] * torch.randn(*b.shape[1:], generator=gen, device=b.device))  # [lora_init]
+        self.A_init, self.B_init = [a.detach().clone() for a in self.A], [b.detach().clone() for b in self.B]
 
     @torch.no_grad()
     def reset(self, slots: Tensor, warm_a: bool) -> None:
         # warm_a: A keeps what the slot's previous document (earlier in the stream, fully scored) taught it.
-        for a, a_init, b in zip(self.A, self.A_init, self.B):
-            b[slots] = 0
+        for a, a_init, b, b_init in zip(self.A, self.A_init, self.B, self.B_init):
+            b[slots] = b_init[slots]
             if not warm_a:
                 a[slots] = a_init[slots]
 
@@ -3047,7 +3125,8 @@ class SlotAdam(torch.optim.Optimizer):
 
 
 def attach_lora(args: Hyperparameters, model: nn.Module, seed: int) -> tuple[LoRA, SlotAdam]:
-    lora = LoRA(model, args.lora_targets, args.lora_rank, args.lora_slots, seed, args.lora_scale)
+    lora = LoRA(model, args.lora_targets, args.lora_rank, args.lora_slots, seed, args.lora_scale,
+                (args.lora_a_std, args.lora_b_std))
     return lora, SlotAdam(lora.parameters(), args.lora_lr, (args.lora_beta1, args.lora_beta2), args.lora_eps, args.lora_wd)
 
 
@@ -3136,6 +3215,9 @@ def evaluate_lora_ttt(args, base_model, val_tokens, luts, rank, world_size, devi
         opt.reset(fresh)
         num_docs += int(fresh.sum())
         adapting = adapting and within_budget(args, t_path, t_loop, done, mine)
+        for row in rows if args.lora_chunk_context else ():
+            if row:
+                row[0] = row[1]  # the context starts at the chunk
         scored, trained = lora_round(net, opt, rows, tokens, seq_len, args.lora_chunk_tokens, luts, totals, losses,
                                      adapting)
         adapted += trained
@@ -3979,6 +4061,7 @@ def train(run: Run, data: ValData, t: Training) -> TrainClock:
     if t.resume is not None:
         restore_training(run, t, clock)
     checkpoint_ms = clock.banked_ms  # training time at the last checkpoint
+    t.swa = WeightSWA(t.base_model) if args.swa_every else None  # [swa]
     with StopSignals() as signals:
         clock.start()
         while not clock.done():
@@ -3992,6 +4075,10 @@ def train(run: Run, data: ValData, t: Training) -> TrainClock:
             if t.ema is not None:
                 t.ema.update()
             clock.tick(signals.received)
+            # [swa]
+            if args.swa_every and clock.step % args.swa_every == 0 and clock.step >= swa_start(args, clock):
+                t.swa.add()
+            # [/swa]
             # Logging steps and checkpoints are the only ones that read the loss back from the device.
             logged = args.train_log_every > 0 and (clock.step <= 10 or clock.step % args.train_log_every == 0
                                                    or clock.done())
@@ -4038,6 +4125,11 @@ def finish_training(run: Run, data: ValData, t: Training, clock: TrainClock) -> 
         t.ema.apply()
         t.base_model.after_load()  # an average of unit rows is not unit
         run.log(f"ema:applied decay:{args.ema_decay} steps:{clock.step}")
+    # [swa]
+    if args.swa_every and t.swa.count > 1:  # one snapshot is the weights of its step: #1090 keeps the final ones
+        t.swa.apply()
+        run.log(f"swa:applied checkpoints:{t.swa.count} every:{args.swa_every} steps:{clock.step}")
+    # [/swa]
     set_qat(t.base_model, False)  # the pre-quant score and the Hessians read the float weights  # [qat]
     hessians = calibrate(run, t) if args.gptq else None
     t.loader.close()  # the last training batch has been read
