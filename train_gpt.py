@@ -1049,7 +1049,7 @@ class Rotary(nn.Module):
             inv_freq = (inv_freq * scale).to(self.inv_freq.dtype)
         # Positions and angles in inv_freq's dtype, as the starter: fp32, or bf16 with ROPE_FP32=0 (cuda_layout).
         freqs = torch.outer(torch.arange(seq_len, device=device, dtype=inv_freq.dtype), inv_freq)
-        freqs = freqs[None, None] if pos is None else freqs[pos][:, None]  # pos: stream_positions
+        freqs = freqs[None, None] if pos is None else freqs[pos][:, None]  # pos: doc_positions
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
@@ -1067,7 +1067,8 @@ PACKED_KERNELS = ("fa3_varlen", "varlen")
 # A packed row holds at most T // MIN_DOC_TOKENS + 2 segments (its start and its BOS): enough when every document has
 # MIN_DOC_TOKENS tokens or more. The count depends only on the batch shape, so a compiled graph never recompiles for
 # a new document layout; past it, a row's extra documents share its last segment (attention as with DOC_ATTENTION=0,
-# within that row only: a segment never crosses a row, so overlapping evaluation windows never see each other).
+# within that row only: a segment never crosses a row, so overlapping evaluation windows never see each other). A
+# stream (TRAIN_STREAM) is one row whose segments (documents and cuts) need that average: 1,538 in 98,304 tokens.
 MIN_DOC_TOKENS = 64
 
 
@@ -1090,7 +1091,7 @@ def attention_support(device: torch.device) -> tuple[int, bool]:
     return torch.cuda.get_device_capability(device)[0], importlib.util.find_spec("flash_attn_interface") is not None
 
 
-def stream_positions(input_ids: Tensor) -> Tensor:
+def doc_positions(input_ids: Tensor) -> Tensor:
     """Each token's position in its segment when the (B, T) batch is one stream cut at each BOS and every T tokens
     from a document's start (the stream's first token starts one)."""
     n = torch.arange(input_ids.numel(), device=input_ids.device)
@@ -1098,25 +1099,21 @@ def stream_positions(input_ids: Tensor) -> Tensor:
     return ((n - begin) % input_ids.size(1)).view_as(input_ids)
 
 
-def doc_mask(input_ids: Tensor, pos: Tensor | None = None) -> Tensor:
-    """(B, 1, T, T) boolean mask: query i sees key j <= i of the same document (each BOS starts one); given pos
-    (stream_positions), one (1, 1, B * T, B * T) mask over the stream's segments."""
-    doc = (input_ids == BOS_ID).cumsum(1) if pos is None else (pos == 0).view(1, -1).cumsum(1)
-    causal = torch.ones(doc.size(1), doc.size(1), dtype=torch.bool, device=input_ids.device).tril()
+def doc_mask(input_ids: Tensor) -> Tensor:
+    """(B, 1, T, T) boolean mask: query i sees key j <= i of the same document (each BOS starts one)."""
+    doc = (input_ids == BOS_ID).cumsum(1)
+    causal = torch.ones(input_ids.size(1), input_ids.size(1), dtype=torch.bool, device=input_ids.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
-def doc_cu_seqlens(input_ids: Tensor, pos: Tensor | None = None) -> Tensor:
+def doc_cu_seqlens(input_ids: Tensor) -> Tensor:
     """Segment boundaries of the flattened (B, T) batch for varlen_attn: a segment starts at every row start and every
-    BOS (given pos: where it is 0, in one row of B * T tokens, B more slots for the cuts). int32, B * K + 1 entries
-    for K = T // MIN_DOC_TOKENS + 2 slots per row (at most T), unused slots being empty segments at the row's end;
-    built on the device without a host sync."""
+    BOS. int32, B * K + 1 entries for K = T // MIN_DOC_TOKENS + 2 slots per row (at most T), unused slots being empty
+    segments at the row's end; built on the device without a host sync."""
     B, T = input_ids.shape
-    K, device = T // MIN_DOC_TOKENS + 2, input_ids.device
+    K = min(T // MIN_DOC_TOKENS + 2, T)
+    device = input_ids.device
     starts = (input_ids == BOS_ID) | (torch.arange(T, device=device) == 0)
-    if pos is not None:
-        B, T, K, starts = 1, B * T, B * T // MIN_DOC_TOKENS + 2 + B, (pos == 0).view(1, -1)
-    K = min(K, T)
     segment = starts.cumsum(1) - 1
     # Each start writes its position into its segment's slot of its row; the rest go to a spare column K.
     slot = torch.where(starts & (segment < K), segment, K)
@@ -1146,10 +1143,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     gqa = q.size(1) != k.size(1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    B, H, T, D = q.shape
-    if mask.size(-1) != T:  # a stream's: one row of B * T tokens
-        flat = lambda t: t.transpose(0, 1).reshape(1, t.size(1), B * T, D)  # noqa: E731
-        return causal_attention(flat(q), flat(k), flat(v), scale, mask).view(H, B, T, D).transpose(0, 1)
+    if mask.size(-1) != q.size(2):  # a stream's (1, 1, B * T, B * T): each row's queries over all B * T keys
+        k, v, mask = *(t.transpose(0, 1).flatten(1, 2)[None] for t in (k, v)), mask.view(q.size(0), 1, q.size(2), -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
@@ -1161,13 +1156,15 @@ def set_attention(model: nn.Module, args: Hyperparameters, device: torch.device 
 
 def doc_layout(model: nn.Module, input_ids: Tensor, stream: bool = False) -> dict[str, Tensor]:
     """What causal_attention needs to keep every document apart (nothing with DOC_ATTENTION=0), built once per
-    forward for all layers: doc_cu_seqlens for a packed kernel, else doc_mask; a stream's pos (stream_positions)."""
+    forward for all layers: doc_cu_seqlens for a packed kernel, else doc_mask; a stream's pos (doc_positions)."""
     if not model.doc_attention:
         return {}
-    pos = stream_positions(input_ids) if stream else None
+    pos = doc_positions(input_ids) if stream else None
+    # A stream: one row whose segment starts read as BOS tokens (its cuts take slots as documents do: MIN_DOC_TOKENS).
+    ids = input_ids if pos is None else torch.where(pos == 0, BOS_ID, input_ids).view(1, -1)
     if model.attention_kernel in PACKED_KERNELS:
-        return {"cu_seqlens": doc_cu_seqlens(input_ids, pos), "pos": pos}
-    return {"mask": doc_mask(input_ids, pos), "pos": pos}
+        return {"cu_seqlens": doc_cu_seqlens(ids), "pos": pos}
+    return {"mask": doc_mask(ids), "pos": pos}
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

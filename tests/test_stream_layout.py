@@ -4,6 +4,7 @@ the layout against its function, our model's loss and gradients on a stream agai
 (both attention kernels), and phased TTT's global SGD over chunks of several windows against its own function."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,20 +39,23 @@ def their_segments(pr2014, ids: torch.Tensor, L: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_stream_segments_are_2014s_build_cu_seqlens(pr2014, monkeypatch, seed):
-    """Rows of L = 16: our segment starts (where stream_positions is 0), packed cu_seqlens and dense mask all cut where
-    its _build_cu_seqlens does, positions count from those starts; the rows' own layout (row starts) does not."""
+    """Rows of L = 16: our segment starts (where doc_positions is 0), doc_layout's packed cu_seqlens and dense mask all
+    cut where its _build_cu_seqlens does, positions count from those starts; the rows' own layout (row starts) does
+    not."""
     monkeypatch.setattr(tg, "MIN_DOC_TOKENS", 1)  # room for its one-token documents in the packed slots
     B, L = 8, 16
     ids = stream(B * L, seed)
     theirs = their_segments(pr2014, ids, L)
     rows = ids.view(B, L)
-    pos = tg.stream_positions(rows)
+    pos = tg.doc_positions(rows)
     starts = (pos.flatten() == 0).nonzero().flatten()
     assert torch.equal(torch.cat([starts, torch.tensor([B * L])]), theirs.long())
     seg = torch.bucketize(torch.arange(B * L), theirs[1:].long(), right=True)
     assert torch.equal(pos.flatten(), torch.arange(B * L) - theirs.long()[seg])
-    assert torch.equal(tg.doc_cu_seqlens(rows, pos).unique(), theirs)
-    mask = tg.doc_mask(rows, pos)[0, 0]
+    model = SimpleNamespace(doc_attention=True, attention_kernel="varlen")
+    assert torch.equal(tg.doc_layout(model, rows, True)["cu_seqlens"].unique(), theirs)
+    model.attention_kernel = "sdpa_masked"
+    mask = tg.doc_layout(model, rows, True)["mask"][0, 0]
     assert torch.equal(mask, (seg[:, None] == seg[None, :]) & torch.ones(B * L, B * L, dtype=torch.bool).tril())
     assert not torch.equal(tg.doc_cu_seqlens(rows).unique(), theirs)  # rows cut elsewhere (this stream crosses them)
 
@@ -61,7 +65,8 @@ def test_stream_loss_and_gradients_equal_2014s_flat_row(record_2014, monkeypatch
     """One 128-token micro-batch, ours as 4 rows of 32 with TRAIN_STREAM, its as one flat row cut every 32 (documents
     across a row boundary and longer than 32, loop on): the loss to 1e-5, every gradient to 1e-4 of its max. Our
     rows' own layout is not its."""
-    monkeypatch.setattr(tg, "varlen_attn", varlen_by_segment)
+    monkeypatch.setattr(tg, "varlen_attn", varlen_by_segment)  # it checks every segment fits max_seqlen = 32
+    monkeypatch.setattr(tg, "MIN_DOC_TOKENS", 16)  # 7 segments in 128 tokens: room for 10
     record, ours = pair(record_2014, TINY_OURS, TINY_RECORD)
     ours.attention_kernel = kernel
     loss_diff, grad_diff = compare(record_2014, record, ours, 128, 32, True, rows=4)
