@@ -105,3 +105,14 @@ def test_global_sgd_over_chunks_of_several_windows_is_2014s(record_2014):
     print(f"global SGD: stream {worst(ours):.2e}, rows {worst(rows):.2e} of the largest update")
     assert worst(ours) < 1e-3 < worst(rows)
 
+
+
+def test_global_sgd_deals_each_rank_a_consecutive_run_as_2014s():
+    """7 sequences of a chunk over 3 ranks: rank r trains sequences 7r // 3 .. 7(r + 1) // 3 (its my_seq_s:my_seq_e),
+    one stream each; a rank short of one pads with zero-weight rows after its own."""
+    args = tg.Hyperparameters({**TINY_OURS, "EVAL_SEQ_LEN": "32", "TTT_CHUNK_TOKENS": str(7 * 32),
+                               "LORA_CHUNK_TOKENS": "32"})
+    model = tg.build_model(args, CPU)
+    deals = [tg.ChunkSGD(args, model, model, rank, 3, CPU) for rank in range(3)]
+    assert [(d.seq_starts // 32).tolist() for d in deals] == [[0, 1, 0], [2, 3, 0], [4, 5, 6]]
+    assert [d.weight.tolist() for d in deals] == [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
