@@ -112,7 +112,7 @@ STACK_1194_PRESET = {
     "EVAL_STRIDE": "64", "TTT_EPOCHS": "3", "TTT_LR": "0.002", "TTT_PARAMS": "blocks.*",
     "LORA_TARGETS": "*.c_q,*.c_v", "LORA_RANK": "8", "LORA_LR": "0.01", "LORA_CHUNK_TOKENS": "256",
     "LORA_WARM_A": "0", "LORA_SCALE": "1.0", "LORA_BETA1": "0.9", "LORA_BETA2": "0.95", "LORA_EPS": "1e-8",
-    "LORA_WD": "0.0", "PHASED_TTT_ENABLED": "0",
+    "LORA_WD": "0.0", "PHASED_TTT_ENABLED": "0", "TRAIN_STREAM": "0",
 }
 # STACK=1090: #1090's run (openai/parameter-golf #1090, 1.1573 after LoRA TTT on one H100 PCIe; docs/p1090.md) on
 # top of STACK=1.1194's: 11 x 512, SwiGLU with hidden 1024, XSA on the last 4 layers, full RoPE, its fixed SmearGate,
@@ -374,6 +374,8 @@ SETTING_SECTIONS = {
         S("QK_GAIN_INIT", float, 5.25, POS, "initial per-head query gain after QK-norm", "gpt"),
         S("TIED_EMBED_INIT_STD", float, 0.005, NONNEG, "init std of the tied embedding", "gpt"),
         S("DOC_ATTENTION", _flag, True, None, "attention within documents (each BOS starts one), training and eval"),
+        S("TRAIN_STREAM", _flag, True, None, "DOC_ATTENTION in training and TTT's SGD: a batch's rows are one stream, "
+          "documents cut every row length (#2014's); 0: at row starts"),
         S("MLP_ACT", str, "leaky2", ("relu2", "leaky2", "swiglu"), "MLP activation", "gpt"),
         S("NORM_PCT_DROPOUT", float, 0.0, BETA, "zero this fraction of MLP hidden rows of largest norm", "gpt"),
         S("ROPE_DIMS", int, 16, NONNEG, "partial RoPE: rotated dims per head (even); 0: all"),
@@ -593,6 +595,10 @@ class Hyperparameters:
             raise ConfigError("EXPORT_FORMAT=starter is the starter's int8 + zlib export: set QUANT=int8 (QUANT_ATTN, "
                               "QUANT_MLP, QUANT_EMBED too), COMPRESSOR=zlib, LOWRANK_RANK=0, QAT_START=1 (BASELINE=1 does)")
         # [/starter]
+        # [shuffled]
+        if self.train_stream and self.train_loader == "shuffled":
+            raise ConfigError("TRAIN_LOADER=shuffled deals sequences from anywhere, not one stream: set TRAIN_STREAM=0")
+        # [/shuffled]
         if self.doc_attention and not {"mem_efficient", "math"} & set(self.sdp_backends.split(",")):
             raise ConfigError(f"DOC_ATTENTION=1 needs a masked-attention kernel where varlen_attn is missing (before "
                               f"sm80, GPTQ's fp32 calibration): add mem_efficient or math to SDP_BACKENDS={self.sdp_backends!r}")
@@ -1084,7 +1090,8 @@ class Rotary(nn.Module):
         self.train_seq_len = train_seq_len
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), persistent=False)
 
-    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype, pos: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
         inv_freq = self.inv_freq
         if seq_len > self.train_seq_len:
             # NTK-aware scaling for a context `factor` x the trained one: base -> base * factor^(d/(d-2)) keeps the
@@ -1094,7 +1101,8 @@ class Rotary(nn.Module):
             inv_freq = (inv_freq * scale).to(self.inv_freq.dtype)
         # Positions and angles in inv_freq's dtype, as the starter: fp32, or bf16 with ROPE_FP32=0 (cuda_layout).
         freqs = torch.outer(torch.arange(seq_len, device=device, dtype=inv_freq.dtype), inv_freq)
-        return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
+        freqs = freqs[None, None] if pos is None else freqs[pos][:, None]  # pos: doc_positions
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def enable_sdp_backends(names: str) -> None:
@@ -1111,7 +1119,8 @@ PACKED_KERNELS = ("fa3_varlen", "varlen")
 # A packed row holds at most T // MIN_DOC_TOKENS + 2 segments (its start and its BOS): enough when every document has
 # MIN_DOC_TOKENS tokens or more. The count depends only on the batch shape, so a compiled graph never recompiles for
 # a new document layout; past it, a row's extra documents share its last segment (attention as with DOC_ATTENTION=0,
-# within that row only: a segment never crosses a row, so overlapping evaluation windows never see each other).
+# within that row only: a segment never crosses a row, so overlapping evaluation windows never see each other). A
+# stream (TRAIN_STREAM) is one row whose segments (documents and cuts) need that average: 1,538 in 98,304 tokens.
 MIN_DOC_TOKENS = 64
 
 
@@ -1132,6 +1141,14 @@ def attention_support(device: torch.device) -> tuple[int, bool]:
     if device.type != "cuda" or not torch.cuda.is_available():
         return 0, False
     return torch.cuda.get_device_capability(device)[0], importlib.util.find_spec("flash_attn_interface") is not None
+
+
+def doc_positions(input_ids: Tensor) -> Tensor:
+    """Each token's position in its segment when the (B, T) batch is one stream cut at each BOS and every T tokens
+    from a document's start (the stream's first token starts one)."""
+    n = torch.arange(input_ids.numel(), device=input_ids.device)
+    begin = torch.where((input_ids.flatten() == BOS_ID) | (n == 0), n, 0).cummax(0).values
+    return ((n - begin) % input_ids.size(1)).view_as(input_ids)
 
 
 def doc_mask(input_ids: Tensor) -> Tensor:
@@ -1178,6 +1195,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     gqa = q.size(1) != k.size(1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask.size(-1) != q.size(2):  # a stream's (1, 1, B * T, B * T): each row's queries over all B * T keys
+        k, v, mask = *(t.transpose(0, 1).flatten(1, 2)[None] for t in (k, v)), mask.view(q.size(0), 1, q.size(2), -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
@@ -1187,14 +1206,17 @@ def set_attention(model: nn.Module, args: Hyperparameters, device: torch.device 
     model.attention_kernel = attention_kernel(device.type, args.doc_attention, *attention_support(device))[0]
 
 
-def doc_layout(model: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
+def doc_layout(model: nn.Module, input_ids: Tensor, stream: bool = False) -> dict[str, Tensor]:
     """What causal_attention needs to keep every document apart (nothing with DOC_ATTENTION=0), built once per
-    forward for all layers: doc_cu_seqlens for a packed kernel, else doc_mask."""
+    forward for all layers: doc_cu_seqlens for a packed kernel, else doc_mask; a stream's pos (doc_positions)."""
     if not model.doc_attention:
         return {}
+    pos = doc_positions(input_ids) if stream else None
+    # A stream: one row whose segment starts read as BOS tokens (its cuts take slots as documents do: MIN_DOC_TOKENS).
+    ids = input_ids if pos is None else torch.where(pos == 0, BOS_ID, input_ids).view(1, -1)
     if model.attention_kernel in PACKED_KERNELS:
-        return {"cu_seqlens": doc_cu_seqlens(input_ids)}
-    return {"mask": doc_mask(input_ids)}
+        return {"cu_seqlens": doc_cu_seqlens(ids), "pos": pos}
+    return {"mask": doc_mask(ids), "pos": pos}
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -1244,8 +1266,8 @@ class CausalSelfAttention(nn.Module):
         if self.use_value_embed:
             v = v + self.ve_gain.to(v.dtype) * value_embed
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.position_qk(q, k, *self.rotary(T, x.device, q.dtype))
-        y = causal_attention(q, k, v, self.softmax_scale, **docs)
+        q, k = self.position_qk(q, k, *self.rotary(T, x.device, q.dtype, docs.get("pos")))
+        y = causal_attention(q, k, v, self.softmax_scale, docs.get("mask"), docs.get("cu_seqlens"))
         if self.xsa:
             y = remove_self_value(y, v)
         if self.attn_gate is not None:
@@ -1441,14 +1463,16 @@ class GPT(nn.Module):
         self.recur_active.fill_(on)
         self._recur_on = on
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        docs = doc_layout(self, input_ids)
+    def forward(self, input_ids: Tensor, target_ids: Tensor, stream: bool = False) -> Tensor:
+        docs = doc_layout(self, input_ids, stream)
         x = self.tok_emb(input_ids)
         if self.bigram is not None:  # [bigram]
             x = x + bigram_features(self, input_ids)  # [bigram]
         if self.smear_gate is not None:
-            # Gate in the previous token's embedding; a BOS (and the window's first token) takes in nothing.
-            prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != BOS_ID)[..., None].to(x.dtype)
+            # Gate in the previous token's embedding; a BOS (and the window's first token) takes in nothing. A stream's
+            # rows continue each other (the previous row's last token), as #2014's flat row.
+            rows = x if docs.get("pos") is None else x.view(1, -1, x.size(-1))
+            prev = F.pad(rows[:, :-1], (0, 0, 1, 0)).view_as(x) * (input_ids != BOS_ID)[..., None].to(x.dtype)
             if self.smear_lambda is None:
                 x = torch.lerp(prev, x, torch.sigmoid(self.smear_gate).to(x.dtype))
             else:
@@ -1677,8 +1701,8 @@ class NGPT(nn.Module):
                 if getattr(m, "_zero_init", False):
                     nn.init.zeros_(m.weight)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        docs = doc_layout(self, input_ids)
+    def forward(self, input_ids: Tensor, target_ids: Tensor, stream: bool = False) -> Tensor:
+        docs = doc_layout(self, input_ids, stream)
         x = self.tok_emb(input_ids)
         h = self.norm(x if self.bigram is None else x + bigram_features(self, input_ids))
         for block in self.blocks:
@@ -2937,10 +2961,10 @@ def ttt_params(model: nn.Module, args: Hyperparameters) -> list[nn.Parameter]:
 
 class ChunkSGD:
     """TTT's training on chunk c of a token stream cut into TTT_CHUNK_TOKENS chunks: the chunk's whole
-    EVAL_SEQ_LEN sequences (a remainder is not trained on, as #2014's), dealt over ranks (a rank short of one trains
-    a zero-weight copy: one shape), get TTT_EPOCHS SGD steps on their mean loss (momentum TTT_MOMENTUM kept across
-    chunks, gradients averaged over ranks, clipped at TTT_GRAD_CLIP, LR TTT_LR cosine-decayed over the chunks) on
-    the parameters matching TTT_PARAMS."""
+    EVAL_SEQ_LEN sequences (a remainder is not trained on, as #2014's), dealt over ranks in runs (a stream each; a
+    rank short of one trains zero-weight copies last: one shape), get TTT_EPOCHS SGD steps on their mean loss
+    (momentum TTT_MOMENTUM kept across chunks, gradients averaged over ranks, clipped at TTT_GRAD_CLIP, LR TTT_LR
+    cosine-decayed over the chunks) on the parameters matching TTT_PARAMS."""
 
     def __init__(self, args, model, net, rank, world_size, device):
         self.args, self.model, self.net = args, model, net
@@ -2949,7 +2973,7 @@ class ChunkSGD:
         seq_len = args.eval_seq_len
         self.num_seqs = args.ttt_chunk_tokens // seq_len
         self.per_rank = -(-self.num_seqs // world_size)
-        mine = list(range(rank, self.num_seqs, world_size))
+        mine = list(range(self.num_seqs * rank // world_size, self.num_seqs * (rank + 1) // world_size))
         self.weight = torch.tensor([1.0] * len(mine) + [0.0] * (self.per_rank - len(mine)), device=device)
         self.seq_starts = torch.tensor((mine + [0] * self.per_rank)[: self.per_rank], device=device) * seq_len
         self.offsets = torch.arange(seq_len, device=device)
@@ -2962,7 +2986,7 @@ class ChunkSGD:
             g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (num_chunks - 1)))
         for _ in range(args.ttt_epochs):
             with autocast(tokens.device):
-                loss = (self.net(x, y).float().mean(1) * self.weight).sum() / self.num_seqs
+                loss = (self.net(x, y, args.train_stream).float().mean(1) * self.weight).sum() / self.num_seqs
             loss.backward()
             grads = [p.grad for p in self.params if p.grad is not None]
             if distributed_now():  # the per-rank sums add up to the mean over the chunk
@@ -3679,7 +3703,7 @@ def train_step(run: Run, t: Training, lr_scale: float, momentum: float) -> Tenso
             t.model.require_backward_grad_sync = micro == accum - 1 and not per_rank
         x, y = t.loader.next_batch(args.train_batch_tokens, t.seq_len, accum)
         with autocast(run.device):
-            loss = t.model(x, y).mean()
+            loss = t.model(x, y, args.train_stream).mean()
         train_loss += loss.detach()
         (loss / accum).backward()
     for g in t.muon.param_groups:

@@ -168,8 +168,9 @@ def test_varlen_attn_traces_on_fake_cuda_in_bf16_with_grouped_heads():
 # One document never reaches another
 # -----------------------------
 
+@pytest.mark.parametrize("stream", [False, True])  # TRAIN_STREAM: rows, or the batch as one stream
 @pytest.mark.parametrize("model", ["gpt", "ngpt"])
-def test_training_forward_keeps_documents_apart(model):
+def test_training_forward_keeps_documents_apart(model, stream):
     args = args_with(MODEL=model)
     net = model_for(args).train()
     tokens, docs = doc_stream(4 * 32 + 1)
@@ -177,7 +178,7 @@ def test_training_forward_keeps_documents_apart(model):
     doc = docs[3]
     x2 = rewrite(tokens, doc)[:-1].view(4, 32)
     keep = other_docs(docs, doc, 4 * 32).view(4, 32)
-    a, b = net(x, y), net(x2, y)
+    a, b = net(x, y, stream), net(x2, y, stream)
     assert torch.equal(a[keep], b[keep]) and not torch.allclose(a[~keep], b[~keep])
     net.doc_attention = False  # the probe is not blind: without document attention the change leaks
     assert not torch.allclose(net(x, y)[keep], net(x2, y)[keep])

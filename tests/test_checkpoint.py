@@ -48,7 +48,7 @@ def test_a_loader_restored_from_its_state_deals_what_the_original_deals_next(tmp
     # depths: the original's and the restored one's PREFETCH_BATCHES; batches read ahead are not in the state.
     for i, n in enumerate((700, 450, 900)):  # shards of several lengths: the position crosses shards and passes
         write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", [(7 * j + i) % 100 for j in range(n)])
-    args = tiny_args(DATA_PATH=str(tmp_path), VOCAB_SIZE=100, TRAIN_LOADER=name, SEED=3)
+    args = tiny_args(DATA_PATH=str(tmp_path), VOCAB_SIZE=100, TRAIN_LOADER=name, TRAIN_STREAM=0, SEED=3)
     batch = (256, 16, 2)  # global tokens, seq_len, grad_accum
 
     def loader(depth):

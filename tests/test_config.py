@@ -63,6 +63,7 @@ BAD_SETTINGS = [
     ({"NUM_LAYERS": "nine"}, "NUM_LAYERS"), ({"MODEL": "rnn"}, "MODEL"), ({"TIE_EMBEDDINGS": "yes"}, "TIE_EMBEDDINGS"),
     ({"QUANT": "int3"}, "QUANT"), ({"QUANT_MLP": "int4"}, "QUANT_MLP"), ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
     ({"MUON_NS_COEFFS": "cubic"}, "MUON_NS_COEFFS"), ({"TRAIN_LOADER": "random"}, "TRAIN_LOADER"),
+    ({"TRAIN_LOADER": "shuffled"}, "TRAIN_STREAM"),
     ({"COMPRESSOR": "gzip"}, "COMPRESSOR"), ({"GPTQ": "yes"}, "GPTQ"), ({"MLP_ACT": "gelu"}, "MLP_ACT"),
     ({"ROPE_DIMS": "3"}, "ROPE_DIMS"), ({"ROPE_DIMS": "16"}, "ROPE_DIMS"), ({"ATTN_GATE_DIMS": "64"}, "ATTN_GATE_DIMS"),
     ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS"), ({"RECUR_LAYERS": "3-5"}, "RECUR_LAYERS"),

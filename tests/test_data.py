@@ -79,7 +79,7 @@ def test_prefetched_batches_are_the_loaders_own_even_when_the_shape_changes(tmp_
     # not handed out, so the sequence is the plain loader's.
     for i in range(3):
         write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", [(11 * j + i) % 90 for j in range(500)])
-    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90", "TRAIN_LOADER": name})
+    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90", "TRAIN_LOADER": name, "TRAIN_STREAM": "0"})
     shapes = [(128, 16, 1)] * 5 + [(64, 8, 2)] * 3 + [(128, 16, 1)] * 4
     plain = tg.TRAIN_LOADERS[name](args, 0, 1)
     ahead = tg.BatchPrefetcher(tg.TRAIN_LOADERS[name](args, 0, 1), torch.device("cpu"), 3)
@@ -92,7 +92,7 @@ def test_prefetched_batches_are_the_loaders_own_even_when_the_shape_changes(tmp_
 
 def test_a_prefetch_thread_error_is_raised_in_the_training_thread(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(10))  # no sequence of 16 + 1 tokens
-    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90", "TRAIN_LOADER": "shuffled"})
+    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90", "TRAIN_LOADER": "shuffled", "TRAIN_STREAM": "0"})
     ahead = tg.BatchPrefetcher(tg.TRAIN_LOADERS["shuffled"](args, 0, 1), torch.device("cpu"), 2)
     with pytest.raises(tg.ConfigError, match="no sequence of TRAIN_SEQ_LEN"):
         ahead.next_batch(64, 16, 1)
@@ -102,7 +102,7 @@ def test_a_prefetch_thread_error_is_raised_in_the_training_thread(tmp_path):
 @pytest.mark.parametrize("loader", sorted(tg.TRAIN_LOADERS))
 def test_a_train_shard_of_zero_tokens_is_refused_by_either_loader(tmp_path, loader):
     write_shard(tmp_path / "fineweb_train_000000.bin", [])
-    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90", "TRAIN_LOADER": loader})
+    args = tg.Hyperparameters({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "90", "TRAIN_LOADER": loader, "TRAIN_STREAM": "0"})
     with pytest.raises(tg.ConfigError, match="fineweb_train_000000.bin: a valid header but 0 tokens; remove it"):
         tg.TRAIN_LOADERS[loader](args, 0, 1).next_batch(64, 16, 1)
 

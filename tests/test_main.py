@@ -374,8 +374,8 @@ def test_ranks_agree_on_the_training_time(tmp_path):
 
 
 STACK = {"MUON_NS_COEFFS": "polar_express", "MUON_ROW_NORM": "1", "NORMUON_BETA2": "0.9", "MUON_WD": "0.04",
-         "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled", "GRAD_CLIP_NORM": "0.3",
-         "GRAD_CLIP_SCOPE": "global"}
+         "ADAM_WD": "0.01", "CAUTIOUS_WD": "1", "TRAIN_LOADER": "shuffled", "TRAIN_STREAM": "0",
+         "GRAD_CLIP_NORM": "0.3", "GRAD_CLIP_SCOPE": "global"}
 
 
 @pytest.mark.slow

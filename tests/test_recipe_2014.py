@@ -59,13 +59,17 @@ def pair(pr2014, ours_env: dict, shape: dict):
     return record, ours
 
 
-def compare(pr2014, record, ours, vocab: int, T: int, loop: bool) -> tuple[float, float]:
-    """(loss difference, worst relative gradient difference) of its training forward and ours, across documents."""
+def compare(pr2014, record, ours, vocab: int, T: int, loop: bool, rows: int = 0) -> tuple[float, float]:
+    """(loss difference, worst relative gradient difference) of its training forward and ours, across documents;
+    with rows, one stream of rows x T tokens: ours as rows of T (TRAIN_STREAM), its one row cut every T tokens."""
     record.looping_active = loop
     ours.set_recurrence(loop)
-    x, y, cu = tokens(vocab, T, True)
+    x, y, cu = tokens(vocab, T * max(rows, 1), True)
+    if rows:
+        cu = pr2014._build_cu_seqlens(cu[:-1].tolist(), x.numel(), CPU, T, 64)[0].unique()
     record.zero_grad(), ours.zero_grad()
-    theirs, mine = record(x, y, cu_seqlens=cu, max_seqlen=T), ours(x, y).mean()
+    theirs = record(x, y, cu_seqlens=cu, max_seqlen=T)
+    mine = (ours(x.view(rows, T), y.view(rows, T), True) if rows else ours(x, y)).mean()
     theirs.backward(), mine.backward()
     grads = ours_from_record({n: p.grad for n, p in record.named_parameters()}, len(ours.blocks))
     own = dict(ours.named_parameters())

@@ -86,9 +86,10 @@ def tokens(vocab: int, T: int, docs: bool, seed: int = 1):
 
 def varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, causal=True, **_):
     """FA3's flash_attn_varlen_func on packed (N, H, D) tokens as SDPA with a dense document mask from cu_seqlens:
-    the reference's stand-in computes it with FlexAttention, which has no backward on the CPU."""
+    the reference's stand-in computes it with FlexAttention, which has no backward on the CPU. Bucket padding (n) ignored."""
     n = q.size(0)
-    doc = torch.zeros(n, dtype=torch.long).index_fill_(0, cu_seqlens_q[1:-1].long(), 1).cumsum(0)
+    inner = cu_seqlens_q[(cu_seqlens_q > 0) & (cu_seqlens_q < n)].long()
+    doc = torch.zeros(n, dtype=torch.long).index_fill_(0, inner, 1).cumsum(0)
     mask = (doc[:, None] == doc[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
     y = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                                          attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
