@@ -122,7 +122,7 @@ STACK_1108_PRESET = {
     "MODEL": "ngpt", "NGPT_PARAM": "1108", "NUM_LAYERS": "12", "BIGRAM_BUCKETS": "8192", "DOC_ATTENTION": "0",
     "NGPT_MATRIX_LR": "0.025", "NGPT_SCALAR_LR": "0.025", "NGPT_EMBED_LR": "0.035", "MUON_MOMENTUM": "0.99",
     "MUON_MOMENTUM_WARMUP_START": "0.92", "MUON_MOMENTUM_WARMUP_STEPS": "1500", "MUON_BACKEND_STEPS": "4",
-    "MUON_ROW_NORM": "0", "ADAM_WD": "0.04", "EMBED_WD": "0.04", "WARMDOWN_FRAC": "0", "WARMDOWN_ITERS": "3500",
+    "MUON_ROW_NORM": "0", "MUON_NS_COEFFS": "rowsum", "ADAM_WD": "0.04", "EMBED_WD": "0.04", "WARMDOWN_FRAC": "0", "WARMDOWN_ITERS": "3500",
     "EMA_WARMUP": "0", "MAX_WALLCLOCK_SECONDS": "560", "COMPRESSOR": "zstd",
 }
 # SMOKE=1 STACK=1108: no TTT (#1108 has none: NaN on its renormalized weights), a smaller bigram table.
@@ -208,6 +208,7 @@ FEATURES = {
     "lora_ttt": lambda a: a.lora_ttt_enabled,
     "qat": lambda a: a.qat_start < 1,
     "bigram": lambda a: a.bigram_buckets > 0,
+    "rowsum_ns": lambda a: a.muon_ns_coeffs == "rowsum",
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
 DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
@@ -410,8 +411,8 @@ SETTING_SECTIONS = {
         S("BETA2", float, 0.99, BETA, "Adam beta2"),
         S("ADAM_EPS", float, 1e-8, POS, "Adam epsilon"),
         S("GRAD_CLIP_NORM", float, 0.3, NONNEG, "global gradient-norm clip; 0: off"),
-        S("MUON_NS_COEFFS", str, "polar_express_plain", ("quintic", "polar_express", "polar_express_plain"),
-          "Newton-Schulz coefficients"),
+        S("MUON_NS_COEFFS", str, "polar_express_plain", ("quintic", "polar_express", "polar_express_plain", "rowsum"),
+          "Newton-Schulz coefficients (rowsum: #1108's row-scaled start, for MUON_BACKEND_STEPS=4)"),
         S("MUON_BF16", _flag, True, None, "Muon's momentum and Newton-Schulz in bf16 on every device"),
         S("MUON_ROW_NORM", _flag, True, None, "MuonEq-R: momentum rows normalized before Newton-Schulz"),
         S("MUON_POST_NS_ROW_NORM", _flag, False, None, "update rows rescaled to equal norm, total norm kept"),
@@ -1921,6 +1922,12 @@ NS_COEFFS = {
     "quintic": (1.0, False, ((3.4445, -4.7750, 2.0315),)),  # modded-nanogpt's classic quintic
     "polar_express": (1.02, False, POLAR_EXPRESS),  # as modded-nanogpt: the input norm inflated by 2e-2 for safety
     "polar_express_plain": (1.0, True, POLAR_EXPRESS),  # as the 1.0611 record (#1855, from #1344): the plain norm
+    # [rowsum_ns]
+    # #1108's: X's rows scaled by 1/sqrt of |X X^T|'s row sums in the first iteration (zeropower_via_newtonschulz5),
+    # then the last 4 of its 5 tuned (a, b, c), as its MUON_BACKEND_STEPS=4 takes them.
+    "rowsum": (1.0, False, ((3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037), (2.8769, -3.1427, 1.2046),
+                            (2.8366, -3.0525, 1.2012))),
+    # [/rowsum_ns]
 }
 
 
@@ -1937,6 +1944,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7, coeffs
     for i in range(steps):
         a, b, c = abc[min(i, len(abc) - 1)]
         A = X @ X.mT
+        if i == 0 and coeffs == "rowsum":  # [rowsum_ns]
+            s = A.abs().sum(-1).clamp_min(eps).rsqrt()  # [rowsum_ns]
+            X, A = X * s[..., None], A * s[..., None] * s[..., None, :]  # [rowsum_ns]
         X = a * X + (b * A + (c * (A @ A) if square_first else c * A @ A)) @ X
     return X.mT if transposed else X
 
