@@ -1847,7 +1847,7 @@ class NGPT1108(nn.Module):
         normalizes them anyway: this changes the weights' storage, not the function)."""
         for m in self.blocks.modules():
             if isinstance(m, SphereRowsLinear):
-                m.weight.copy_(F.normalize(m.weight.float(), dim=-1))
+                m.weight.copy_(F.normalize(m.weight, dim=-1))  # fp32 weights (cuda_layout)
 # [/ngpt]
 
 

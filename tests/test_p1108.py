@@ -187,3 +187,36 @@ def test_one_optimizer_step_equals_the_records(pr1108):
             assert (step - their_step).norm() <= 0.04 * their_step.norm(), name
         else:
             assert torch.equal(step, their_step), name
+
+
+def test_renormalized_dequantized_weights_equal_the_records_and_change_no_output(pr1108, monkeypatch):
+    """#1108's dequantize_mixed_int6 (NGPT_QUANT_MODE=renorm) renormalizes the blocks' matrices' rows; ours does in
+    after_load(). On the same int6 codes and scales both give the same weights, and the model's losses do not move:
+    the forward normalizes those rows anyway."""
+    monkeypatch.setenv("NGPT_QUANT_MODE", "renorm")
+    monkeypatch.setenv("PRUNE_PCT", "0")
+    # The record's width, so that every block matrix has over 65,536 values: #1108 keeps smaller ones fp16, unrenormed.
+    args = ours(NUM_LAYERS="1", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4", TRAIN_SEQ_LEN="64",
+                TRAIN_BATCH_TOKENS="8192")
+    model, ref = paired(args, pr1108)
+    sd = ref.state_dict()
+    result, meta = pr1108.mixed_quantize_int6(sd, {"mlp", "attn"})
+    theirs = pr1108.dequantize_mixed_int6(result, meta, sd)
+    plain = {}  # the same codes without the renormalization
+    for name, info in meta.items():
+        plain[name] = result[name] if isinstance(info, str) else \
+            result[name + ".q"].float() * result[name + ".scale"].float().view(-1, *[1] * (sd[name].ndim - 1))
+    x, y = batch(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(plain[their_name(name, ref.ve_layer_indices)].reshape(p.shape))
+        model.double()  # in fp32 the ulps renormalizing moves are amplified by the sharp attention
+        before = model(x, y)
+        model.after_load()
+        assert torch.allclose(model(x, y), before, rtol=1e-6, atol=0)  # the logits are rounded to fp32
+    renormed = 0
+    for name, p in model.named_parameters():
+        their = theirs[their_name(name, ref.ve_layer_indices)].float().reshape(p.shape)
+        assert torch.allclose(p.float(), their, rtol=0, atol=1e-6), name
+        renormed += name.startswith("blocks.") and name.endswith(".weight")
+    assert renormed == 6 * args.num_layers
