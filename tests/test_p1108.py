@@ -3,6 +3,7 @@ its NGPT_ENABLED=1 NGPT_FULL=1 NGPT_WEIGHT_NORM=1 path): the same weights and to
 optimizer step and dequantized weights."""
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -240,3 +241,30 @@ def test_loss_and_every_gradient_equal_the_records_at_its_shape(same_normalize, 
         g = theirs[their_name(name, ref.ve_layer_indices)].grad.reshape(p.shape)
         # At most 1e-2 (the value-residual gates': small sums of terms that cancel), 3e-3 elsewhere; a wrong term: O(1)
         assert (p.grad - g).norm() <= 3e-2 * g.norm(), name
+
+
+def test_sliding_window_scores_equal_the_records_per_target(same_normalize, monkeypatch):
+    """Its eval_val_sliding and our sliding path, windows of 64 every 16 on 300 tokens: the per-target losses its
+    windows compute (read off its cross-entropy calls) equal ours for every target it scores in a full window; its
+    windows past the last full one score the stream's last 16 targets again (each time with less context), ours once."""
+    monkeypatch.setenv("NO_COMPILE", "1")
+    args = ours(TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", EVAL_STRIDE="16", VAL_BATCH_SIZE="8192")
+    model, ref = paired(args, same_normalize)
+    model.double(), ref.double()
+    tokens = torch.randint(0, args.vocab_size, (300,), generator=torch.Generator().manual_seed(5))
+    base = torch.ones(args.vocab_size, dtype=torch.int16)
+    luts = (base, torch.zeros(args.vocab_size, dtype=torch.bool), torch.zeros(args.vocab_size, dtype=torch.bool))
+    ours_losses = torch.zeros(tokens.numel() - 1)
+    tg.evaluate(args, model, tokens, luts, 0, 1, CPU, seq_len=64, stride=16, losses=ours_losses)
+    nlls, cross_entropy = [], F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: nlls.append(cross_entropy(*a, **k)) or nlls[-1])
+    same_normalize.eval_val_sliding(SimpleNamespace(train_seq_len=64), ref, 0, 1, CPU, tokens, *luts,
+                                    stride=16, batch_seqs=32)
+    scores = torch.cat(nlls).view(-1, 64)
+    total, checked = tokens.numel() - 1, 0
+    for w, ws in enumerate(range(0, total, 16)):
+        if ws + 64 <= total:  # a full window: it scores targets ws + s .. ws + 63
+            s = 0 if ws == 0 else 64 - 16
+            assert torch.allclose(scores[w, s:].double(), ours_losses[ws + s : ws + 64].double(), atol=1e-5), ws
+            checked += 64 - s
+    assert checked == 288  # the targets of its full windows; the last 11 only its shorter tail windows score
