@@ -1841,6 +1841,14 @@ class NGPT1108(nn.Module):
     def after_optimizer_step(self) -> None:
         pass
 
+    def calibration_copy(self) -> None:
+        """For collect_hessians' copy: GPTQ reads each matrix's inputs off F.linear on the parameter itself, so here the
+        rows are normalized once and multiplied plainly (the same activations; row scales commute with GPTQ)."""
+        for m in self.modules():
+            if isinstance(m, SphereRowsLinear):
+                m.weight.data = F.normalize(m.weight.data, dim=-1)
+                m.forward = partial(CastedLinear.forward, m)
+
     @torch.no_grad()
     def after_load(self) -> None:
         """#1108's renormalization after dequantization: the blocks' matrices back to unit rows (the forward
@@ -2358,6 +2366,8 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
     tied embedding used as the output head included), on a float32 copy without QAT so that weight.to(x.dtype)
     is the parameter itself; and under "<name>:rows" the number of rows of X (AWQ-lite's activation RMS)."""
     model = copy.deepcopy(base_model).float()
+    if hasattr(model, "calibration_copy"):  # [ngpt]
+        model.calibration_copy()  # [ngpt]
     if model.attention_kernel in PACKED_KERNELS:  # varlen_attn has no fp32 kernel: the dense document mask instead
         model.attention_kernel = "sdpa_masked"
     for m in model.modules():  # [qat]

@@ -2,6 +2,7 @@
 its NGPT_ENABLED=1 NGPT_FULL=1 NGPT_WEIGHT_NORM=1 path): the same weights and tokens give the same loss, gradients,
 optimizer step and dequantized weights."""
 
+import copy
 import sys
 from types import SimpleNamespace
 
@@ -268,3 +269,19 @@ def test_sliding_window_scores_equal_the_records_per_target(same_normalize, monk
             assert torch.allclose(scores[w, s:].double(), ours_losses[ws + s : ws + 64].double(), atol=1e-5), ws
             checked += 64 - s
     assert checked == 288  # the targets of its full windows; the last 11 only its shorter tail windows score
+
+
+def test_gptq_calibration_reads_every_matrix_of_the_1108_model():
+    """collect_hessians records the inputs of F.linear on a parameter: its copy of NGPT1108 multiplies the stored
+    matrices (rows normalized once), so every one gets a Hessian, and that copy computes the same losses."""
+    args = ours(TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024")
+    torch.manual_seed(0)
+    model = tg.build_model(args, CPU).double()
+    x, y = batch(args)
+    hessians = tg.collect_hessians(model, [(x, y)])
+    matrices = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, tg.SphereRowsLinear)}
+    assert len(matrices) == 6 * args.num_layers + 2 and matrices | {"tok_emb.weight"} <= set(hessians)
+    copy_ = copy.deepcopy(model)
+    copy_.calibration_copy()
+    with torch.no_grad():
+        assert torch.allclose(copy_(x, y), model(x, y), rtol=1e-6, atol=0)
