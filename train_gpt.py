@@ -122,8 +122,8 @@ STACK_1108_PRESET = {
     "MODEL": "ngpt", "NGPT_PARAM": "1108", "NUM_LAYERS": "12", "BIGRAM_BUCKETS": "8192", "DOC_ATTENTION": "0",
     "NGPT_MATRIX_LR": "0.025", "NGPT_SCALAR_LR": "0.025", "NGPT_EMBED_LR": "0.035", "MUON_MOMENTUM": "0.99",
     "MUON_MOMENTUM_WARMUP_START": "0.92", "MUON_MOMENTUM_WARMUP_STEPS": "1500", "MUON_BACKEND_STEPS": "4",
-    "MUON_ROW_NORM": "0", "MUON_NS_COEFFS": "rowsum", "ADAM_WD": "0.04", "EMBED_WD": "0.04", "WARMDOWN_FRAC": "0", "WARMDOWN_ITERS": "3500",
-    "EMA_WARMUP": "0", "MAX_WALLCLOCK_SECONDS": "560", "COMPRESSOR": "zstd",
+    "MUON_ROW_NORM": "0", "MUON_NS_COEFFS": "rowsum", "ADAM_WD": "0.04", "EMBED_WD": "0.04", "WARMDOWN_FRAC": "0",
+    "WARMDOWN_ITERS": "3500", "EMA_WARMUP": "0", "MAX_WALLCLOCK_SECONDS": "560", "COMPRESSOR": "zstd",
 }
 # SMOKE=1 STACK=1108: no TTT (#1108 has none: NaN on its renormalized weights), a smaller bigram table.
 SMOKE_1108_PRESET = {"TTT_ENABLED": "0", "BIGRAM_BUCKETS": "1024"}
@@ -1771,6 +1771,9 @@ class NGPT1108(nn.Module):
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
+        if args.attn_gate_dims or args.qat_start < 1 or not args.tie_embeddings:
+            raise ConfigError("NGPT_PARAM=1108 has no attention gate, QAT or untied head (#1108's record ran none): set "
+                              "ATTN_GATE_DIMS=0 QAT_START=1 TIE_EMBEDDINGS=1 (STACK=1108 does)")
         dim, layers = args.model_dim, args.num_layers
         set_attention(self, args)
         self.tok_emb = nn.Embedding(args.vocab_size, dim)

@@ -285,3 +285,9 @@ def test_gptq_calibration_reads_every_matrix_of_the_1108_model():
     copy_.calibration_copy()
     with torch.no_grad():
         assert torch.allclose(copy_(x, y), model(x, y), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("env", [{"ATTN_GATE_DIMS": "12"}, {"QAT_START": "0.5"}, {"TIE_EMBEDDINGS": "0"}])
+def test_1108_refuses_what_it_does_not_compute(env):
+    with pytest.raises(tg.ConfigError, match="NGPT_PARAM=1108 has no"):
+        tg.build_model(ours(**env), CPU)
