@@ -135,6 +135,19 @@ STACK_1090_PRESET = {
 SMOKE_1090_PRESET = {"XSA_LAST_N": "2", "WARMDOWN_ITERS": "30", "SWA_EVERY": "5", "VAL_DOCS": "8", "LORA_SLOTS": "8",
                      "TTT_ENABLED": "0", "EVAL_STRIDE": "0"}
 
+# STACK=1108: openai/parameter-golf #1108's nGPT (1.1502 sliding, 8xH200, 560 s) as its README's record ran it
+# (NGPT_ENABLED=1 NGPT_FULL=1 NGPT_WEIGHT_NORM=1 NGPT_QUANT_MODE=renorm NUM_LAYERS=12 BIGRAM_VOCAB_SIZE=8192
+# XSA_LAST_N=4, its other defaults), on STACK=1.1194's sp1024 data; docs/p1108.md says what differs.
+STACK_1108_PRESET = {
+    "MODEL": "ngpt", "NGPT_PARAM": "1108", "NUM_LAYERS": "12", "BIGRAM_BUCKETS": "8192", "DOC_ATTENTION": "0",
+    "NGPT_MATRIX_LR": "0.025", "NGPT_SCALAR_LR": "0.025", "NGPT_EMBED_LR": "0.035", "MUON_MOMENTUM": "0.99",
+    "MUON_MOMENTUM_WARMUP_START": "0.92", "MUON_MOMENTUM_WARMUP_STEPS": "1500", "MUON_BACKEND_STEPS": "4",
+    "MUON_ROW_NORM": "0", "MUON_NS_COEFFS": "rowsum", "ADAM_WD": "0.04", "EMBED_WD": "0.04", "WARMDOWN_FRAC": "0",
+    "WARMDOWN_ITERS": "3500", "EMA_WARMUP": "0", "MAX_WALLCLOCK_SECONDS": "560", "COMPRESSOR": "zstd",
+}
+# SMOKE=1 STACK=1108: no TTT (#1108 has none: NaN on its renormalized weights), a smaller bigram table.
+SMOKE_1108_PRESET = {"TTT_ENABLED": "0", "BIGRAM_BUCKETS": "1024"}
+
 # BASELINE=1: the starter's configuration, for every default of the record stack (docs/frontier.md);
 # SMOKE=1 and explicit env vars win over it, so SMOKE=1 BASELINE=1 is the starter at the smoke scale.
 BASELINE_PRESET = {
@@ -152,6 +165,7 @@ STACKS = {
     "1855": ("2014", STACK_1855_PRESET, SMOKE_RECIPE_PRESET),
     "1.1194": ("1855", STACK_1194_PRESET, {}),
     "1090": ("1.1194", STACK_1090_PRESET, SMOKE_1090_PRESET),
+    "1108": ("1.1194", STACK_1108_PRESET, SMOKE_1108_PRESET),
 }
 STACK_ALIASES = {"1.0611": "1855"}
 
@@ -218,6 +232,7 @@ FEATURES = {
     "smear_half": lambda a: a.smear_half,
     "swa": lambda a: a.swa_every > 0,
     "lora_init": lambda a: a.lora_a_std > 0 or a.lora_b_std > 0,
+    "rowsum_ns": lambda a: a.muon_ns_coeffs == "rowsum",
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
 DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
@@ -271,9 +286,9 @@ SETTING_SECTIONS = {
     "Run": (
         S("SMOKE", _flag, False, None, "the CPU smoke preset: tiny model, embedded dataset built on first use"),
         S("BASELINE", _flag, False, None, "the starter's configuration (on STACK=1.1194); SMOKE and explicit env win"),
-        S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194", "1090"),  # STACKS' names and aliases
+        S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194", "1090", "1108"),  # STACKS' names and aliases
           "a recipe by its record: 2014 (the default), 1855 (alias 1.0611), 1.1194 (the stack before them), 1090 "
-          "(#1090's 1-GPU run: docs/p1090.md)"),
+          "(#1090's 1-GPU run), 1108 (#1108's nGPT); docs/systems.md"),
         S("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", None,
           "folder of fineweb_train_*.bin / fineweb_val_*.bin shards (+ byte sidecar, manifest.json)"),
         S("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", None,
@@ -402,6 +417,8 @@ SETTING_SECTIONS = {
           "depth recurrence: layers first-last rerun as a loop once on; empty: off", "gpt"),
         S("RECUR_LOOPS", int, 3, "[2, inf)", "passes over RECUR_LAYERS once recurrence is on", "gpt"),
         S("RECUR_START_FRAC", float, 0.35, FRAC, "recurrence switches on after this fraction of the run", "gpt"),
+        S("NGPT_PARAM", str, "paper", ("paper", "1108"), "nGPT's parametrization: the paper's, or openai/parameter-golf "
+          "#1108's (docs/p1108.md); the NGPT_ settings below it reads: ALPHA_INIT and the learning rates", "ngpt"),
         S("NGPT_ALPHA_INIT", float, 0.05, POS, "initial step size alpha of every residual update", "ngpt"),
         S("NGPT_ALPHA_SCALE", float, Derived("1/sqrt(MODEL_DIM)", lambda a: a.model_dim ** -0.5), POS,
           "alpha stored as this, used times ALPHA_INIT / ALPHA_SCALE", "ngpt"),
@@ -439,8 +456,8 @@ SETTING_SECTIONS = {
         S("GRAD_CLIP_NORM", float, 0.3, NONNEG, "gradient-norm clip; 0: off"),
         S("GRAD_CLIP_SCOPE", str, "rank", ("rank", "global"), "rank: each GPU clips its own gradients, then they are "
           "averaged (#1855/#2014); global: the averaged gradients are clipped by their norm (one GPU: the same)"),
-        S("MUON_NS_COEFFS", str, "polar_express_plain", ("quintic", "polar_express", "polar_express_plain"),
-          "Newton-Schulz coefficients"),
+        S("MUON_NS_COEFFS", str, "polar_express_plain", ("quintic", "polar_express", "polar_express_plain", "rowsum"),
+          "Newton-Schulz coefficients (rowsum: #1108's row-scaled start, for MUON_BACKEND_STEPS=4)"),
         S("MUON_BF16", _flag, True, None, "Muon's momentum and Newton-Schulz in bf16 on every device"),
         S("MUON_ROW_NORM", _flag, True, None, "MuonEq-R: momentum rows normalized before Newton-Schulz"),
         S("MUON_POST_NS_ROW_NORM", _flag, False, None, "update rows rescaled to equal norm, total norm kept"),
@@ -1762,12 +1779,209 @@ def geodesic_step_(p: Tensor, u: Tensor, lr: float) -> None:
     v = v - w * (v * w).sum(p._geodesic_dim, keepdim=True)
     angle = v.norm(dim=p._geodesic_dim, keepdim=True)
     p.copy_(w * angle.cos() + v * torch.sinc(angle / math.pi))  # sinc(a / pi) = sin(a) / a, 1 at a = 0
+
+
+# NGPT_PARAM=1108: the parametrization of openai/parameter-golf #1108 (its NGPT_ENABLED=1 NGPT_FULL=1
+# NGPT_WEIGHT_NORM=1 path), proven equal to its script in tests/test_p1108.py. The record's fixed choices are kept as
+# its constants: XSA on the last 4 layers, value embeddings (128 wide) on layers 9 and 10 of 12, softcap 30.
+NGPT1108_XSA_LAST, NGPT1108_VE_DIM, NGPT1108_SOFTCAP = 4, 128, 30.0
+
+
+def normalize_as_input(x: Tensor) -> Tensor:
+    # The opaque fp32 normalize, rounded back to x's dtype as #1108's L2NormalizeHP returns it.
+    return sphere_normalize(x).to(x.dtype)
+
+
+class SphereRowsLinear(CastedLinear):
+    # Rows normalized in every forward (#1108's NGPT_WEIGHT_NORM): the stored matrix keeps any norm (weight decay
+    # shrinks it, Muon's step is relative to it), the product reads unit rows.
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, normalize_as_input(self.weight.to(x.dtype)))
+
+
+class NGPT1108Attention(CausalSelfAttention):
+    def __init__(self, args: Hyperparameters, layer: int):
+        super().__init__(args, layer)
+        dim, kv_dim = args.model_dim, self.c_k.out_features
+        self.c_q, self.c_k, self.c_v = (SphereRowsLinear(dim, n, bias=False) for n in (dim, kv_dim, kv_dim))
+        self.proj = SphereRowsLinear(dim, dim, bias=False)
+        self.proj._zero_init = True
+        # q and k RMS-normed, times per-head gains sqrt(head_dim) each, under the default 1/sqrt(head_dim) scale.
+        self.q_gain.data.fill_(self.head_dim ** 0.5)
+        self.k_gain = nn.Parameter(torch.full((self.num_kv_heads,), self.head_dim ** 0.5))
+        # #1108's rotary assumes training at 1024 tokens: at 2048 its NTK scaling is on.
+        self.rotary = Rotary(args.rope_dims or self.head_dim, args.rope_base, 1024)
+        self.xsa = layer >= args.num_layers - NGPT1108_XSA_LAST
+        self.use_value_embed = layer in (args.num_layers - 3, args.num_layers - 2)
+        if self.use_value_embed:
+            self.ve_gain = nn.Parameter(torch.ones(1))
+        # Value residual: layers after the first mix in the first layer's values (detached), by sigmoid(gate).
+        self.vrl_gate = nn.Parameter(torch.full((1,), -1.5)) if layer else None
+
+    def forward(self, x: Tensor, docs: dict[str, Tensor], value_embed: Tensor | None,
+                first_v: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The attention output and this layer's own values (B, KV, T, D), before the value residual."""
+        B, T, C = x.shape
+        q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x)
+        if self.use_value_embed:
+            v = v + self.ve_gain.to(v.dtype) * value_embed
+        v = own_v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.vrl_gate is not None:
+            gate = torch.sigmoid(self.vrl_gate.to(v.dtype))
+            v = (1 - gate) * v + gate * first_v
+        q, k = self.position_qk(q, k, *self.rotary(T, x.device, q.dtype, docs.get("pos")))
+        y = causal_attention(q, k, v, None, docs.get("mask"), docs.get("cu_seqlens"))
+        if self.xsa:
+            y = remove_self_value(y, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), own_v
+
+    def position_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        q, k = super().position_qk(q, k, cos, sin)
+        return q, k * self.k_gain.to(k.dtype)[None, :, None, None]
+
+
+class NGPT1108MLP(nn.Module):
+    # LeakyReLU(0.5)^2 on the cosines fc produces, rescaled per hidden unit by s_uv x sqrt(d).
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        hidden = args.mlp_mult * args.model_dim
+        self.fc = SphereRowsLinear(args.model_dim, hidden, bias=False)
+        self.proj = SphereRowsLinear(hidden, args.model_dim, bias=False)
+        self.proj._zero_init = True
+        self.s_uv = nn.Parameter(torch.ones(hidden))
+        self.gain = args.model_dim ** 0.5
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x) * (self.s_uv.to(x.dtype) * self.gain)
+        return self.proj(F.leaky_relu(h, 0.5).square())
+
+
+class NGPT1108Block(nn.Module):
+    def __init__(self, args: Hyperparameters, layer: int):
+        super().__init__()
+        dim = args.model_dim
+        self.attn = NGPT1108Attention(args, layer)
+        self.mlp = NGPT1108MLP(args)
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        # alpha stored as the step size it is: no reparametrization, weight decay acts on it.
+        self.attn_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_init))
+        self.mlp_alpha = nn.Parameter(torch.full((dim,), args.ngpt_alpha_init))
+
+    def forward(self, x: Tensor, x0: Tensor, docs: dict[str, Tensor], value_embed: Tensor | None,
+                first_v: Tensor | None) -> tuple[Tensor, Tensor]:
+        norm, mix = normalize_as_input, self.resid_mix.to(x.dtype)
+        h = norm(mix[0] * x + mix[1] * x0)
+        attn, own_v = self.attn(h, docs, value_embed, first_v)
+        h = norm(h + self.attn_alpha.abs().to(h.dtype) * (norm(attn) - h))
+        return norm(h + self.mlp_alpha.abs().to(h.dtype) * (norm(self.mlp(h)) - h)), own_v
+
+
+class NGPT1108(nn.Module):
+    """#1108's nGPT: the 1.1194-era GPT (BigramHash, SmearGate, U-Net skips, value embeddings, XSA, partial RoPE)
+    with every block's input, attention and MLP outputs and updates on the sphere, every linear's rows normalized in
+    the forward, a free token embedding (RMS-normed, then smeared, then normalized) and one logit scale sqrt(d)
+    before the tanh softcap."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        seed001 = args.ngpt_add_residual or args.ngpt_cosine_logits or args.ngpt_geodesic or args.ngpt_project_every > 1
+        if args.attn_gate_dims or args.qat_start < 1 or not args.tie_embeddings or seed001:
+            raise ConfigError("NGPT_PARAM=1108 has no attention gate, QAT, untied head (#1108's record ran none) or seed "
+                              "001's options: set ATTN_GATE_DIMS=0 QAT_START=1 TIE_EMBEDDINGS=1 (STACK=1108 does) and "
+                              "unset NGPT_ADD_RESIDUAL, NGPT_COSINE_LOGITS, NGPT_PROJECT_EVERY, NGPT_GEODESIC")
+        dim, layers = args.model_dim, args.num_layers
+        set_attention(self, args)
+        self.tok_emb = nn.Embedding(args.vocab_size, dim)
+        self.bigram = nn.Embedding(args.bigram_buckets, args.bigram_dim) if args.bigram_buckets else None
+        if self.bigram is not None:
+            self.bigram_proj = SphereRowsLinear(args.bigram_dim, dim, bias=False)
+            self.bigram_scale = nn.Parameter(torch.full((1,), 0.05))
+        self.smear_gate = nn.Parameter(torch.zeros(dim))
+        self.blocks = nn.ModuleList(NGPT1108Block(args, i) for i in range(layers))
+        self.value_embed = None
+        if any(b.attn.use_value_embed for b in self.blocks):
+            self.value_embed = nn.Embedding(args.vocab_size, NGPT1108_VE_DIM)
+            self.value_embed_proj = SphereRowsLinear(NGPT1108_VE_DIM, self.blocks[0].attn.c_k.out_features, bias=False)
+            self.value_embed_scale = nn.Parameter(torch.full((1,), 0.1))
+        self.skip_weights = nn.Parameter(torch.ones(min(layers // 2, layers - layers // 2), dim))
+        self.logit_scale = nn.Parameter(torch.full((1,), dim ** 0.5))
+        # #1108's init: embedding N(0, 0.005), bigram table 0, value table N(0, 0.01); output projections N(0, 0.01)
+        # (zero has no direction); other matrices of at least 64 x 64 orthogonal, the projections' / sqrt(2 layers).
+        nn.init.normal_(self.tok_emb.weight, std=0.005)
+        for name, m in self.named_modules():
+            if getattr(m, "_zero_init", False):
+                nn.init.normal_(m.weight, std=0.01)
+            elif isinstance(m, CastedLinear) and min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
+                if name.endswith("proj"):
+                    m.weight.data /= (2 * layers) ** 0.5
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.weight)
+        if self.value_embed is not None:
+            nn.init.normal_(self.value_embed.weight, std=0.01)
+
+    def bigram_ids(self, input_ids: Tensor) -> Tensor:
+        # #1108's hash of (previous, current) token; the first position of a window gets the last bucket.
+        t, last = input_ids.to(torch.int32), self.bigram.num_embeddings - 1
+        pair = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % last
+        return F.pad(pair, (1, 0), value=last).long()
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, stream: bool = False) -> Tensor:
+        docs, norm = doc_layout(self, input_ids, stream), normalize_as_input
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram_proj(self.bigram(self.bigram_ids(input_ids))) * self.bigram_scale.to(x.dtype)
+        x = F.rms_norm(x, (x.size(-1),))
+        gate = torch.sigmoid(self.smear_gate.to(x.dtype))
+        x = x0 = norm((1 - gate) * x + gate * F.pad(x[:, :-1], (0, 0, 1, 0)))
+        value_embed = None
+        if self.value_embed is not None:
+            value_embed = self.value_embed_proj(self.value_embed(input_ids)) * self.value_embed_scale.to(x.dtype)
+        skips, half, first_v = [], len(self.blocks) // 2, None
+        for i, block in enumerate(self.blocks):
+            if i >= half and skips:
+                x = x + self.skip_weights[i - half].to(x.dtype) * skips.pop()
+            x, own_v = block(x, x0, docs, value_embed, first_v)
+            first_v = own_v.detach() if i == 0 else first_v
+            if i < half:
+                skips.append(x)
+        logits = F.linear(norm(x), self.tok_emb.weight.to(x.dtype)) * self.logit_scale.to(x.dtype)
+        logits = NGPT1108_SOFTCAP * torch.tanh(logits / NGPT1108_SOFTCAP)
+        return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+
+    GROUP_OF = GPT.GROUP_OF
+    param_groups, learning_rates = GPT.param_groups, NGPT.learning_rates
+
+    def weight_decays(self, args: Hyperparameters) -> dict[str, float]:
+        # #1108 decays matrices by ADAM_WD too (its MUON_WD = ADAM_WD = 0.04), alpha included among the scalars.
+        return {"matrix": args.adam_wd, "embed": args.embed_wd, "head": args.adam_wd, "scalar": args.adam_wd}
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def calibration_copy(self) -> None:
+        """For collect_hessians' copy: GPTQ reads each matrix's inputs off F.linear on the parameter itself, so here the
+        rows are normalized once and multiplied plainly (the same activations; row scales commute with GPTQ)."""
+        for m in self.modules():
+            if isinstance(m, SphereRowsLinear):
+                m.weight.data = F.normalize(m.weight.data, dim=-1)
+                m.forward = partial(CastedLinear.forward, m)
+
+    @torch.no_grad()
+    def after_load(self) -> None:
+        """#1108's renormalization after dequantization: the blocks' matrices back to unit rows (the forward
+        normalizes them anyway: this changes the weights' storage, not the function)."""
+        for m in self.blocks.modules():
+            if isinstance(m, SphereRowsLinear):
+                m.weight.copy_(F.normalize(m.weight, dim=-1))  # fp32 weights (cuda_layout)
 # [/ngpt]
 
 
 MODELS = {
     "gpt": GPT,
-    "ngpt": NGPT,  # [ngpt]
+    "ngpt": lambda args: NGPT1108(args) if args.ngpt_param == "1108" else NGPT(args),  # [ngpt]
 }
 
 
@@ -1836,6 +2050,12 @@ NS_COEFFS = {
     "quintic": (1.0, False, ((3.4445, -4.7750, 2.0315),)),  # modded-nanogpt's classic quintic
     "polar_express": (1.02, False, POLAR_EXPRESS),  # as modded-nanogpt: the input norm inflated by 2e-2 for safety
     "polar_express_plain": (1.0, True, POLAR_EXPRESS),  # as the 1.0611 record (#1855, from #1344): the plain norm
+    # [rowsum_ns]
+    # #1108's: X's rows scaled by 1/sqrt of |X X^T|'s row sums in the first iteration (zeropower_via_newtonschulz5),
+    # then the last 4 of its 5 tuned (a, b, c), as its MUON_BACKEND_STEPS=4 takes them.
+    "rowsum": (1.0, False, ((3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037), (2.8769, -3.1427, 1.2046),
+                            (2.8366, -3.0525, 1.2012))),
+    # [/rowsum_ns]
 }
 
 
@@ -1852,6 +2072,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7, coeffs
     for i in range(steps):
         a, b, c = abc[min(i, len(abc) - 1)]
         A = X @ X.mT
+        if i == 0 and coeffs == "rowsum":  # [rowsum_ns]
+            s = A.abs().sum(-1).clamp_min(eps).rsqrt()  # [rowsum_ns]
+            X, A = X * s[..., None], A * s[..., None] * s[..., None, :]  # [rowsum_ns]
         X = a * X + (b * A + (c * (A @ A) if square_first else c * A @ A)) @ X
     return X.mT if transposed else X
 
@@ -2313,6 +2536,8 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
     tied embedding used as the output head included), on a float32 copy without QAT so that weight.to(x.dtype)
     is the parameter itself; and under "<name>:rows" the number of rows of X (AWQ-lite's activation RMS)."""
     model = copy.deepcopy(base_model).float()
+    if hasattr(model, "calibration_copy"):  # [ngpt]
+        model.calibration_copy()  # [ngpt]
     if model.attention_kernel in PACKED_KERNELS:  # varlen_attn has no fp32 kernel: the dense document mask instead
         model.attention_kernel = "sdpa_masked"
     for m in model.modules():  # [qat]
