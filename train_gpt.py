@@ -214,6 +214,9 @@ FEATURES = {
     "lora_ttt": lambda a: a.lora_ttt_enabled,
     "qat": lambda a: a.qat_start < 1,
     "bigram": lambda a: a.bigram_buckets > 0,
+    "gate_bias": lambda a: a.attn_gate_bias != 0,
+    "gate_muon": lambda a: a.attn_gate_muon,
+    "lane_merge": lambda a: a.parallel_lanes_merge,
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
 DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
@@ -1206,8 +1209,8 @@ class CausalSelfAttention(nn.Module):
         # Per-head output gate read from the first ATTN_GATE_DIMS input dims (all: gated attention; few: sparse gate):
         # max * sigmoid(scale * logit); the default max 2 makes the zero-initialized gate start as the identity.
         self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
-        self.attn_gate_bias = nn.Parameter(torch.full((args.num_heads,), args.attn_gate_bias)) \
-            if args.attn_gate_dims and args.attn_gate_bias else None
+        if args.attn_gate_dims and args.attn_gate_bias:  # [gate_bias]
+            self.attn_gate_bias = nn.Parameter(torch.full((args.num_heads,), args.attn_gate_bias))  # [gate_bias]
         self.attn_gate_max, self.attn_gate_scale = args.attn_gate_max, args.attn_gate_scale
         self.softmax_scale = None
 
@@ -1224,8 +1227,9 @@ class CausalSelfAttention(nn.Module):
         if self.xsa:
             y = remove_self_value(y, v)
         if self.attn_gate is not None:
-            logit = F.linear(x[..., : self.attn_gate.size(1)], self.attn_gate.to(x.dtype),
-                             None if self.attn_gate_bias is None else self.attn_gate_bias.to(x.dtype))
+            logit = F.linear(x[..., : self.attn_gate.size(1)], self.attn_gate.to(x.dtype))
+            if getattr(self, "attn_gate_bias", None) is not None:  # ATTN_GATE_BIAS's learned bias  # [gate_bias]
+                logit = logit + self.attn_gate_bias.to(x.dtype)  # [gate_bias]
             gate = self.attn_gate_max * torch.sigmoid(self.attn_gate_scale * logit)
             y = y * gate.transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -1299,6 +1303,7 @@ class Block(nn.Module):
         return (resid[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp,
                 resid[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp)
 
+    # [lane_merge]
     def separate_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, docs: dict[str, Tensor],
                        value_embed: Tensor | None) -> tuple[Tensor, Tensor]:
         # PARALLEL_LANES_MERGE (#1520's lanes): lane0 is an attention-only block, lane1 an MLP-only block.
@@ -1307,6 +1312,7 @@ class Block(nn.Module):
         attn = self.attn(F.rms_norm(lane0, (lane0.size(-1),)) * self.norm_scale, docs, value_embed)
         mlp = self.mlp(F.rms_norm(lane1, (lane1.size(-1),)) * self.norm_scale)
         return lane0 + self.attn_scale.to(lane0.dtype) * attn, lane1 + self.mlp_scale.to(lane1.dtype) * mlp
+    # [/lane_merge]
 
 
 # [bigram]
@@ -1349,6 +1355,7 @@ CLIP_ORDER = ("skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_r
 class GPT(nn.Module):
     """The challenge starter's model (U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap) with
     the architecture options on top; their defaults are the record stack (docs/frontier.md)."""
+    gate_muon = False  # ATTN_GATE_MUON  # [gate_muon]
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -1385,9 +1392,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
         self.pass_blocks = None  # split_passes(): modules of their own for a looped block's later passes
         # Two lanes from decoder layer PARALLEL_LANES_FROM on, mixed per layer by these (rows for all layers, as #1855).
-        self.lanes_from, self.gate_muon = args.parallel_lanes_from, args.attn_gate_muon
-        self.lane_merge = nn.Parameter(torch.full((1,), 0.5)) if self.lanes_from >= 0 and args.parallel_lanes_merge \
-            else None  # lane 0's weight in the merged output
+        self.lanes_from = args.parallel_lanes_from
+        self.gate_muon = args.attn_gate_muon  # [gate_muon]
+        self.lane_merge = None  # PARALLEL_LANES_MERGE: lane 0's weight in the merged output
+        if self.lanes_from >= 0 and args.parallel_lanes_merge:  # [lane_merge]
+            self.lane_merge = nn.Parameter(torch.full((1,), 0.5))  # [lane_merge]
         if self.lanes_from >= 0 and self.lane_merge is None:
             self.parallel_resid_lambdas = nn.Parameter(torch.full((args.num_layers, 2), 1.1))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(args.num_layers, 2, 2))
@@ -1484,23 +1493,20 @@ class GPT(nn.Module):
                     x = x + skip
                 else:
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            if two_lanes and lane1 is None:  # #1520's lanes split after the skip
-                lane1 = x
-            if two_lanes and self.lane_merge is not None:
-                x, lane1 = block.separate_lanes(x, lane1, x0, docs, value_embed)
-            elif two_lanes:
+            if two_lanes and lane1 is None:  # #1520's lanes split after the skip  # [lane_merge]
+                lane1 = x  # [lane_merge]
+            if two_lanes and self.lane_merge is None:
                 x, lane1 = block.two_lanes(x, lane1, x0, docs, value_embed, self.parallel_resid_lambdas[i],
                                                     self.parallel_post_lambdas[i])
+            elif two_lanes:  # [lane_merge]
+                x, lane1 = block.separate_lanes(x, lane1, x0, docs, value_embed)  # [lane_merge]
             else:
                 x = block(x, x0, docs, value_embed)
             if j < 0:
                 skips.append(x)
-        if lane1 is None:
-            return x
-        if self.lane_merge is None:
-            return 0.5 * (x + lane1)
-        w = self.lane_merge.to(x.dtype)
-        return w * x + (1 - w) * lane1
+        if lane1 is not None and self.lane_merge is not None:  # [lane_merge]
+            return self.lane_merge.to(x.dtype) * x + (1 - self.lane_merge.to(x.dtype)) * lane1  # [lane_merge]
+        return x if lane1 is None else 0.5 * (x + lane1)
 
     # matrix -> Muon; embed, head, scalar -> Adam with their own learning rates.
     GROUP_OF = {"embed": "embed", "table": "embed", "head": "head", "gate": "scalar", "control": "scalar",
@@ -1518,7 +1524,9 @@ class GPT(nn.Module):
         return banks + [named[n].grad for n in sorted(named, key=rank) if named[n].grad is not None]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return kind_groups(self.named_parameters(), {**self.GROUP_OF, **({"gate": "matrix"} if self.gate_muon else {})})
+        if self.gate_muon:  # [gate_muon]
+            return kind_groups(self.named_parameters(), {**self.GROUP_OF, "gate": "matrix"})  # [gate_muon]
+        return kind_groups(self.named_parameters(), self.GROUP_OF)
 
     def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
         return {"matrix": args.matrix_lr, "embed": args.tied_embed_lr if args.tie_embeddings else args.embed_lr,
