@@ -239,3 +239,29 @@ def test_sliding_sgd_ttt_scores_every_token_as_1520s(its, monkeypatch):
     frozen = torch.zeros(n)
     tg.evaluate(args, ours, val, luts, 0, 1, CPU, seq_len=T, stride=stride, losses=frozen)
     assert (frozen[:chunk] - losses[:chunk]).abs().max() < 1e-5 < (frozen[chunk:] - losses[chunk:]).abs().max()
+
+
+@pytest.mark.slow
+def test_full_shape_loss_and_every_gradient_equal_1520s(its, monkeypatch):
+    """Its run's shape (11 x 512, loop 3-5 on, lanes from 7): 3 x 256 tokens."""
+    monkeypatch.setenv("PARALLEL_START_LAYER", "7")
+    monkeypatch.setenv("PARALLEL_RESIDUAL_START", "7")  # as its run: its blocks from 7 on run only as lanes
+    shape = dict(train_seq_len=256, eval_seq_len=256, rope_train_seq_len=256)
+    _, theirs, _, ours = pair(its, {"STACK": "1520", "TRAIN_SEQ_LEN": "256"}, shape)
+    a, b = backward_both(theirs, ours, True, T=256)
+    grads = ours_from_its({n: p.grad for n, p in theirs.named_parameters()})
+    assert abs(a - b) < 1e-5, (a, b)
+    worst = max(((p.grad - grads[n]).abs().max() / grads[n].abs().max().clamp_min(1e-12)).item()
+                for n, p in ours.named_parameters())
+    assert worst < 1e-4, worst
+
+
+@pytest.mark.slow
+def test_stack_1520_compiles_in_one_graph_with_its_dropout():
+    """torch.quantile (Norm-PCT-Dropout), the gate's bias and the merged lanes under fullgraph compile, training mode:
+    the compiled loss is the eager one (minutes on a CPU)."""
+    args = tg.Hyperparameters({**TINY_OURS, "COMPILE": "1"})
+    model = tg.build_model(args, CPU)
+    model.set_recurrence(True)
+    x, y, _ = tokens(128, 64, False)
+    assert tg.compiled(model, args)(x, y).mean().item() == pytest.approx(model(x, y).mean().item(), rel=1e-6)
