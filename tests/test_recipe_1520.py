@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import CPU
+from conftest import CPU, ROOT
 from test_recipe_model import tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*autocast.*")
@@ -239,6 +239,26 @@ def test_sliding_sgd_ttt_scores_every_token_as_1520s(its, monkeypatch):
     frozen = torch.zeros(n)
     tg.evaluate(args, ours, val, luts, 0, 1, CPU, seq_len=T, stride=stride, losses=frozen)
     assert (frozen[:chunk] - losses[:chunk]).abs().max() < 1e-5 < (frozen[chunk:] - losses[chunk:]).abs().max()
+
+
+def test_counted_copy_of_stack_1520_keeps_its_features_and_computes_the_same(tmp_path, monkeypatch):
+    """Its features (gate_bias, gate_muon, lane_merge) stay in STACK=1520's counted copy, which builds the same
+    parameters and optimizer groups and the same loss; the default's copy leaves them out."""
+    from test_codebytes import import_copy
+    source = (ROOT / "train_gpt.py").read_bytes()
+    features = {"gate_bias", "gate_muon", "lane_merge"}
+    assert features <= set(tg.FEATURES)
+    default = tg.Hyperparameters({})
+    assert not any(tg.FEATURES[f](default) for f in features)
+    copy = import_copy(tg.counted_code(source, tg.Hyperparameters({"STACK": "1520"})), tmp_path, monkeypatch)
+    assert not features & set(copy.DROPPED_FEATURES)
+    torch.manual_seed(0)
+    ours = tg.build_model(tg.Hyperparameters(TINY_OURS), CPU)
+    theirs = copy.build_model(copy.Hyperparameters(TINY_OURS), CPU)
+    theirs.load_state_dict(ours.state_dict())
+    assert {k: len(v) for k, v in theirs.param_groups().items()} == {k: len(v) for k, v in ours.param_groups().items()}
+    x, y, _ = tokens(128, 64, False)
+    assert torch.equal(theirs(x, y), ours(x, y))
 
 
 @pytest.mark.slow
