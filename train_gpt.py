@@ -115,18 +115,19 @@ STACK_1194_PRESET = {
     "LORA_WD": "0.0", "PHASED_TTT_ENABLED": "0",
 }
 
-# STACK=1520: #1520's run (seed-42 log; ../shared/reference/pr1520) on top of STACK=1855's, the closest stack: plain sp8192
-# data, its gated attention, two lanes and "NorMuon", Norm-PCT-Dropout, int8 embedding + brotli, sliding SGD TTT.
+# STACK=1520: #1520's run (seed-42 log; ../shared/reference/pr1520) on top of STACK=1855's, the closest stack: plain
+# sp8192 data, its gated attention, two lanes and "NorMuon", Norm-PCT-Dropout, int8 embedding + brotli, sliding SGD TTT.
 STACK_1520_PRESET = {
     "DATA_PATH": "./data/datasets/fineweb10B_sp8192", "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
     "SOFTCAP_FP32": "0", "ROPE_FP32": "0", "QK_GAIN_INIT": "5.25", "DOC_ATTENTION": "0", "NORM_PCT_DROPOUT": "0.01",
     "ATTN_GATE_DIMS": "512", "ATTN_GATE_SCALE": "1.0", "ATTN_GATE_BIAS": "2.94", "ATTN_GATE_MUON": "1",
     "PARALLEL_LANES_FROM": "7", "PARALLEL_LANES_MERGE": "1", "SMEAR_GATE": "0", "MATRIX_LR": "0.022",
-    "MUON_MOMENTUM": "0.99", "BETA2": "0.95", "MUON_NS_COEFFS": "quintic", "MUON_BF16": "0", "MUON_POST_NS_ROW_NORM": "1",
-    "WARMDOWN_FRAC": "0.72", "MIN_LR": "0.0", "TRAIN_LOADER": "shuffled", "QUANT_EMBED": "int8", "SDCLIP_K_ATTN": "12.85",
-    "SDCLIP_K_MLP": "12.85", "SDCLIP_K_EMBED": "20.0", "QUANT_GATE": "float", "GPTQ_CALIB_BATCHES": "64",
-    "GPTQ_RESERVE_SECONDS": "12.0", "LOWRANK_RANK": "0", "COMPRESSOR": "brotli", "EVAL_STRIDE": "64", "TTT_ENABLED": "1",
-    "TTT_EPOCHS": "3", "TTT_LR": "0.005", "PHASED_TTT_ENABLED": "0",
+    "MUON_MOMENTUM": "0.99", "BETA2": "0.95", "MUON_NS_COEFFS": "quintic", "MUON_BF16": "0",
+    "MUON_POST_NS_ROW_NORM": "1", "WARMDOWN_FRAC": "0.72", "MIN_LR": "0.0", "TRAIN_LOADER": "shuffled",
+    "QUANT_EMBED": "int8", "SDCLIP_K_ATTN": "12.85", "SDCLIP_K_MLP": "12.85", "SDCLIP_K_EMBED": "20.0",
+    "QUANT_GATE": "float", "GPTQ_CALIB_BATCHES": "64", "GPTQ_RESERVE_SECONDS": "12.0", "LOWRANK_RANK": "0",
+    "COMPRESSOR": "brotli", "EVAL_STRIDE": "64", "TTT_ENABLED": "1", "TTT_EPOCHS": "3", "TTT_LR": "0.005",
+    "PHASED_TTT_ENABLED": "0",
 }
 # SMOKE=1 STACK=1520: its loop and lanes fitted to the smoke's 4 layers, the gate to its 128 dims, #2014's smoke scale
 # of training, and its TTT (3 epochs per chunk) on the val split's first 8 documents in 2,048-token chunks.
@@ -375,8 +376,9 @@ SETTING_SECTIONS = {
         S("ATTN_GATE_DIMS", int, 12, NONNEG, "per-head sigmoid attention gate read from the first N dims; 0: off"),
         S("ATTN_GATE_MAX", float, 1.0, POS, "attention gate = ATTN_GATE_MAX * sigmoid(ATTN_GATE_SCALE * w . x)"),
         S("ATTN_GATE_SCALE", float, 0.5, POS, "scale of the attention gate's logit"),
-        S("ATTN_GATE_BIAS", float, 0.0, "(-inf, inf)", "initial learned per-head bias added to the gate's logit w . x; 0: none"),
-        S("ATTN_GATE_MUON", _flag, False, None, "the attention gate's matrix trained by Muon, as a block matrix; 0: Adam"),
+        S("ATTN_GATE_BIAS", float, 0.0, "(-inf, inf)",
+          "initial learned per-head bias added to the gate's logit w . x; 0: none"),
+        S("ATTN_GATE_MUON", _flag, False, None, "the attention gate's matrix trained by Muon as a block matrix; 0: Adam"),
         S("VALUE_EMBED_LAYERS", int, 0, NONNEG, "the last N layers add a shared value embedding", "gpt"),
         S("LN_SCALE", _flag, True, None, "block norms scaled by 1/sqrt(layer+1)", "gpt"),
         S("ORTHO_INIT", _flag, True, None, "orthogonal init of every non-zero-init linear weight", "gpt"),

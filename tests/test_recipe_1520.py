@@ -22,8 +22,8 @@ RUN_ENV = {"USE_GATED_ATTENTION": "1", "USE_NORMUON": "1", "USE_NORM_PCT_DROPOUT
            "USE_PARALLEL_MUON": "1", "USE_PARALLEL_RESIDUALS": "0", "USE_CMP_QUANT_VALUE_DEDUP": "0"}
 RUN = dict(qk_gain_init=5.25, loop_start=3, loop_end=5, enable_looping_at=0.35, matrix_lr=0.022, muon_wd=0.095,
            warmdown_frac=0.72, ema_decay=0.9965, ttt_enabled=True)
-TINY = dict(num_layers=6, model_dim=64, embedding_dim=64, num_heads=4, num_kv_heads=2, vocab_size=128, rope_dims=8, xsa_last_n=6,
-            loop_start=1, loop_end=2, train_seq_len=64, eval_seq_len=64, rope_train_seq_len=64)
+TINY = dict(num_layers=6, model_dim=64, embedding_dim=64, num_heads=4, num_kv_heads=2, vocab_size=128, rope_dims=8,
+            xsa_last_n=6, loop_start=1, loop_end=2, train_seq_len=64, eval_seq_len=64, rope_train_seq_len=64)
 TINY_OURS = {"STACK": "1520", "NUM_LAYERS": "6", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
              "VOCAB_SIZE": "128", "ROPE_DIMS": "8", "XSA_LAST_N": "6", "RECUR_LAYERS": "1-2", "ATTN_GATE_DIMS": "64",
              "PARALLEL_LANES_FROM": "4", "TRAIN_SEQ_LEN": "64"}
@@ -54,7 +54,7 @@ def ours_from_its(state: dict) -> dict:
     out = {}
     for name, t in state.items():
         if not name.startswith("_"):
-            name = name.replace("attn.gate_proj.weight", "attn.attn_gate").replace("attn.gate_proj.bias", "attn.attn_gate_bias")
+            name = name.replace("attn.gate_proj.weight", "attn.attn_gate").replace("gate_proj.bias", "attn_gate_bias")
             out[name] = t.reshape(1) if name == "lane_merge" and t is not None else t
     return out
 
@@ -106,7 +106,8 @@ def test_tiny_loss_and_every_gradient_equal_1520s(its, loop):
     own = dict(ours.named_parameters())
     assert set(grads) == set(own) and all(p.grad is not None for p in own.values())
     assert abs(a - b) < 1e-5, (a, b)
-    worst = max(((p.grad - grads[n]).abs().max() / grads[n].abs().max().clamp_min(1e-12)).item() for n, p in own.items())
+    worst = max(((p.grad - grads[n]).abs().max() / grads[n].abs().max().clamp_min(1e-12)).item()
+                for n, p in own.items())
     assert worst < 1e-4, worst
 
 
