@@ -156,6 +156,27 @@ def test_one_step_equals_1520s(its):
         assert (p.detach() - after[n]).abs().max() <= tol, (n, (p.detach() - after[n]).abs().max(), moved)
 
 
+def test_lr_schedule_and_muon_momentum_are_1520s(pr1520):
+    """Its lr_mul(training_frac(step, ms)) over its 588 s budget (600 s less its 12 s GPTQ reserve, warmdown 0.72 to
+    0) and its step_fn's momentum warm-up (0.92 to 0.99 over 1,500 steps), run as they are, against ours."""
+    from test_recipe_optim import record_block, record_closure, record_def
+    args, h = tg.Hyperparameters({"STACK": "1520"}), its_settings(pr1520)
+    budget_ms = 1e3 * (h.max_wallclock_seconds - h.gptq_reserve_seconds)
+    assert budget_ms == tg.train_budget_ms(args) == 588_000
+    training_frac = record_closure(pr1520, "training_frac", h=h, max_wallclock_ms=budget_ms)
+    lr_mul = record_closure(pr1520, "lr_mul", h=h)
+    for k in range(205):
+        ms = k / 200 * budget_ms
+        assert tg.lr_multiplier(args, k, ms) == pytest.approx(lr_mul(training_frac(k, ms)), rel=1e-12, abs=1e-15)
+    group = {"momentum": 0.0}
+    block = record_block(pr1520, record_def(pr1520, "step_fn"), lambda src: "muon_momentum" in src, "step", h=h,
+                         optimizers=SimpleNamespace(optimizer_muon=SimpleNamespace(param_groups=[group])))
+    for step in range(0, 3001, 7):
+        block(step)
+        assert tg.muon_momentum(args, step) == pytest.approx(group["momentum"], rel=1e-12)
+    assert group["momentum"] == 0.99
+
+
 class Batches:
     """Its calibration loader's interface over fixed random batches."""
 
