@@ -148,6 +148,26 @@ STACK_1108_PRESET = {
 # SMOKE=1 STACK=1108: no TTT (#1108 has none: NaN on its renormalized weights), a smaller bigram table.
 SMOKE_1108_PRESET = {"TTT_ENABLED": "0", "BIGRAM_BUCKETS": "1024"}
 
+# STACK=1520: #1520's run (seed-42 log; ../shared/reference/pr1520) on top of STACK=1855's, the closest stack: plain
+# sp8192 data, its gated attention, two lanes and "NorMuon", Norm-PCT-Dropout, int8 embedding + brotli, sliding SGD TTT.
+STACK_1520_PRESET = {
+    "DATA_PATH": "./data/datasets/fineweb10B_sp8192", "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+    "SOFTCAP_FP32": "0", "ROPE_FP32": "0", "QK_GAIN_INIT": "5.25", "DOC_ATTENTION": "0", "NORM_PCT_DROPOUT": "0.01",
+    "ATTN_GATE_DIMS": "512", "ATTN_GATE_SCALE": "1.0", "ATTN_GATE_BIAS": "2.94", "ATTN_GATE_MUON": "1",
+    "PARALLEL_LANES_FROM": "7", "PARALLEL_LANES_MERGE": "1", "SMEAR_GATE": "0", "MATRIX_LR": "0.022",
+    "MUON_MOMENTUM": "0.99", "BETA2": "0.95", "MUON_NS_COEFFS": "quintic", "MUON_BF16": "0",
+    "MUON_POST_NS_ROW_NORM": "1", "WARMDOWN_FRAC": "0.72", "MIN_LR": "0.0", "TRAIN_LOADER": "shuffled",
+    "QUANT_EMBED": "int8", "SDCLIP_K_ATTN": "12.85", "SDCLIP_K_MLP": "12.85", "SDCLIP_K_EMBED": "20.0",
+    "QUANT_GATE": "float", "GPTQ_CALIB_BATCHES": "64", "GPTQ_RESERVE_SECONDS": "12.0", "LOWRANK_RANK": "0",
+    "COMPRESSOR": "brotli", "EVAL_STRIDE": "64", "TTT_ENABLED": "1", "TTT_EPOCHS": "3", "TTT_LR": "0.005",
+    "PHASED_TTT_ENABLED": "0", "TRAIN_STREAM": "0", "GRAD_CLIP_SCOPE": "global",
+}
+# SMOKE=1 STACK=1520: its loop and lanes fitted to the smoke's 4 layers, the gate to its 128 dims, #2014's smoke scale
+# of training, and its TTT (3 epochs per chunk) on the val split's first 8 documents in 2,048-token chunks.
+SMOKE_1520_PRESET = {"RECUR_LAYERS": "1-2", "PARALLEL_LANES_FROM": "3", "ATTN_GATE_DIMS": "128", "ITERATIONS": "40",
+                     "TRAIN_BATCH_TOKENS": "4096", "MUON_MOMENTUM_WARMUP_STEPS": "20", "QUANT_FLOAT_MAX": "4096",
+                     "GPTQ_CALIB_BATCHES": "4", "VAL_DOCS": "8", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "3"}
+
 # BASELINE=1: the starter's configuration, for every default of the record stack (docs/frontier.md);
 # SMOKE=1 and explicit env vars win over it, so SMOKE=1 BASELINE=1 is the starter at the smoke scale.
 BASELINE_PRESET = {
@@ -166,6 +186,7 @@ STACKS = {
     "1.1194": ("1855", STACK_1194_PRESET, {}),
     "1090": ("1.1194", STACK_1090_PRESET, SMOKE_1090_PRESET),
     "1108": ("1.1194", STACK_1108_PRESET, SMOKE_1108_PRESET),
+    "1520": ("1855", STACK_1520_PRESET, SMOKE_1520_PRESET),
 }
 STACK_ALIASES = {"1.0611": "1855"}
 
@@ -233,6 +254,9 @@ FEATURES = {
     "swa": lambda a: a.swa_every > 0,
     "lora_init": lambda a: a.lora_a_std > 0 or a.lora_b_std > 0,
     "rowsum_ns": lambda a: a.muon_ns_coeffs == "rowsum",
+    "gate_bias": lambda a: a.attn_gate_bias != 0,
+    "gate_muon": lambda a: a.attn_gate_muon,
+    "lane_merge": lambda a: a.parallel_lanes_merge,
     "codegen": lambda a: False,  # making a counted copy: a counted copy is its own counted code
 }
 DROPPED_FEATURES = ()  # what this file leaves out; a counted copy names them here
@@ -286,9 +310,9 @@ SETTING_SECTIONS = {
     "Run": (
         S("SMOKE", _flag, False, None, "the CPU smoke preset: tiny model, embedded dataset built on first use"),
         S("BASELINE", _flag, False, None, "the starter's configuration (on STACK=1.1194); SMOKE and explicit env win"),
-        S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194", "1090", "1108"),  # STACKS' names and aliases
-          "a recipe by its record: 2014 (the default), 1855 (alias 1.0611), 1.1194 (the stack before them), 1090 "
-          "(#1090's 1-GPU run), 1108 (#1108's nGPT); docs/systems.md"),
+        S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194", "1520", "1108", "1090"),  # STACKS' names, aliases
+          "a recipe by its record: 2014 (the default), 1855 (alias 1.0611), 1.1194 (the stack before them), 1520, "
+          "1108 (nGPT), 1090 (a 1-GPU run): docs/systems.md"),
         S("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", None,
           "folder of fineweb_train_*.bin / fineweb_val_*.bin shards (+ byte sidecar, manifest.json)"),
         S("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", None,
@@ -392,12 +416,16 @@ SETTING_SECTIONS = {
         S("TRAIN_STREAM", _flag, True, None, "DOC_ATTENTION in training and TTT's SGD: a batch's rows are one stream, "
           "documents cut every row length (#2014's); 0: at row starts"),
         S("MLP_ACT", str, "leaky2", ("relu2", "leaky2", "swiglu"), "MLP activation", "gpt"),
-        S("NORM_PCT_DROPOUT", float, 0.0, BETA, "zero this fraction of MLP hidden rows of largest norm", "gpt"),
+        S("NORM_PCT_DROPOUT", float, 0.0, BETA, "in training, zero the MLP hidden rows whose norm reaches their "
+          "(1 - this) quantile", "gpt"),
         S("ROPE_DIMS", int, 16, NONNEG, "partial RoPE: rotated dims per head (even); 0: all"),
         S("XSA_LAST_N", int, 11, NONNEG, "XSA on the last N layers: the own-value projection removed", "gpt"),
         S("ATTN_GATE_DIMS", int, 12, NONNEG, "per-head sigmoid attention gate read from the first N dims; 0: off"),
         S("ATTN_GATE_MAX", float, 1.0, POS, "attention gate = ATTN_GATE_MAX * sigmoid(ATTN_GATE_SCALE * w . x)"),
         S("ATTN_GATE_SCALE", float, 0.5, POS, "scale of the attention gate's logit"),
+        S("ATTN_GATE_BIAS", float, 0.0, "(-inf, inf)",
+          "initial learned per-head bias added to the gate's logit w . x; 0: none"),
+        S("ATTN_GATE_MUON", _flag, False, None, "the attention gate's matrix trained by Muon as a block matrix; 0: Adam"),
         S("VALUE_EMBED_LAYERS", int, 0, NONNEG, "the last N layers add a shared value embedding", "gpt"),
         S("LN_SCALE", _flag, True, None, "block norms scaled by 1/sqrt(layer+1)", "gpt"),
         S("ORTHO_INIT", _flag, True, None, "orthogonal init of every non-zero-init linear weight", "gpt"),
@@ -405,6 +433,8 @@ SETTING_SECTIONS = {
         S("PARALLEL_LANES_FROM", int, Derived("8; -1 with PARALLEL_RESID_FROM on or NUM_LAYERS <= 8",
                                               lambda a: 8 if a.parallel_resid_from < 0 and a.num_layers > 8 else -1),
           "[-1, inf)", "two-lane parallel decoder from this layer on; -1: off", "gpt"),
+        S("PARALLEL_LANES_MERGE", _flag, False, None, "lanes without cross terms, the attention lane's residual mixed "
+          "with x0, merged by a learned weight; 0: per-layer lambdas, lanes averaged", "gpt"),
         S("SKIP_GATE", _flag, True, None, "U-Net skips mixed in through a learned sigmoid gate", "gpt"),
         S("SMEAR_GATE", _flag, True, None, "SmearGate: mix in the previous token's embedding (not across BOS)", "gpt"),
         S("SMEAR_HALF", _flag, False, None, "after the embedding's norm, each position's mean with the previous "
@@ -460,7 +490,7 @@ SETTING_SECTIONS = {
           "Newton-Schulz coefficients (rowsum: #1108's row-scaled start, for MUON_BACKEND_STEPS=4)"),
         S("MUON_BF16", _flag, True, None, "Muon's momentum and Newton-Schulz in bf16 on every device"),
         S("MUON_ROW_NORM", _flag, True, None, "MuonEq-R: momentum rows normalized before Newton-Schulz"),
-        S("MUON_POST_NS_ROW_NORM", _flag, False, None, "update rows rescaled to equal norm, total norm kept"),
+        S("MUON_POST_NS_ROW_NORM", _flag, False, None, "update rows scaled to unit norm after Newton-Schulz"),
         S("NORMUON_BETA2", float, 0.0, BETA, "NorMuon's per-neuron second-moment beta2; 0: off"),
         S("MUON_WD", float, 0.095, NONNEG, "decoupled weight decay of Muon matrices", "gpt"),
         S("ADAM_WD", float, 0.02, NONNEG, "decoupled weight decay of Adam parameters"),
@@ -1272,6 +1302,8 @@ class CausalSelfAttention(nn.Module):
         # Per-head output gate read from the first ATTN_GATE_DIMS input dims (all: gated attention; few: sparse gate):
         # max * sigmoid(scale * logit); the default max 2 makes the zero-initialized gate start as the identity.
         self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
+        if args.attn_gate_dims and args.attn_gate_bias:  # [gate_bias]
+            self.attn_gate_bias = nn.Parameter(torch.full((args.num_heads,), args.attn_gate_bias))  # [gate_bias]
         self.attn_gate_max, self.attn_gate_scale = args.attn_gate_max, args.attn_gate_scale
         self.softmax_scale = None
 
@@ -1289,6 +1321,8 @@ class CausalSelfAttention(nn.Module):
             y = remove_self_value(y, v)
         if self.attn_gate is not None:
             logit = F.linear(x[..., : self.attn_gate.size(1)], self.attn_gate.to(x.dtype))
+            if getattr(self, "attn_gate_bias", None) is not None:  # ATTN_GATE_BIAS's learned bias  # [gate_bias]
+                logit = logit + self.attn_gate_bias.to(x.dtype)  # [gate_bias]
             gate = self.attn_gate_max * torch.sigmoid(self.attn_gate_scale * logit)
             y = y * gate.transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -1301,10 +1335,10 @@ class CausalSelfAttention(nn.Module):
 
 
 def norm_pct_dropout(h: Tensor, frac: float) -> Tensor:
-    # Norm-PCT-Dropout (openai/parameter-golf #1520): zero the frac of token rows with the largest L2 norm.
-    norms = h.detach().float().norm(dim=-1).flatten()
-    keep = torch.ones_like(norms).scatter_(0, norms.topk(max(1, int(frac * norms.numel()))).indices, 0.0)
-    return h * keep.view(*h.shape[:-1], 1).to(h.dtype)
+    # Norm-PCT-Dropout (openai/parameter-golf #1520): zero the token rows whose L2 norm reaches the (1 - frac) quantile.
+    norms = h.detach().float().norm(dim=-1)
+    keep = norms < torch.quantile(norms.flatten(), 1 - frac)
+    return h * keep[..., None].to(h.dtype)
 
 
 class MLP(nn.Module):
@@ -1363,6 +1397,17 @@ class Block(nn.Module):
         return (resid[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp,
                 resid[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp)
 
+    # [lane_merge]
+    def separate_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, docs: dict[str, Tensor],
+                       value_embed: Tensor | None) -> tuple[Tensor, Tensor]:
+        # PARALLEL_LANES_MERGE (#1520's lanes): lane0 is an attention-only block, lane1 an MLP-only block.
+        mix = self.resid_mix.to(lane0.dtype)
+        lane0 = mix[0] * lane0 + mix[1] * x0
+        attn = self.attn(F.rms_norm(lane0, (lane0.size(-1),)) * self.norm_scale, docs, value_embed)
+        mlp = self.mlp(F.rms_norm(lane1, (lane1.size(-1),)) * self.norm_scale)
+        return lane0 + self.attn_scale.to(lane0.dtype) * attn, lane1 + self.mlp_scale.to(lane1.dtype) * mlp
+    # [/lane_merge]
+
 
 # [bigram]
 def bigram_buckets(input_ids: Tensor, buckets: int) -> Tensor:
@@ -1404,6 +1449,7 @@ CLIP_ORDER = ("skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_r
 class GPT(nn.Module):
     """The challenge starter's model (U-Net skips over a stack of pre-norm blocks, tied embeddings, softcap) with
     the architecture options on top; their defaults are the record stack (docs/frontier.md)."""
+    gate_muon = False  # ATTN_GATE_MUON  # [gate_muon]
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -1442,7 +1488,11 @@ class GPT(nn.Module):
         self.pass_blocks = None  # split_passes(): modules of their own for a looped block's later passes
         # Two lanes from decoder layer PARALLEL_LANES_FROM on, mixed per layer by these (rows for all layers, as #1855).
         self.lanes_from = args.parallel_lanes_from
-        if self.lanes_from >= 0:
+        self.gate_muon = args.attn_gate_muon  # [gate_muon]
+        self.lane_merge = None  # PARALLEL_LANES_MERGE: lane 0's weight in the merged output
+        if self.lanes_from >= 0 and args.parallel_lanes_merge:  # [lane_merge]
+            self.lane_merge = nn.Parameter(torch.full((1,), 0.5))  # [lane_merge]
+        if self.lanes_from >= 0 and self.lane_merge is None:
             self.parallel_resid_lambdas = nn.Parameter(torch.full((args.num_layers, 2), 1.1))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(args.num_layers, 2, 2))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, bias=False)
@@ -1534,7 +1584,7 @@ class GPT(nn.Module):
             k = order[:pos].count(i) if self.pass_blocks is not None else 0
             block = self.pass_blocks[f"{i}_{k}"] if k else self.blocks[i]
             two_lanes = j >= 0 and 0 <= self.lanes_from <= i
-            if two_lanes and lane1 is None:
+            if two_lanes and lane1 is None and self.lane_merge is None:
                 lane1 = x
             if j >= 0 and skips:
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
@@ -1542,13 +1592,19 @@ class GPT(nn.Module):
                     x = x + skip
                 else:
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            if two_lanes:
+            if two_lanes and lane1 is None:  # #1520's lanes split after the skip  # [lane_merge]
+                lane1 = x  # [lane_merge]
+            if two_lanes and self.lane_merge is None:
                 x, lane1 = block.two_lanes(x, lane1, x0, docs, value_embed, self.parallel_resid_lambdas[i],
                                                     self.parallel_post_lambdas[i])
+            elif two_lanes:  # [lane_merge]
+                x, lane1 = block.separate_lanes(x, lane1, x0, docs, value_embed)  # [lane_merge]
             else:
                 x = block(x, x0, docs, value_embed)
             if j < 0:
                 skips.append(x)
+        if lane1 is not None and self.lane_merge is not None:  # [lane_merge]
+            return self.lane_merge.to(x.dtype) * x + (1 - self.lane_merge.to(x.dtype)) * lane1  # [lane_merge]
         return x if lane1 is None else 0.5 * (x + lane1)
 
     # matrix -> Muon; embed, head, scalar -> Adam with their own learning rates.
@@ -1567,6 +1623,8 @@ class GPT(nn.Module):
         return banks + [named[n].grad for n in sorted(named, key=rank) if named[n].grad is not None]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        if self.gate_muon:  # [gate_muon]
+            return kind_groups(self.named_parameters(), {**self.GROUP_OF, "gate": "matrix"})  # [gate_muon]
         return kind_groups(self.named_parameters(), self.GROUP_OF)
 
     def learning_rates(self, args: Hyperparameters) -> dict[str, float]:
@@ -1953,6 +2011,7 @@ class NGPT1108(nn.Module):
 
     GROUP_OF = GPT.GROUP_OF
     param_groups, learning_rates = GPT.param_groups, NGPT.learning_rates
+    gate_muon = False  # GPT.param_groups reads it  # [gate_muon]
 
     def weight_decays(self, args: Hyperparameters) -> dict[str, float]:
         # #1108 decays matrices by ADAM_WD too (its MUON_WD = ADAM_WD = 0.04), alpha included among the scalars.
@@ -2145,8 +2204,8 @@ class Muon(torch.optim.Optimizer):
     def _direction(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
         """The orthogonalized g (one matrix or a stack) after the optional post-NS normalizations, scaled for its
         shape; NorMuon's state lives with p."""
-        if group["post_ns_row_norm"]:  # #1520's "NorMuon": a stateless equal-RMS rescale of the rows
-            g = rescale_rows_keeping_norm(g, g.float().square().mean(-1, keepdim=True))
+        if group["post_ns_row_norm"]:  # #1520's "NorMuon": stateless, every row to unit norm
+            g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-8).to(g.dtype)
         if group["normuon_beta2"] > 0:  # modded-nanogpt's NorMuon: per-neuron second moment along the longer side
             v = g.float().square().mean(-1 if g.size(-2) >= g.size(-1) else -2, keepdim=True)
             v_ema = self.state[p].setdefault("second_moment", torch.zeros_like(v))
@@ -3239,14 +3298,17 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
     # A window is scored with the chunk of its first scored target, so before any update that uses its targets.
     for start, first in eval_windows(num_targets, seq_len, args.eval_stride or seq_len):
         windows[(start + first) // chunk].append((start, first))
-    model = copy.deepcopy(base_model).requires_grad_(False)
+    model = copy.deepcopy(base_model).requires_grad_(False).eval()
     net = compiled(model, args)
     trainer = ChunkSGD(args, model, net, rank, world_size, device)
     tokens = val_tokens.to(device=device, dtype=torch.int64)
     # No larger than a chunk's share of windows: a padded batch is paid for in full.
     batch = min(eval_batch(args, world_size, seq_len), -(-max(map(len, windows)) // world_size))
-    compile_s = warm_up(net, trainer.params, args.vocab_size, device,
-                        [(batch, seq_len, False), (trainer.per_rank, seq_len, True)]) if args.compile else 0.0
+    # Scoring in eval mode, adapting in training mode (NORM_PCT_DROPOUT acts there, as #1520's): both graphs compiled.
+    compile_s = warm_up(net, trainer.params, args.vocab_size, device, [(batch, seq_len, False)]) + \
+        warm_up(net.train(), trainer.params, args.vocab_size, device, [(trainer.per_rank, seq_len, True)]) \
+        if args.compile else 0.0
+    model.eval()
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     score_s, adapted, adapting, t_loop = 0.0, 0, True, time.perf_counter()
     for c in range(num_chunks):
@@ -3263,7 +3325,9 @@ def evaluate_ttt(args, base_model, val_tokens, luts, rank, world_size, device, *
         adapting = adapting and agree(within_budget(args, t_path, t_loop, (c + 1) * chunk, num_targets), device)
         if not adapting:
             continue
+        model.train()
         trainer.train(tokens, c, num_chunks)  # chunk c was scored just above
+        model.eval()
         adapted += 1
     loop_s = time.perf_counter() - t_loop
     vl, vb = finish(totals, losses, num_targets)

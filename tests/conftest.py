@@ -167,3 +167,15 @@ def pr2014():
         exec(compile(source, str(path), "exec"), module.__dict__)  # same lines: inspect.getsource reads the file
         module.BOS_ID = tg.BOS_ID
     return sys.modules["pr2014_train_gpt"]
+
+
+@pytest.fixture(scope="session")
+def pr1520():
+    """#1520's decoded train_gpt.py (openai/parameter-golf, MIT; ../shared/reference/pr1520) as module
+    `reference_pr1520`, imported by the reference's own loader; skips where ../shared/reference is absent. Its model
+    reads USE_* switches from the environment when built, its Muon when it steps."""
+    require_reference(REFERENCE / "pr1520" / "train_gpt.py")
+    if str(REFERENCE) not in sys.path:
+        sys.path.append(str(REFERENCE))
+    from load_reference import load
+    return load("pr1520")
