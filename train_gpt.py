@@ -114,7 +114,7 @@ STACK_1194_PRESET = {
     "LORA_WARM_A": "0", "LORA_SCALE": "1.0", "LORA_BETA1": "0.9", "LORA_BETA2": "0.95", "LORA_EPS": "1e-8",
     "LORA_WD": "0.0", "PHASED_TTT_ENABLED": "0", "TRAIN_STREAM": "0",
 }
-# STACK=1090: #1090's run (openai/parameter-golf #1090, 1.1573 after LoRA TTT on one H100 PCIe; docs/p1090.md) on
+# STACK=1090: #1090's run (openai/parameter-golf #1090, 1.1573 after LoRA TTT on one H100 PCIe; docs/stack-1090.md) on
 # top of STACK=1.1194's: 11 x 512, SwiGLU with hidden 1024, XSA on the last 4 layers, full RoPE, its fixed SmearGate,
 # orthogonal init, Muon without weight decay (its script never passes MUON_WD on), linear warmdown over 3,000 steps
 # of time, SWA every 200 steps of it, 524,288 tokens per step (8 micro-steps on one GPU), 4,850 s; int5 MLP, int6
@@ -137,7 +137,7 @@ SMOKE_1090_PRESET = {"XSA_LAST_N": "2", "WARMDOWN_ITERS": "30", "SWA_EVERY": "5"
 
 # STACK=1108: openai/parameter-golf #1108's nGPT (1.1502 sliding, 8xH200, 560 s) as its README's record ran it
 # (NGPT_ENABLED=1 NGPT_FULL=1 NGPT_WEIGHT_NORM=1 NGPT_QUANT_MODE=renorm NUM_LAYERS=12 BIGRAM_VOCAB_SIZE=8192
-# XSA_LAST_N=4, its other defaults), on STACK=1.1194's sp1024 data; docs/p1108.md says what differs.
+# XSA_LAST_N=4, its other defaults), on STACK=1.1194's sp1024 data; docs/stack-1108.md says what differs.
 STACK_1108_PRESET = {
     "MODEL": "ngpt", "NGPT_PARAM": "1108", "NUM_LAYERS": "12", "BIGRAM_BUCKETS": "8192", "DOC_ATTENTION": "0",
     "NGPT_MATRIX_LR": "0.025", "NGPT_SCALAR_LR": "0.025", "NGPT_EMBED_LR": "0.035", "MUON_MOMENTUM": "0.99",
@@ -312,7 +312,7 @@ SETTING_SECTIONS = {
         S("BASELINE", _flag, False, None, "the starter's configuration (on STACK=1.1194); SMOKE and explicit env win"),
         S("STACK", str, "2014", ("2014", "1855", "1.0611", "1.1194", "1520", "1108", "1090"),  # STACKS' names, aliases
           "a recipe by its record: 2014 (the default), 1855 (alias 1.0611), 1.1194 (the stack before them), 1520, "
-          "1108 (nGPT), 1090 (a 1-GPU run): docs/systems.md"),
+          "1108 (nGPT), 1090 (a 1-GPU run): README, docs/stack-<name>.md"),
         S("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", None,
           "folder of fineweb_train_*.bin / fineweb_val_*.bin shards (+ byte sidecar, manifest.json)"),
         S("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", None,
@@ -448,7 +448,7 @@ SETTING_SECTIONS = {
         S("RECUR_LOOPS", int, 3, "[2, inf)", "passes over RECUR_LAYERS once recurrence is on", "gpt"),
         S("RECUR_START_FRAC", float, 0.35, FRAC, "recurrence switches on after this fraction of the run", "gpt"),
         S("NGPT_PARAM", str, "paper", ("paper", "1108"), "nGPT's parametrization: the paper's, or openai/parameter-golf "
-          "#1108's (docs/p1108.md); the NGPT_ settings below it reads: ALPHA_INIT and the learning rates", "ngpt"),
+          "#1108's (docs/stack-1108.md); the NGPT_ settings below it reads: ALPHA_INIT and the learning rates", "ngpt"),
         S("NGPT_ALPHA_INIT", float, 0.05, POS, "initial step size alpha of every residual update", "ngpt"),
         S("NGPT_ALPHA_SCALE", float, Derived("1/sqrt(MODEL_DIM)", lambda a: a.model_dim ** -0.5), POS,
           "alpha stored as this, used times ALPHA_INIT / ALPHA_SCALE", "ngpt"),
@@ -2938,8 +2938,9 @@ def prune_to_fit(qsd: dict[str, dict], settings: dict, compressor: str, shuffle:
     order = torch.argsort(mags.masked_fill(mags == 0, float("inf")), stable=True)
     nonzero, size0, pruned, out = int((mags > 0).sum()), len(blob), 0, qsd
     while len(blob) > max_bytes and pruned < nonzero:
-        # Next count from the bytes saved per zeroed weight so far (a first guess of one bit), 20% past the goal.
-        per_weight = (size0 - len(blob)) / pruned if pruned else 0.125
+        # Next count from the bytes saved per zeroed weight so far, 20% past the goal. First guess: two bits (an int6
+        # stand-in of #1520 saved 2.4 bits per weight zeroed; one bit zeroed 2.9x the weights needed, docs/stack-1520.md).
+        per_weight = (size0 - len(blob)) / pruned if pruned else 0.25
         pruned = min(nonzero, pruned + int(1.2 * (len(blob) - max_bytes) / max(per_weight, 1e-3)) + 1)
         keep = torch.ones_like(mags, dtype=torch.bool)
         keep[order[:pruned]] = False

@@ -14,7 +14,7 @@ import pytest
 import train_gpt as tg
 from conftest import ROOT, TINY_ENV, data_env, run_train
 
-RECORD_CODE_BYTES = 31_000  # below every frontier record's counted code (#1855: 31,999; #2135: 37,155; #2014: 38,134)
+RECORD_CODE_BYTES = 31_500  # below every frontier record's counted code (#1855: 31,999; #2135: 37,155; #2014: 38,134)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_every_feature_is_marked_in_balanced_blocks():
         assert f"# [{name}]" not in tg.strip_features(source, (name,))
 
 
-def test_default_record_run_counts_at_most_31000_bytes(default_copy):
+def test_default_record_run_counts_at_most_31500_bytes(default_copy):
     assert len(default_copy) <= RECORD_CODE_BYTES, len(default_copy)
     source = tg.plain_code(default_copy).decode()
     dropped = re.search(r"DROPPED_FEATURES=(.*)", source).group(1)

@@ -109,7 +109,7 @@ def same_normalize(pr1108, monkeypatch):
 def test_loss_and_every_gradient_equal_the_records(same_normalize, monkeypatch):
     """In float64 (our normalize keeps it; #1108's rounds to fp32, hence same_normalize), as the order of operations
     differs (its FA3 stand-in, our SDPA): its attention is sharp (logits up to head_dim^1.5 x a cosine) and fp32
-    rounding alone moves some of this shape's gradients by 50% (docs/p1108.md)."""
+    rounding alone moves some of this shape's gradients by 50% (docs/stack-1108.md)."""
     args = ours()
     model, ref = paired(args, same_normalize)
     model.double(), ref.double()

@@ -2,7 +2,7 @@
 after LoRA TTT, one H100 PCIe), against its own code on the CPU: its model's loss and every gradient on its weights,
 one step of each of its optimizers (and the one parameter it never trains), its mixed int5/int6/int8 quantizer's
 dequantized weights, the step its SWA starts at, and its LoRA TTT's scores, driven through its own main() (the TTT
-is inline there) on a small val stream with documents under 32 tokens. docs/p1090.md lists what still differs."""
+is inline there) on a small val stream with documents under 32 tokens. docs/stack-1090.md lists what still differs."""
 
 import sys
 import types

@@ -2,7 +2,7 @@
 computes with the switches and settings of its seed-42 run, against its own code on the CPU: its parameter count, its
 loss and every gradient (loop off and on, Norm-PCT-Dropout acting), one optimizer step (MuonEq-R with its post-NS
 row normalization, its gate matrices in Muon, AdamW, the clip binding), the dequantized weights of its GPTQ on the
-same state dict and Hessians, and the per-token scores of its sliding-window SGD TTT. docs/p1520.md: what differs."""
+same state dict and Hessians, and the per-token scores of its sliding-window SGD TTT. docs/stack-1520.md: what differs."""
 
 from types import SimpleNamespace
 
@@ -233,7 +233,7 @@ def test_sliding_sgd_ttt_scores_every_token_as_1520s(its, monkeypatch):
     the chunk's sequences in training mode, cosine LR over the chunks, clip 1.0, momentum 0.9, every parameter) on a
     512-target stream in four 128-token chunks, Norm-PCT-Dropout on in its steps: every target's loss equal, and
     the adaptation changes them."""
-    T, stride, chunk, n = 64, 16, 128, 512  # (n - T) % stride == 0: its windows and ours coincide (docs/p1520.md)
+    T, stride, chunk, n = 64, 16, 128, 512  # (n - T) % stride == 0: its windows and ours coincide (docs/stack-1520.md)
     h, theirs, args, ours = pair(its, {**TINY_OURS, "EVAL_STRIDE": str(stride), "TTT_CHUNK_TOKENS": str(chunk),
                                        "VAL_BATCH_SIZE": "8192"})
     h.ttt_chunk_tokens = chunk
@@ -255,7 +255,7 @@ def test_sliding_sgd_ttt_scores_every_token_as_1520s(its, monkeypatch):
     losses = torch.zeros(n)
     our_loss, our_bpb, stats = tg.evaluate_ttt(args, ours, val, luts, 0, 1, CPU, losses=losses)
     assert stats["adapted"] == "3/3chunks"
-    # its LR 0.005: at 0.05 this tiny model's steps amplify float rounding (1e-3 after three chunks; docs/p1520.md)
+    # its LR 0.005: at 0.05 this tiny model's steps amplify float rounding (1e-3 after three chunks; docs/stack-1520.md)
     assert (losses - theirs_tok).abs().max() < 5e-5, (losses - theirs_tok).abs().max()
     assert abs(our_loss - its_loss) < 1e-6 and abs(our_bpb - its_bpb) < 1e-6
     frozen = torch.zeros(n)
