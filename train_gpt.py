@@ -82,9 +82,9 @@ SMOKE_RECIPE_PRESET = {"RECUR_LAYERS": "1-2", "PARALLEL_LANES_FROM": "3", "TTT_E
                        "LORA_RANK": "8", "LORA_CHUNK_TOKENS": "256",
                        "LORA_SHORT_CHUNKS": "128:64"}
 # SMOKE=1 on the #2014 recipe, the default, in about a minute on 2 cores (README): its progressive context at the
-# smoke's 256 tokens (two length changes), the re-warm-up at that scale (#2014's 32 of ~4,900 steps: 2 still exercises it), 40
-# steps of 4,096 tokens, matrices over 4,096 values quantized (at the records' 65,536 none of this model is), and its
-# evaluation (the artifact's roundtrip and phased TTT, no sliding windows) on the val split's first 4 documents.
+# smoke's 256 tokens (two length changes), the re-warm-up at that scale (#2014's 32 of ~4,900 steps: 2 still exercises
+# it), 40 steps of 4,096 tokens, matrices over 4,096 values quantized (at the records' 65,536 none of this model is),
+# and its evaluation (the artifact's roundtrip and phased TTT, no sliding windows) on the val split's first 4 documents.
 SMOKE_2014_PRESET = {"TRAIN_SEQ_SCHEDULE": "64@0.100,128@0.700,256@1.000", "SEQ_CHANGE_WARMUP_STEPS": "2",
                      "ITERATIONS": "40", "TRAIN_BATCH_TOKENS": "4096", "MUON_MOMENTUM_WARMUP_STEPS": "20",
                      "QUANT_FLOAT_MAX": "4096", "EVAL_STRIDE": "0", "VAL_DOCS": "4", "PHASED_TTT_PREFIX_DOCS": "2"}
