@@ -189,17 +189,19 @@ class Batches:
         return b[:, :-1], b[:, 1:]
 
 
-def test_dequantized_weights_equal_1520s_gptq(its, monkeypatch):
+@pytest.mark.parametrize("dim,vocab", [(192, 512), (256, 257)])
+def test_dequantized_weights_equal_1520s_gptq(its, monkeypatch, dim, vocab):
     """Its int6 GPTQ with SDClip 12.85 on the block matrices over 65,536 values, int8 at 20 sigmas on the embedding
     (Hessian from the head's input), fp16 for the rest, on the same state dict and its own Hessians: every
-    dequantized tensor equal to the last bit."""
-    shape = dict(TINY, num_layers=2, model_dim=192, embedding_dim=192, vocab_size=512, xsa_last_n=2, loop_start=0,
+    dequantized tensor equal to the last bit. At 256 x 257 c_q and proj hold exactly 65,536 values (fp16) and the
+    embedding 65,792 (int8): the threshold's both sides."""
+    shape = dict(TINY, num_layers=2, model_dim=dim, embedding_dim=dim, vocab_size=vocab, xsa_last_n=2, loop_start=0,
                  loop_end=0, num_loops=0)
-    env = {**TINY_OURS, "NUM_LAYERS": "2", "MODEL_DIM": "192", "VOCAB_SIZE": "512", "XSA_LAST_N": "2",
-           "RECUR_LAYERS": "", "ATTN_GATE_DIMS": "192", "PARALLEL_LANES_FROM": "-1"}
+    env = {**TINY_OURS, "NUM_LAYERS": "2", "MODEL_DIM": str(dim), "VOCAB_SIZE": str(vocab), "XSA_LAST_N": "2",
+           "RECUR_LAYERS": "", "ATTN_GATE_DIMS": str(dim), "PARALLEL_LANES_FROM": "-1"}
     monkeypatch.setenv("PARALLEL_START_LAYER", "0")  # this shape has no lanes
     h, theirs, args, ours = pair(its, env, shape)
-    hessians = its.collect_hessians(theirs, Batches(512, 3, 64), h, CPU, n_calibration_batches=3)
+    hessians = its.collect_hessians(theirs, Batches(vocab, 3, 64), h, CPU, n_calibration_batches=3)
     assert set(hessians) == {"tok_emb.weight", "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight",
                              "blocks.1.mlp.fc.weight", "blocks.1.mlp.proj.weight"}
     sd = {n: t for n, t in theirs.state_dict().items() if not n.startswith("_")}
