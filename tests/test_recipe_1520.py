@@ -257,12 +257,13 @@ def test_sliding_sgd_ttt_scores_every_token_as_1520s(its, monkeypatch):
     losses = torch.zeros(n)
     our_loss, our_bpb, stats = tg.evaluate_ttt(args, ours, val, luts, 0, 1, CPU, losses=losses)
     assert stats["adapted"] == "3/3chunks"
-    # its LR 0.005: at 0.05 this tiny model's steps amplify float rounding (1e-3 after three chunks; docs/stack-1520.md)
-    assert (losses - theirs_tok).abs().max() < 5e-5, (losses - theirs_tok).abs().max()
+    # Measured 4.6e-5 at its LR 0.005: rounding (a one-ulp move of every weight drifts up to 1.3e-4 here; at LR 0.05,
+    # 0.14: docs/stack-1520.md); adapting moves the scores by up to 0.17 (below).
+    assert (losses - theirs_tok).abs().max() < 3e-4, (losses - theirs_tok).abs().max()
     assert abs(our_loss - its_loss) < 1e-6 and abs(our_bpb - its_bpb) < 1e-6
     frozen = torch.zeros(n)
     tg.evaluate(args, ours, val, luts, 0, 1, CPU, seq_len=T, stride=stride, losses=frozen)
-    assert (frozen[:chunk] - losses[:chunk]).abs().max() < 1e-5 < (frozen[chunk:] - losses[chunk:]).abs().max()
+    assert (frozen[:chunk] - losses[:chunk]).abs().max() < 1e-5 and (frozen[chunk:] - losses[chunk:]).abs().max() > 1e-2
 
 
 def test_counted_copy_of_stack_1520_keeps_its_features_and_computes_the_same(tmp_path, monkeypatch):
