@@ -698,6 +698,11 @@ class Hyperparameters:
         # [/checkpoint]
         if (self.lora_ttt_enabled or self.phased_ttt_enabled) and self.lora_chunk_tokens > self.eval_seq_len:
             raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+        # [lora_ttt]
+        if self.lora_ttt_enabled and self.lora_chunk_context and self.lora_chunk_tokens < 31:
+            raise ConfigError(f"LORA_CHUNK_TOKENS={self.lora_chunk_tokens} with LORA_CHUNK_CONTEXT=1 would split documents "
+                              "#1090 scores whole without adapting (under 32 tokens): set it to at least 31")
+        # [/lora_ttt]
         try:
             steps = self.lora_short_chunks.split(",")
             self.short_chunks = sorted(tuple(int(v) for v in step.split(":")) for step in steps if step)

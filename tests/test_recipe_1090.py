@@ -185,6 +185,13 @@ def test_swa_starts_where_1090s_log_says_and_averages_in_fp32():
     assert torch.equal(model.weight, (sum(seen) / 3).to(torch.bfloat16)) and swa.count == 3
 
 
+def test_chunks_that_would_split_its_unadapted_short_documents_are_refused():
+    """Its documents under 32 tokens are one forward without adapting: chunks of 31 targets keep them whole here."""
+    with pytest.raises(tg.ConfigError, match="^LORA_CHUNK_TOKENS=30 with LORA_CHUNK_CONTEXT=1 .* at least 31$"):
+        tg.Hyperparameters({**SMALL, "LORA_CHUNK_TOKENS": "30"})
+    assert tg.Hyperparameters({**SMALL, "LORA_CHUNK_TOKENS": "31"}).lora_chunk_tokens == 31
+
+
 # -----------------------------
 # LoRA TTT through its main()
 # -----------------------------
@@ -206,14 +213,13 @@ class TorchOnCPU(types.ModuleType):
         return getattr(torch, name)
 
 
-def crafted_val(tiny_data, seq_len: int) -> np.ndarray:
-    """Documents of 3 (it drops those under 5), 12 and 31 (under 32: scored without adapting), 32 to 200 tokens
-    (chunks of 64, a last chunk of one target it skips), BOS included, from the tiny val split's text tokens; padded
-    so that its val loader keeps the whole stream."""
+def crafted_val(tiny_data, seq_len: int, lengths: list[int]) -> np.ndarray:
+    """Documents of the given lengths (BOS included) from the tiny val split's text tokens; padded so that its val
+    loader keeps the whole stream."""
     data_path, _ = tiny_data
     text = tg.load_data_shard(sorted(data_path.glob("fineweb_val_0*.bin"))[0]).numpy()
     text = text[text != tg.BOS_ID]
-    lengths, out, at = [3, 12, 31, 32, 65, 66, 130, 200], [], 0
+    out, at = [], 0
     for n in lengths:
         out += [tg.BOS_ID, *text[at : at + n - 1]]
         at += n - 1
@@ -222,14 +228,18 @@ def crafted_val(tiny_data, seq_len: int) -> np.ndarray:
     return np.array(out, dtype=np.uint16)
 
 
-def test_lora_ttt_scores_are_1090s(pr1090, tiny_data, tmp_path, monkeypatch):
+# Documents it drops (under 5 tokens), scores whole without adapting (under 32), of exactly 32, and longer ones whose
+# last chunk holds one target (it skips it); chunks of 31: the shortest LORA_CHUNK_CONTEXT=1 admits.
+@pytest.mark.parametrize("lengths,chunk", [([3, 12, 31, 32, 65, 66, 130, 200], 64),
+                                           ([1, 2, 4, 5, 31, 32, 33, 62, 63, 64, 100], 31)], ids=["64", "31"])
+def test_lora_ttt_scores_are_1090s(pr1090, tiny_data, tmp_path, monkeypatch, lengths, chunk):
     """Its main() on the CPU (no training: its init moved off by noise) exports, dequantizes and runs its LoRA TTT;
     each of its scoring forwards (a chunk's mean loss) equals the mean of our per-target scores over the same targets,
     our LoRA TTT under STACK=1090 on the weights it dequantized, with our one adapter draw put into its resets."""
     from build_shards import write_shard
     data_path, tok = tiny_data
-    seq_len, chunk = 128, 64
-    write_shard(tmp_path / "fineweb_val_000000.bin", crafted_val(tiny_data, seq_len))
+    seq_len = 128
+    write_shard(tmp_path / "fineweb_val_000000.bin", crafted_val(tiny_data, seq_len, lengths))
     (tmp_path / "fineweb_train_000000.bin").symlink_to(sorted(data_path.glob("fineweb_train_*.bin"))[0])
     env = {**SMALL, "VOCAB_SIZE": "384", "NUM_LAYERS": "2", "TRAIN_SEQ_LEN": str(seq_len),
            "LORA_CHUNK_TOKENS": str(chunk), "LORA_SLOTS": "3"}
