@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 # Export: AWQ-lite, what stays float, the gate's range
 # -----------------------------
 
-def record_state(d: int, kv: int, hidden: int, vocab: int, gates, gen):
+def record_state(d: int, kv: int, hidden: int, vocab: int, gates, gen, head_boost: float = 30):
     """A state dict under #2014's names, its Hessians and activation RMS (as its collect_hessians: sqrt(sum x^2 /
     rows)), and ours (the same Hessians, with `rows` such that sqrt(diag H / rows) is that RMS)."""
     sd = {"tok_emb.weight": trained_like(vocab, d, gen), "skip_weights": torch.rand(1, d, generator=gen)}
@@ -40,27 +40,30 @@ def record_state(d: int, kv: int, hidden: int, vocab: int, gates, gen):
     hessians = {n: H for n, H in hessians.items() if sd[n].numel() > 65536}  # its Hessians: the GPTQ matrices'
     rows = torch.tensor(1000.0, dtype=torch.float64)
     act = {n: (H.diagonal().float() / rows.float()).sqrt() for n, H in hessians.items()}
-    act["tok_emb.weight"] = act["tok_emb.weight"] * 30  # the head's input: the embedding's groups stand out
+    act["tok_emb.weight"] = act["tok_emb.weight"] * head_boost  # the head's input: the embedding's groups stand out
     ours = {**hessians, **{f"{n}:rows": rows for n in hessians}}
-    ours["tok_emb.weight:rows"] = rows / 900  # 30x the RMS, as above
+    ours["tok_emb.weight:rows"] = rows / head_boost ** 2  # head_boost x the RMS, as above
     return sd, hessians, act, ours
 
 
 # d=256 with 2 KV heads: c_q, c_k, c_v, proj (<= 65,536 values) stay fp16; a gate of 16 values (under 32) and one of
-# 10,240 (over 8,192) stay fp16, (4, 12) is rounded to int8. d=384: every matrix quantized, 3 AWQ groups.
-@pytest.mark.parametrize("d,heads,kv_heads,gates,groups", [(256, 4, 2, [(4, 12), (4, 4), (40, 256)], 1),
-                                                           (384, 8, 4, [(8, 12), (8, 384)], 3)])
-def test_awq_lite_and_the_float_rule_equal_the_records(pr2014, d, heads, kv_heads, gates, groups):
+# 10,240 (over 8,192) stay fp16, (4, 12) is rounded to int8. d=384: every matrix quantized, 3 AWQ groups. d=192 with
+# the head's RMS not boosted: its 3 groups go to several block matrices (the ranking across tensors).
+@pytest.mark.parametrize("d,heads,kv_heads,gates,groups,head_boost", [(256, 4, 2, [(4, 12), (4, 4), (40, 256)], 1, 30),
+                                                                      (384, 8, 4, [(8, 12), (8, 384)], 3, 30),
+                                                                      (192, 6, 2, [(6, 12), (6, 192)], 3, 1)])
+def test_awq_lite_and_the_float_rule_equal_the_records(pr2014, d, heads, kv_heads, gates, groups, head_boost):
     gen = torch.Generator().manual_seed(d)
     torch.manual_seed(d)
-    sd, hessians, act, ours_h = record_state(d, d // heads * kv_heads, 4 * d, 512, gates, gen)
+    sd, hessians, act, ours_h = record_state(d, d // heads * kv_heads, 4 * d, 512, gates, gen, head_boost)
     h = pr1855_settings(pr2014, **RECORD_QUANT, awq_lite_enabled=True, awq_lite_bits=8, awq_lite_group_size=64,
                         awq_lite_group_top_k=groups)
     result, meta = pr2014.gptq_mixed_quantize(sd, hessians, act, h)
     args = tg.Hyperparameters({**RECIPE_QUANT, "AWQ_GROUPS": str(groups)})
     qsd = tg.quantize_state_dict(sd, args, ours_h)
     awq = {n for n, m in meta.items() if "awqgrp" in m}
-    assert awq == {n for n, e in qsd.items() if "awq_start" in e} and "tok_emb.weight" in awq
+    assert awq == {n for n, e in qsd.items() if "awq_start" in e}
+    assert ("tok_emb.weight" in awq) == (head_boost > 1) and len(awq) >= (1 if head_boost > 1 else 2)
     for name in awq:
         assert torch.equal(qsd[name]["awq_start"], result[name + ".awqg_start"])
         assert torch.equal(qsd[name]["awq_scale"], result[name + ".awqg_s_hi"])
