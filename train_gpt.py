@@ -144,9 +144,14 @@ STACK_1108_PRESET = {
     "MUON_MOMENTUM_WARMUP_START": "0.92", "MUON_MOMENTUM_WARMUP_STEPS": "1500", "MUON_BACKEND_STEPS": "4",
     "MUON_ROW_NORM": "0", "MUON_NS_COEFFS": "rowsum", "ADAM_WD": "0.04", "EMBED_WD": "0.04", "WARMDOWN_FRAC": "0",
     "WARMDOWN_ITERS": "3500", "EMA_WARMUP": "0", "MAX_WALLCLOCK_SECONDS": "560", "COMPRESSOR": "zstd",
+    # its mixed_quantize_int6: int6 GPTQ with its clip search, embeddings int8 per tensor, fp16 up to 65,536 values,
+    # 4% of the codes zeroed among the +-1 ones
+    "GPTQ_FP64": "0", "GPTQ_DAMP_SORTED": "1", "QUANT_CLIP_SEARCH": "1", "QUANT_EMBED_PER_TENSOR": "1",
+    "QUANT_FLOAT_MAX": "65536", "QUANT_CONTROL": "fp16", "QUANT_PRUNE_ONES": "0.04",
 }
-# SMOKE=1 STACK=1108: no TTT (#1108 has none: NaN on its renormalized weights), a smaller bigram table.
-SMOKE_1108_PRESET = {"TTT_ENABLED": "0", "BIGRAM_BUCKETS": "1024"}
+# SMOKE=1 STACK=1108: no TTT (#1108 has none: NaN on its renormalized weights), a smaller bigram table, and matrices
+# over 4,096 values quantized (at 128 wide none has over its 65,536).
+SMOKE_1108_PRESET = {"TTT_ENABLED": "0", "BIGRAM_BUCKETS": "1024", "QUANT_FLOAT_MAX": "4096"}
 
 # STACK=1520: #1520's run (seed-42 log; ../shared/reference/pr1520) on top of STACK=1855's, the closest stack: plain
 # sp8192 data, its gated attention, two lanes and "NorMuon", Norm-PCT-Dropout, int8 embedding + brotli, sliding SGD TTT.
@@ -254,6 +259,7 @@ FEATURES = {
     "swa": lambda a: a.swa_every > 0,
     "lora_init": lambda a: a.lora_a_std > 0 or a.lora_b_std > 0,
     "rowsum_ns": lambda a: a.muon_ns_coeffs == "rowsum",
+    "quant_search": lambda a: a.gptq_damp_sorted or a.quant_clip_search or a.quant_embed_per_tensor or a.quant_prune_ones > 0,
     "gate_bias": lambda a: a.attn_gate_bias != 0,
     "gate_muon": lambda a: a.attn_gate_muon,
     "lane_merge": lambda a: a.parallel_lanes_merge,
@@ -527,6 +533,15 @@ SETTING_SECTIONS = {
         S("GPTQ_DAMP", float, 0.01, NONNEG, "damping added to the Hessian diagonal, times its mean"),
         S("GPTQ_BLOCK", int, 128, COUNT, "GPTQ column block size"),
         S("GPTQ_FP64", _flag, False, None, "invert the Hessian in float64; 0: float32, as the 1.0611 record"),
+        S("GPTQ_DAMP_SORTED", _flag, False, None, "damp the Hessian after sorting its columns (#1108's order; 0: before, "
+          "the 1.0611 record's): the damping's mean summed in that order, the order from the undamped diagonal"),
+        S("QUANT_CLIP_SEARCH", _flag, False, None, "per matrix, the row clip (|w| quantile .999, .9995, .9999, .99999 or "
+          "max; at least 1.0) of least squared rounding error over the matrix, #1108's; 0: SDClip"),
+        S("QUANT_EMBED_PER_TENSOR", _flag, False, None, "embedding tables and head int8 with one |w|max scale per "
+          "tensor, no GPTQ (#1108's)"),
+        S("QUANT_PRUNE_ONES", float, 0.0, BETA, "zero this fraction of all codes, at random among the +-1 codes "
+          "(all |code| <= 1 if too few), #1108's PRUNE_PCT; 0: off"),
+        S("QUANT_PRUNE_SEED", int, 42, NONNEG, "seed of QUANT_PRUNE_ONES' draws (#1108's torch.manual_seed(42))"),
         S("AWQ_GROUPS", int, 1, NONNEG, "AWQ-lite (#2014): this many groups of input columns, of most activation RMS x "
           "mean |w| over every GPTQ matrix, on the finer AWQ_BITS grid; 0: off"),
         S("AWQ_GROUP_SIZE", int, 64, COUNT, "AWQ-lite's group of input columns"),
@@ -2628,7 +2643,8 @@ def collect_hessians(base_model: nn.Module, batches) -> dict[str, Tensor]:
     return hessians
 
 
-def gptq(w: Tensor, scale: Tensor, qmax: Tensor | int, H: Tensor, damp: float, block: int, fp64: bool = True) -> Tensor:
+def gptq(w: Tensor, scale: Tensor, qmax: Tensor | int, H: Tensor, damp: float, block: int, fp64: bool = True,
+         damp_sorted: bool = False) -> Tensor:
     """GPTQ (Frantar et al. 2022): quantize columns in order of decreasing Hessian diagonal (act-order), each
     column's rounding error pushed onto the columns not yet quantized, block by block. Returns the codes. The
     Hessian is inverted in float64 (fp64=False: float32, as the 1.0611 record; about 1 code in 1,300 differs).
@@ -2637,9 +2653,12 @@ def gptq(w: Tensor, scale: Tensor, qmax: Tensor | int, H: Tensor, damp: float, b
     dead = H.diagonal() == 0  # inputs that never fired: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H.diagonal().add_(damp * H.diag().mean())  # mean of a contiguous copy: the record's summation order
+    if not damp_sorted:
+        H.diagonal().add_(damp * H.diag().mean())  # mean of a contiguous copy: the record's summation order
     perm = torch.argsort(H.diagonal(), descending=True)
     W, H = W[:, perm], H[perm][:, perm]
+    if damp_sorted:  # [quant_search]
+        H.diagonal().add_(damp * H.diag().mean())  # [quant_search]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     S = (scale if scale.ndim == 2 else scale[:, None].expand_as(W))[:, perm]
     qmax = torch.as_tensor(qmax).expand(W.size(1))[perm]
@@ -2655,6 +2674,49 @@ def gptq(w: Tensor, scale: Tensor, qmax: Tensor | int, H: Tensor, damp: float, b
             W1[:, j:] -= err * Hb[j : j + 1, j:]
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
     return Q[:, torch.argsort(perm)]
+
+
+# [quant_search]
+CLIP_SEARCH_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+
+
+def clip_search_scales(w: Tensor, qmax: int, fp16: bool) -> Tensor:
+    """#1108's clip: per row the |w| quantile (1.0: the max; the grid step at least 1/qmax, as the starter's) of
+    least squared rounding error summed over the whole matrix, first on ties; fp16: searched on the stored fp16 grid
+    (its round to nearest), else on float32 (its GPTQ, which stores the scale rounded to fp16 all the same)."""
+    w, best = w.float(), (float("inf"), None)
+    for p in CLIP_SEARCH_QUANTILES:
+        s = ((w.abs().quantile(p, dim=1) if p < 1 else w.abs().amax(dim=1)) / qmax).clamp_min(1.0 / qmax)
+        s = s.half().float() if fp16 else s
+        err = (w - (w / s[:, None]).round().clamp(-qmax, qmax) * s[:, None]).pow(2).mean().item()
+        best = (err, s) if err < best[0] else best
+    return best[1]
+
+
+def per_tensor_int8(t: Tensor) -> dict[str, Tensor]:
+    """#1108's embeddings: int8 on one grid of |w|max / 127 (rounded from the double to the stored fp16), the scale
+    repeated per row (the artifact's layout; it compresses to nothing)."""
+    w = t.detach().float()
+    amax = w.abs().max().item()
+    s = torch.tensor(amax / 127 if amax > 0 else 1.0, dtype=torch.float16)
+    q = (w / s.float()).round().clamp(-127, 127)
+    return {"q": q.to(torch.int8).cpu().contiguous(), "scale": s.expand(t.size(0)).contiguous()}
+
+
+def prune_ones(qsd: dict[str, dict], frac: float, seed: int) -> None:
+    """#1108's random prune, in place: frac of all codes zeroed, each +-1 code with probability frac x codes / +-1
+    codes, drawn tensor by tensor (those with a +-1 code) in the state dict's order from one generator seeded with
+    seed (#1108: torch's global one after torch.manual_seed(42), the same stream); too few +-1 codes: every |code| <= 1."""
+    codes = [e["q"] for e in qsd.values() if "q" in e]
+    target = int(frac * sum(q.numel() for q in codes))
+    ones = sum(int((q.abs() == 1).sum()) for q in codes)
+    g = torch.Generator().manual_seed(seed)
+    for q in codes if target > 0 else ():
+        mask = q.abs() == 1 if target <= ones else q.abs() <= 1
+        if target <= ones and mask.any():
+            mask &= torch.rand(q.shape, generator=g) < target / ones
+        q[mask] = 0
+# [/quant_search]
 
 
 def gptq_hessian(name: str, cls: str | None, args: Hyperparameters, hessians: dict | None) -> Tensor | None:
@@ -2694,10 +2756,16 @@ def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, he
             keep = torch.float32 if control else torch.float16
             out[name] = {"w": (t.to(keep) if t.is_floating_point() else t).cpu().contiguous(), "dtype": dtype}
             continue
+        if args.quant_embed_per_tensor and param_kind(name, t) in ("embed", "table", "head"):  # [quant_search]
+            out[name] = {**per_tensor_int8(t), "dtype": dtype}  # [quant_search]
+            continue  # [quant_search]
         bits, k = plan[cls]
         qmax = 2 ** (bits - 1) - 1
         scale = grid = sdclip_scales(t, qmax, k)
         H, extra = gptq_hessian(name, cls, args, hessians), {}
+        if args.quant_clip_search:  # [quant_search]
+            grid = clip_search_scales(t, qmax, fp16=H is None)  # [quant_search]
+            scale = grid.half().float()  # [quant_search]
         if name in awq:  # its columns on the finer grid of the same clip
             cols = torch.zeros(t.size(1), dtype=torch.bool, device=t.device)
             for c in awq[name]:
@@ -2707,7 +2775,8 @@ def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, he
             grid, qmax = torch.where(cols, fine[:, None], scale[:, None]), torch.where(cols, fine_qmax, qmax)
             extra = {"awq_start": torch.tensor(awq[name], dtype=torch.int16),
                      "awq_size": torch.tensor(args.awq_group_size, dtype=torch.int16), "awq_scale": fine.half().cpu()}
-        q = gptq(t, grid, qmax, H.to(t.device), args.gptq_damp, args.gptq_block, args.gptq_fp64) if H is not None \
+        q = gptq(t, grid, qmax, H.to(t.device), args.gptq_damp, args.gptq_block, args.gptq_fp64,
+                 args.gptq_damp_sorted) if H is not None \
             else (t.float() / scale[:, None]).round().clamp(-qmax, qmax)
         out[name] = {"q": q.to(torch.int8).cpu().contiguous(), "scale": scale.half().cpu(), **extra, "dtype": dtype}
         if args.lowrank_rank and cls != "gate":
@@ -2717,6 +2786,8 @@ def quantize_state_dict(state_dict: dict[str, Tensor], args: Hyperparameters, he
         U, S, Vh = torch.linalg.svd(errors[name], full_matrices=False)
         r = args.lowrank_rank
         out[name].update(pack_lowrank(U[:, :r] * S[:r], Vh[:r], args.lowrank_group))
+    if args.quant_prune_ones:  # [quant_search]
+        prune_ones(out, args.quant_prune_ones, args.quant_prune_seed)  # [quant_search]
     return out
 
 

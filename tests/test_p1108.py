@@ -224,6 +224,62 @@ def test_renormalized_dequantized_weights_equal_the_records_and_change_no_output
     assert renormed == 6 * args.num_layers
 
 
+def test_quantization_equals_its_mixed_quantize_int6(pr1108, monkeypatch):
+    """STACK=1108's quantize_state_dict + dequantize_state_dict + after_load() against its mixed_quantize_int6 (GPTQ
+    with its clip search, int8 embeddings per tensor, fp16 passthrough, 4% of the codes zeroed among the +-1 ones
+    by its seed-42 draws) + dequantize_mixed_int6 (NGPT_QUANT_MODE=renorm), on the same state dict (in its order) and
+    Hessians: every dequantized tensor equal to the bit."""
+    monkeypatch.setenv("NGPT_QUANT_MODE", "renorm")
+    for name in ("PRUNE_PCT", "PRUNE_MODE", "PRUNE_BEFORE_QUANT", "INT5_ALL", "INT5_MLP"):
+        monkeypatch.delenv(name, raising=False)  # its record's defaults: 0.04, random
+    # The record's width (every block matrix over 65,536 values), its vocabulary: the tables are quantized too.
+    args = ours(NUM_LAYERS="1", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4", MLP_MULT="1", VOCAB_SIZE="1024",
+                BIGRAM_BUCKETS="1024", BIGRAM_DIM="128", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="8192")
+    model, ref = paired(args, pr1108)
+    g = torch.Generator().manual_seed(3)
+    hessians, theirs_h, sd = {}, {}, ref.state_dict()
+    for name, m in ref.named_modules():
+        if name.startswith("blocks.") and isinstance(m, pr1108.CastedLinear):
+            # rows of varied size, so the clip search picks different quantiles; a Hessian with act-order to do
+            sd[f"{name}.weight"] *= torch.exp(3 * torch.rand(m.weight.size(0), 1, generator=g))
+            x = torch.randn(2 * m.weight.size(1), m.weight.size(1), generator=g) * torch.rand(m.weight.size(1), generator=g)
+            theirs_h[name] = hessians[f"{name}.weight"] = x.T @ x / x.size(0)
+    ours_of = {their_name(n, ref.ve_layer_indices): n for n, _ in model.named_parameters()}
+    sd = {n: t for n, t in sd.items() if n in ours_of}  # less what its model holds but never reads (its VE table here)
+    ours_sd = {ours_of[n]: t for n, t in sd.items()}  # in its order: the prune's draws follow it
+    result, meta = pr1108.mixed_quantize_int6(sd, {"mlp", "attn"}, hessians=theirs_h, model=ref)
+    theirs = pr1108.dequantize_mixed_int6(result, meta, sd)
+    qsd = tg.quantize_state_dict(ours_sd, args, hessians)
+    with torch.no_grad():
+        for name, t in tg.dequantize_state_dict(qsd).items():
+            model.get_parameter(name).copy_(t.reshape(model.get_parameter(name).shape))
+    model.after_load()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, theirs[their_name(name, ref.ve_layer_indices)].reshape(p.shape)), name
+    # Not vacuous: GPTQ on every block matrix, the two tables per tensor, ~4% of the codes zeroed by the draws.
+    assert sum(f"{n}.weight.q" in result for n in theirs_h) == 6 and {"tok_emb.weight", "bigram.weight"} \
+        <= {n for n, e in qsd.items() if "q" in e and e["scale"].unique().numel() == 1}
+    codes = [e["q"] for e in qsd.values() if "q" in e]
+    assert torch.cat([q.flatten() for q in codes]).eq(0).float().mean() > 0.04
+
+
+def test_gptq_damps_after_sorting_as_its_gptq_quantize(pr1108):
+    """Its gptq_quantize sorts the columns by the undamped Hessian diagonal, then damps: where damping makes two
+    diagonal entries equal (here: 1 ulp apart just under 1.0, lifted into the next binade) the order, and so the
+    codes, differ from damping first (GPTQ_DAMP_SORTED=0, the 1.0611 record's order)."""
+    g = torch.Generator().manual_seed(0)
+    n = 256
+    x = torch.randn(4 * n, n, generator=g)
+    H = x.T @ x / x.size(0)
+    H.diagonal().copy_((1 - torch.arange(n) * 2.0 ** -24)[torch.randperm(n, generator=g)])
+    w = 3 * torch.randn(64, n, generator=g)
+    q, s = pr1108.gptq_quantize(w, H)
+    grid = tg.clip_search_scales(w, 31, fp16=False)
+    assert torch.equal(grid.half(), s)
+    assert torch.equal(tg.gptq(w, grid, 31, H, 0.01, 128, fp64=False, damp_sorted=True).to(torch.int8), q)
+    assert not torch.equal(tg.gptq(w, grid, 31, H, 0.01, 128, fp64=False).to(torch.int8), q)
+
+
 @pytest.mark.slow
 def test_loss_and_every_gradient_equal_the_records_at_its_shape(same_normalize, monkeypatch):
     """The record's own shape (12 layers, 512 wide, vocabulary 1024, BigramHash 8192, 2048-token windows)."""
