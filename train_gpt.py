@@ -1162,9 +1162,9 @@ class Rotary(nn.Module):
         inv_freq = self.inv_freq
         if seq_len > self.train_seq_len:
             # NTK-aware scaling for a context `factor` x the trained one: base -> base * factor^(d/(d-2)) keeps the
-            # highest frequency and slows the lowest by factor, so its angles stay in the trained range.
+            # highest frequency and slows the lowest by factor, so its angles stay in the trained range (2 dims: kept).
             d = 2 * inv_freq.numel()
-            scale = (seq_len / self.train_seq_len) ** (-torch.arange(0, d, 2, device=device) / (d - 2))
+            scale = (seq_len / self.train_seq_len) ** (-torch.arange(0, d, 2, device=device) / max(d - 2, 1))
             inv_freq = (inv_freq * scale).to(self.inv_freq.dtype)
         # Positions and angles in inv_freq's dtype, as the starter: fp32, or bf16 with ROPE_FP32=0 (cuda_layout).
         freqs = torch.outer(torch.arange(seq_len, device=device, dtype=inv_freq.dtype), inv_freq)
@@ -1974,14 +1974,18 @@ class NGPT1108(nn.Module):
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         self.bigram = nn.Embedding(args.bigram_buckets, args.bigram_dim) if args.bigram_buckets else None
         if self.bigram is not None:
-            self.bigram_proj = SphereRowsLinear(args.bigram_dim, dim, bias=False)
+            # #1108 projects a table only when its width differs from its target's (identity at equal widths).
+            self.bigram_proj = SphereRowsLinear(args.bigram_dim, dim, bias=False) \
+                if args.bigram_dim != dim else nn.Identity()
             self.bigram_scale = nn.Parameter(torch.full((1,), 0.05))
         self.smear_gate = nn.Parameter(torch.zeros(dim))
         self.blocks = nn.ModuleList(NGPT1108Block(args, i) for i in range(layers))
         self.value_embed = None
         if any(b.attn.use_value_embed for b in self.blocks):
             self.value_embed = nn.Embedding(args.vocab_size, NGPT1108_VE_DIM)
-            self.value_embed_proj = SphereRowsLinear(NGPT1108_VE_DIM, self.blocks[0].attn.c_k.out_features, bias=False)
+            kv_dim = self.blocks[0].attn.c_k.out_features
+            self.value_embed_proj = SphereRowsLinear(NGPT1108_VE_DIM, kv_dim, bias=False) \
+                if kv_dim != NGPT1108_VE_DIM else nn.Identity()
             self.value_embed_scale = nn.Parameter(torch.full((1,), 0.1))
         self.skip_weights = nn.Parameter(torch.ones(min(layers // 2, layers - layers // 2), dim))
         self.logit_scale = nn.Parameter(torch.full((1,), dim ** 0.5))

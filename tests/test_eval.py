@@ -164,6 +164,9 @@ def test_ntk_rope_scaling_keeps_the_highest_frequency_and_slows_the_lowest():
     longer = freqs(128)  # 4x the trained context
     assert longer[0] == pytest.approx(rotary.inv_freq[0].item()) and longer[-1] == pytest.approx(rotary.inv_freq[-1].item() / 4)
     assert (longer <= rotary.inv_freq + 1e-7).all()
+    two = tg.Rotary(2, 10000.0, train_seq_len=32)  # one frequency, the highest: kept (it was 0/0: NaN)
+    unscaled = tg.Rotary(2, 10000.0, train_seq_len=128)
+    assert torch.equal(torch.cat(two(128, CPU, torch.float32)), torch.cat(unscaled(128, CPU, torch.float32)))
 
 
 def test_model_still_trains_after_an_evaluation():
