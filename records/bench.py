@@ -72,7 +72,8 @@ def bench(name: str, env: dict, steps: int, warmup: int, val_tokens: int, device
     base = tg.build_model(args, device)
     optimizers, muon = tg.build_optimizers(args, base)
     loader = tg.BatchPrefetcher(RandomLoader(args.vocab_size, args.seed), device, args.prefetch_batches)
-    t = tg.Training(base, tg.compiled(base, args), optimizers, muon, loader, None)
+    # At TRAIN_SEQ_LEN: the last (longest) stage of a progressive schedule.
+    t = tg.Training(base, tg.compiled(base, args), optimizers, muon, loader, None, seq_len=args.train_seq_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
