@@ -27,6 +27,7 @@ SHAPE = {"VOCAB_SIZE": "512", "NUM_LAYERS": "3", "MODEL_DIM": "256", "NUM_HEADS"
 
 @pytest.fixture(scope="module")
 def starter():
+    require_reference(STARTER_PATH)  # module fixtures come before the autouse check
     spec = importlib.util.spec_from_file_location("starter_train_gpt", STARTER_PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CPU, REFERENCE, pr1855_model, pr1855_settings
+from conftest import CPU, REFERENCE, pr1855_model, pr1855_settings, require_reference
 from test_recipe_model import RECORD, TINY_OURS, TINY_RECORD, ours_from_record, tokens, varlen_sdpa
 from test_recipe_optim import GradientLoss, StandIn, at, record_block, record_closure, record_slots, train_model_tree
 
@@ -82,6 +82,7 @@ def compare(pr2014, record, ours, vocab: int, T: int, loop: bool, rows: int = 0)
 
 def test_default_parameter_count_is_2014s():
     """35,945,673: its seed-42 log's model_params (#1855's 35,945,671 plus softcap_pos and softcap_neg)."""
+    require_reference(REFERENCE / "pr2014" / "train_seed42.log")
     logged = int(re.search(r"^model_params:(\d+)$", (REFERENCE / "pr2014" / "train_seed42.log").read_text(), re.M)[1])
     with torch.device("meta"):
         count = lambda env: sum(p.numel() for p in tg.GPT(tg.Hyperparameters(env)).parameters())  # noqa: E731
@@ -291,6 +292,7 @@ def test_defaults_are_2014s_logged_training_settings():
     """Every model and training setting of its seed-42 log that we share by name (lower-case) equals our default: the
     optimizer's (unchanged from #1855), the QK gain, the context and its schedule, the re-warm-up, the GPTQ reserve."""
     from test_recipe_optim import SHARED
+    require_reference(REFERENCE / "pr2014" / "train_seed42.log")
     logged = dict(re.findall(r"^  (\w+): (.*)$", (REFERENCE / "pr2014" / "train_seed42.log").read_text(), re.M))
     args = tg.Hyperparameters({})
     names = [*SHARED, "warmup_steps", "qk_gain_init", "train_seq_len", "seq_change_warmup_steps", "logit_softcap",
